@@ -1,0 +1,224 @@
+"""Typed, validated parameters loaded from ``params.yaml`` (the one source of defaults)."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any, get_type_hints
+
+import yaml
+
+DATASETS = ("mnist", "fashion-mnist")
+DEVICES = ("auto", "cpu", "cuda", "mps")
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+COMPILE_MODES = ("none", "default", "reduce-overhead")  # reduce-overhead: torch.compile with CUDA graphs
+SCHEDULERS = ("step", "onecycle", "constant")
+
+# The seed's short option names (and `mlflow run -P` names) mapped to their params.yaml keys.
+ALIASES = {
+    "dataset": "data.dataset",
+    "hidden_1": "model.hidden_1",
+    "hidden_2": "model.hidden_2",
+    "hidden_3": "model.hidden_3",
+    "dropout1": "model.dropout1",
+    "dropout2": "model.dropout2",
+    "batch_size": "train.batch_size",
+    "epochs": "train.epochs",
+    "lr": "train.lr",
+    "val_split": "train.val_split",
+    "patience": "train.patience",
+    "seed": "train.seed",
+    "device": "train.device",
+    "precision": "train.precision",
+    "test_batch_size": "evaluate.batch_size",
+}
+
+
+class ConfigError(ValueError):
+    """A parameter is missing, unknown, of the wrong type or out of range."""
+
+
+def _require(ok: bool, key: str, value: Any, expected: str) -> None:
+    if not ok:
+        raise ConfigError(f"{key} = {value!r}: expected {expected}")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    dataset: str
+
+    def __post_init__(self) -> None:
+        _require(self.dataset in DATASETS, "data.dataset", self.dataset, " | ".join(DATASETS))
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    hidden_1: int
+    hidden_2: int
+    hidden_3: int
+    dropout1: float
+    dropout2: float
+
+    def __post_init__(self) -> None:
+        for name in ("hidden_1", "hidden_2", "hidden_3"):
+            value = getattr(self, name)
+            _require(value >= 1, f"model.{name}", value, "an integer >= 1")
+        for name in ("dropout1", "dropout2"):
+            value = getattr(self, name)
+            _require(0.0 <= value < 1.0, f"model.{name}", value, "a number in [0, 1)")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    batch_size: int
+    epochs: int
+    lr: float
+    scheduler: str
+    lr_gamma: float
+    label_smoothing: float
+    val_split: float
+    patience: int
+    seed: int
+    device: str
+    precision: str
+    compile: str
+
+    def __post_init__(self) -> None:
+        _require(self.batch_size >= 1, "train.batch_size", self.batch_size, "an integer >= 1")
+        _require(self.epochs >= 1, "train.epochs", self.epochs, "an integer >= 1")
+        _require(self.lr > 0, "train.lr", self.lr, "a number > 0")
+        _require(self.scheduler in SCHEDULERS, "train.scheduler", self.scheduler, " | ".join(SCHEDULERS))
+        _require(0 < self.lr_gamma <= 1, "train.lr_gamma", self.lr_gamma, "a number in (0, 1]")
+        _require(
+            0 <= self.label_smoothing < 1, "train.label_smoothing", self.label_smoothing, "a number in [0, 1)"
+        )
+        _require(0 < self.val_split < 1, "train.val_split", self.val_split, "a number in (0, 1)")
+        _require(self.patience >= 1, "train.patience", self.patience, "an integer >= 1")
+        _require(self.seed >= 0, "train.seed", self.seed, "an integer >= 0")
+        _require(self.device in DEVICES, "train.device", self.device, " | ".join(DEVICES))
+        _require(self.precision in PRECISIONS, "train.precision", self.precision, " | ".join(PRECISIONS))
+        _require(self.compile in COMPILE_MODES, "train.compile", self.compile, " | ".join(COMPILE_MODES))
+
+
+@dataclass(frozen=True)
+class EvaluateConfig:
+    batch_size: int
+
+    def __post_init__(self) -> None:
+        _require(self.batch_size >= 1, "evaluate.batch_size", self.batch_size, "an integer >= 1")
+
+
+@dataclass(frozen=True)
+class MlflowConfig:
+    experiment: str
+    registered_model: str
+
+    def __post_init__(self) -> None:
+        for name in ("experiment", "registered_model"):
+            value = getattr(self, name)
+            _require(bool(value.strip()), f"mlflow.{name}", value, "a non-empty name")
+
+
+@dataclass(frozen=True)
+class Params:
+    data: DataConfig
+    model: ModelConfig
+    train: TrainConfig
+    evaluate: EvaluateConfig
+    mlflow: MlflowConfig
+
+
+def _check_type(key: str, value: Any, kind: type) -> Any:
+    """Return ``value`` as ``kind``; ints are accepted where floats are expected, nothing else is coerced."""
+    if kind is bool:
+        _require(isinstance(value, bool), key, value, "true or false")
+    elif kind is int:
+        _require(isinstance(value, int) and not isinstance(value, bool), key, value, "an integer")
+    elif kind is float:
+        _require(isinstance(value, (int, float)) and not isinstance(value, bool), key, value, "a number")
+        return float(value)
+    elif kind is str:
+        _require(isinstance(value, str), key, value, "a string")
+    return value
+
+
+def _build_section(cls: type, section: str, raw: Any) -> Any:
+    if not isinstance(raw, Mapping):
+        raise ConfigError(f"{section}: expected a mapping of keys, got {raw!r}")
+    hints = get_type_hints(cls)
+    names = [f.name for f in fields(cls)]
+    unknown = sorted(set(raw) - set(names))
+    if unknown:
+        raise ConfigError(f"{section}.{unknown[0]}: unknown key (expected one of {', '.join(names)})")
+    missing = [n for n in names if n not in raw]
+    if missing:
+        raise ConfigError(f"{section}.{missing[0]}: missing key")
+    values = {n: _check_type(f"{section}.{n}", raw[n], hints[n]) for n in names}
+    return cls(**values)
+
+
+def parse_params(raw: Any, overrides: Mapping[str, Any] | None = None) -> Params:
+    """Validate a params mapping (as read from YAML), after applying ``overrides`` (dotted or short keys)."""
+    if not isinstance(raw, Mapping):
+        raise ConfigError(f"params: expected a mapping of sections, got {raw!r}")
+    merged = {k: dict(v) if isinstance(v, Mapping) else v for k, v in raw.items()}
+    for key, value in (overrides or {}).items():
+        section, name = resolve_key(key).split(".", 1)
+        if not isinstance(merged.get(section), dict):
+            raise ConfigError(f"{section}: missing section")
+        merged[section][name] = parse_value(value)
+    hints = get_type_hints(Params)
+    sections = {}
+    for f in fields(Params):
+        if f.name not in merged:
+            raise ConfigError(f"{f.name}: missing section")
+        sections[f.name] = _build_section(hints[f.name], f.name, merged[f.name])
+    return Params(**sections)
+
+
+def load_params(path: Path, overrides: Mapping[str, Any] | None = None) -> Params:
+    """Read and validate ``params.yaml``; errors name the file and the key."""
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: params file not found") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
+    try:
+        return parse_params(raw, overrides)
+    except ConfigError as exc:
+        raise ConfigError(f"{path}: {exc}") from None
+
+
+def resolve_key(key: str) -> str:
+    """Map a short name (``lr``) or dotted name (``train.lr``) to its dotted params key."""
+    key = key.strip().lstrip("-")
+    dotted = ALIASES.get(key, key)
+    hints = get_type_hints(Params)
+    section, _, name = dotted.partition(".")
+    if section not in hints or name not in {f.name for f in fields(hints[section])}:
+        known = ", ".join(sorted(ALIASES))
+        raise ConfigError(f"{key}: unknown parameter (expected a dotted key such as train.lr, or one of {known})")
+    return dotted
+
+
+def parse_value(value: Any) -> Any:
+    """Values from the command line arrive as strings; read them as YAML scalars (``0.2`` -> 0.2)."""
+    if not isinstance(value, str):
+        return value
+    try:
+        return yaml.safe_load(value) if value.strip() else value
+    except yaml.YAMLError:
+        return value
+
+
+def flatten(params: Params) -> dict[str, Any]:
+    """``{"train.lr": 0.43, ...}``: the keys MLflow logs and ``dvc exp run -S`` takes."""
+    return {
+        f"{section}.{name}": value
+        for section, values in dataclasses.asdict(params).items()
+        for name, value in values.items()
+    }

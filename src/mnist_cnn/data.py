@@ -1,0 +1,101 @@
+"""MNIST-format IDX files -> normalised tensors, and the seeded train/validation split."""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+FILES = {
+    "train_images": "train-images-idx3-ubyte.gz",
+    "train_labels": "train-labels-idx1-ubyte.gz",
+    "test_images": "t10k-images-idx3-ubyte.gz",
+    "test_labels": "t10k-labels-idx1-ubyte.gz",
+}
+
+# Per-dataset pixel mean and std (of the 60k training images, pixels scaled to [0, 1]).
+NORMALISATION = {
+    "mnist": (0.1307, 0.3081),
+    "fashion-mnist": (0.2860, 0.3530),
+}
+
+_IDX_DTYPE = {0x08: np.uint8}
+
+
+class DataError(ValueError):
+    """A data file is missing or is not a well-formed IDX file."""
+
+
+@dataclass(frozen=True)
+class Split:
+    images: torch.Tensor  # uint8, (N, 28, 28)
+    labels: torch.Tensor  # int64, (N,)
+
+
+def read_idx(path: Path) -> np.ndarray:
+    """Read a gzipped IDX file (the MNIST format) into an array of its declared shape."""
+    path = Path(path)
+    try:
+        raw = gzip.decompress(path.read_bytes())
+    except FileNotFoundError:
+        raise DataError(f"{path}: file not found (run the download stage first)") from None
+    except (OSError, EOFError) as exc:
+        raise DataError(f"{path}: not a readable gzip file ({exc})") from None
+    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] not in _IDX_DTYPE:
+        raise DataError(f"{path}: not an IDX file of unsigned bytes (bad magic number)")
+    ndim = raw[3]
+    header = 4 + 4 * ndim
+    if len(raw) < header:
+        raise DataError(f"{path}: truncated IDX header")
+    shape = tuple(int.from_bytes(raw[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim))
+    expected = int(np.prod(shape)) + header
+    if len(raw) != expected:
+        raise DataError(f"{path}: expected {expected} bytes for shape {shape}, found {len(raw)}")
+    return np.frombuffer(raw, dtype=np.uint8, offset=header).reshape(shape)
+
+
+def load_split(data_dir: Path, train: bool) -> Split:
+    """The training (60k) or test (10k) images and labels from ``data_dir``."""
+    prefix = "train" if train else "test"
+    images = read_idx(Path(data_dir) / FILES[f"{prefix}_images"])
+    labels = read_idx(Path(data_dir) / FILES[f"{prefix}_labels"])
+    if images.ndim != 3 or labels.ndim != 1 or len(images) != len(labels):
+        raise DataError(
+            f"{data_dir}: {prefix} images {images.shape} and labels {labels.shape} do not match"
+        )
+    return Split(torch.from_numpy(images.copy()), torch.from_numpy(labels.astype(np.int64)))
+
+
+def normalise(images: torch.Tensor, dataset: str) -> torch.Tensor:
+    """uint8 (N, 28, 28) or (N, 1, 28, 28) pixels -> float32 (N, 1, 28, 28), zero mean and unit std."""
+    mean, std = NORMALISATION[dataset]
+    x = images.to(torch.float32)
+    if x.dim() == 3:
+        x = x.unsqueeze(1)
+    return (x / 255.0 - mean) / std
+
+
+def split_indices(n: int, val_split: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A fixed, seeded permutation of ``range(n)`` cut into (train, validation) indices."""
+    n_val = int(round(n * val_split))
+    if n_val < 1 or n_val >= n:
+        raise DataError(f"val_split {val_split} of {n} samples leaves an empty train or validation set")
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    return perm[n_val:].sort().values, perm[:n_val].sort().values
+
+
+def md5sum(path: Path, chunk: int = 1 << 20) -> str:
+    digest = hashlib.md5()
+    with open(path, "rb") as fh:
+        while block := fh.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def data_md5s(data_dir: Path) -> dict[str, str]:
+    """MD5 of each data file, for lineage."""
+    return {name: md5sum(Path(data_dir) / name) for name in FILES.values()}

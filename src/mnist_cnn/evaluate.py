@@ -1,0 +1,76 @@
+"""Evaluate stage: loss and accuracy on train, validation and test; confusion matrix; classification report."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from sklearn.metrics import classification_report, confusion_matrix
+
+from . import layout
+from .config import Params
+from .data import load_split, normalise
+from .model import NUM_CLASSES, Net, load_weights
+from .runtime import select_device, select_precision
+from .train import load_train_val, loss_and_accuracy, predict_log_probs, prepare_model
+
+
+@dataclass(frozen=True)
+class EvaluateResult:
+    metrics: dict[str, dict[str, float]]  # {"train"|"val"|"test": {"loss": ..., "accuracy": ...}}
+    confusion: np.ndarray  # (10, 10) counts, rows = actual, columns = predicted
+    report: str  # scikit-learn's classification report on the test set
+    actual: np.ndarray
+    predicted: np.ndarray
+
+
+def evaluate(
+    params: Params,
+    data_dir: Path = layout.DATA_DIR,
+    model_dir: Path = layout.MODEL_DIR,
+    reports_dir: Path = layout.REPORTS_DIR,
+) -> tuple[Net, EvaluateResult]:
+    """Score the trained weights on the three splits and write the metrics, predictions and report."""
+    device = select_device(params.train.device)
+    precision = select_precision(params.train.precision, device)
+    net = load_weights(params.model, Path(model_dir) / layout.WEIGHTS.name, device)
+    model = prepare_model(net, device, precision)
+    train_data, val_data = load_train_val(
+        data_dir, params.data.dataset, params.train.val_split, params.train.seed, device
+    )
+    test = load_split(data_dir, train=False)
+    splits = {
+        "train": (train_data.x, train_data.y),
+        "val": (val_data.x, val_data.y),
+        "test": (normalise(test.images, params.data.dataset).to(device), test.labels.to(device)),
+    }
+    metrics, test_log_probs = {}, None
+    for name, (x, y) in splits.items():
+        log_probs = predict_log_probs(model, x, params.evaluate.batch_size, precision)
+        loss, accuracy = loss_and_accuracy(log_probs, y)
+        metrics[name] = {"loss": round(loss, 6), "accuracy": round(accuracy, 4)}
+        test_log_probs = log_probs
+    actual = test.labels.numpy()
+    predicted = test_log_probs.argmax(dim=1).cpu().numpy()
+    labels = list(range(NUM_CLASSES))
+    result = EvaluateResult(
+        metrics=metrics,
+        confusion=confusion_matrix(actual, predicted, labels=labels),
+        report=classification_report(actual, predicted, labels=labels, digits=4, zero_division=0),
+        actual=actual,
+        predicted=predicted,
+    )
+    write_reports(result, Path(reports_dir))
+    return net.cpu().eval(), result
+
+
+def write_reports(result: EvaluateResult, reports_dir: Path) -> None:
+    layout.write_text_atomic(reports_dir / layout.METRICS.name, json.dumps(result.metrics, indent=2) + "\n")
+    rows = "\n".join(f"{a},{p}" for a, p in zip(result.actual.tolist(), result.predicted.tolist()))
+    layout.write_text_atomic(reports_dir / layout.PREDICTIONS.name, f"actual,predicted\n{rows}\n")
+    layout.write_text_atomic(reports_dir / layout.CLASSIFICATION_REPORT.name, result.report)
+
+
+__all__ = ["EvaluateResult", "evaluate"]

@@ -1,0 +1,154 @@
+"""The stages as the pipeline runs them: each training is one MLflow run, shared by train and evaluate.
+
+``dvc.yaml`` (through the CLI), ``MLproject`` and the tests all call these functions.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import torch
+from mlflow.models import infer_signature
+
+from . import figures, layout, tracking
+from .config import Params, flatten
+from .data import DataError, data_md5s, load_split
+from .download import download
+from .evaluate import EvaluateResult, evaluate
+from .model import RawPixelClassifier
+from .train import TrainResult, train, write_train_info
+
+log = logging.getLogger(__name__)
+
+TRAIN_SECTIONS = ("data", "model", "train")
+EVALUATE_SECTIONS = ("evaluate",)
+
+
+@dataclass(frozen=True)
+class Paths:
+    """Where the stages read and write; defaults are the project layout, tests point them at tmp dirs."""
+
+    root: Path = Path(".")
+    params_file: Path = layout.PARAMS
+
+    @property
+    def data(self) -> Path:
+        return self.root / layout.DATA_DIR
+
+    @property
+    def models(self) -> Path:
+        return self.root / layout.MODEL_DIR
+
+    @property
+    def reports(self) -> Path:
+        return self.root / layout.REPORTS_DIR
+
+
+def _section_params(params: Params, sections: tuple[str, ...]) -> dict:
+    return {k: v for k, v in flatten(params).items() if k.split(".")[0] in sections}
+
+
+def run_download(params: Params, paths: Paths, mirror: str | None = None) -> dict[str, str]:
+    return download(params.data, paths.data, mirror)
+
+
+def run_train(params: Params, paths: Paths, show_progress: bool | None = None) -> tuple[str, TrainResult]:
+    """Train inside a new MLflow run (or the one ``mlflow run`` made); return (run id, result)."""
+    root = tracking.project_root(paths.root.resolve())
+    with tracking.run(params.mlflow.experiment, root=root) as active:
+        mlflow.set_tags(
+            {
+                "dataset": params.data.dataset,
+                **tracking.git_lineage(root),
+                **{f"data_md5.{name}": md5 for name, md5 in data_md5s(paths.data).items()},
+            }
+        )
+        tracking.log_params_once({**_section_params(params, TRAIN_SECTIONS), "mlflow.experiment": params.mlflow.experiment})
+        if paths.params_file.is_file():
+            mlflow.log_artifact(str(paths.params_file))
+        result = train(params, paths.data, paths.models, paths.reports, tracking.EpochLogger(), show_progress)
+        tracking.log_params_once({"device": result.device, "precision": result.precision})
+        mlflow.log_metrics(
+            {
+                "best_epoch": result.best_epoch,
+                "stopped_epoch": result.stopped_epoch,
+                "best_val_loss": result.best_val_loss,
+                "train_seconds": result.train_seconds,
+            }
+        )
+        fig = figures.learning_curves(result.history)
+        mlflow.log_figure(fig, "learning_curves.png")
+        figures.close(fig)
+        run_id = active.info.run_id
+        write_train_info(result, paths.models, run_id)
+    return run_id, result
+
+
+def _read_run_id(paths: Paths) -> str:
+    info_path = paths.models / layout.TRAIN_INFO.name
+    try:
+        return json.loads(info_path.read_text())["run_id"]
+    except FileNotFoundError:
+        raise DataError(f"{info_path}: not found (run the train stage first)") from None
+    except (json.JSONDecodeError, KeyError, TypeError):
+        raise DataError(f"{info_path}: expected JSON with a run_id (rerun the train stage)") from None
+
+
+def _log_model(net: torch.nn.Module, params: Params, paths: Paths, test_acc: float) -> str:
+    """Log the raw-pixel classifier with the PyTorch flavour; register it; return the new version."""
+    served = RawPixelClassifier(net, params.data.dataset).eval()
+    example = load_split(paths.data, train=False).images[:5].numpy().astype(np.float32)
+    with torch.no_grad():
+        signature = infer_signature(example, served(torch.from_numpy(example)).numpy())
+    info = mlflow.pytorch.log_model(
+        served,
+        name="model",
+        signature=signature,
+        input_example=example,
+        registered_model_name=params.mlflow.registered_model,
+        code_paths=[str(Path(__file__).parent)],  # the served module's class, importable anywhere
+        pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", f"numpy=={np.__version__}"],
+    )
+    version = str(info.registered_model_version)
+    tracking.promote_if_better(params.mlflow.registered_model, version, test_acc)
+    return version
+
+
+def run_evaluate(params: Params, paths: Paths) -> tuple[str, EvaluateResult]:
+    """Evaluate inside the run the train stage started; log the metrics, figures and the model."""
+    root = tracking.project_root(paths.root.resolve())
+    run_id = _read_run_id(paths)
+    with tracking.run(params.mlflow.experiment, run_id=run_id, root=root) as active:
+        tracking.log_params_once(
+            {**_section_params(params, EVALUATE_SECTIONS), "mlflow.registered_model": params.mlflow.registered_model}
+        )
+        net, result = evaluate(params, paths.data, paths.models, paths.reports)
+        final = {"test_loss": result.metrics["test"]["loss"], "test_acc": result.metrics["test"]["accuracy"]}
+        for split in ("train", "val"):
+            final[f"final_{split}_loss"] = result.metrics[split]["loss"]
+            final[f"final_{split}_acc"] = result.metrics[split]["accuracy"]
+        mlflow.log_metrics(final)
+        fig = figures.confusion_matrix_figure(result.confusion)
+        mlflow.log_figure(fig, "confusion_matrix.png")
+        figures.close(fig)
+        mlflow.log_dict(
+            {
+                "labels": list(range(len(result.confusion))),
+                "counts": result.confusion.tolist(),
+                "normalized": figures.normalise_rows(result.confusion).round(6).tolist(),
+            },
+            "confusion_matrix.json",
+        )
+        mlflow.log_text(result.report, "classification_report.txt")
+        mlflow.log_dict(result.metrics, "metrics.json")
+        dvc_lock = paths.root / "dvc.lock"
+        if dvc_lock.is_file():
+            mlflow.log_artifact(str(dvc_lock))
+        _log_model(net, params, paths, final["test_acc"])
+        run_id = active.info.run_id
+    return run_id, result

@@ -1,0 +1,66 @@
+"""Device and precision selection, seeding, and the autocast context shared by train and evaluate."""
+
+from __future__ import annotations
+
+import contextlib
+import random
+from pathlib import Path
+
+import numpy as np
+import torch
+
+
+def select_device(name: str) -> torch.device:
+    """``auto`` picks CUDA, then MPS, then CPU; an explicit device that is absent is an error."""
+    available = {
+        "cuda": torch.cuda.is_available(),
+        "mps": getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available(),
+        "cpu": True,
+    }
+    if name == "auto":
+        name = next(dev for dev in ("cuda", "mps", "cpu") if available[dev])
+    if not available[name]:
+        raise RuntimeError(f"train.device = {name!r}: no such device on this machine (try auto or cpu)")
+    return torch.device(name)
+
+
+def cpu_has_fast_bf16(cpuinfo: Path = Path("/proc/cpuinfo")) -> bool:
+    """True on CPUs with native bf16 matrix units (AMX or AVX512-BF16); elsewhere bf16 is emulated."""
+    try:
+        flags = cpuinfo.read_text()
+    except OSError:
+        return False
+    return "amx_bf16" in flags or "avx512_bf16" in flags
+
+
+def select_precision(name: str, device: torch.device) -> str:
+    """``auto`` is bf16 where the hardware runs it fast (CUDA with bf16, AMX/AVX512-BF16 CPUs), else fp32."""
+    if name == "fp16" and device.type != "cuda":
+        raise RuntimeError(f"train.precision = 'fp16': supported on CUDA only, not on {device.type}")
+    if name != "auto":
+        return name
+    if device.type == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
+    if device.type == "cpu" and cpu_has_fast_bf16():
+        return "bf16"
+    return "fp32"
+
+
+def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def use_channels_last(device: torch.device, precision: str) -> bool:
+    """channels_last pays off for the reduced-precision convolution kernels (oneDNN, cuDNN tensor cores)."""
+    return precision != "fp32" or device.type == "cuda"
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    if torch.cuda.is_available():
+        torch.cuda.manual_seed_all(seed)

@@ -1,0 +1,280 @@
+"""Train stage: the seed CNN with Adadelta, early stopping on validation loss, best weights kept."""
+
+from __future__ import annotations
+
+import copy
+import csv
+import io
+import json
+import logging
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Protocol
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm import tqdm
+
+from . import layout
+from .config import Params, TrainConfig
+from .data import load_split, normalise, split_indices
+from .model import Net
+from .runtime import autocast, seed_everything, select_device, select_precision, use_channels_last
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class EpochStats:
+    epoch: int
+    train_loss: float
+    train_acc: float
+    val_loss: float
+    val_acc: float
+    lr: float
+    epoch_seconds: float
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    best_epoch: int
+    stopped_epoch: int
+    best_val_loss: float
+    device: str
+    precision: str
+    train_seconds: float
+    history: list[EpochStats]
+
+
+class Reporter(Protocol):
+    """Where per-epoch metrics go (MLflow in the pipeline; nothing in a bare call)."""
+
+    def log_epoch(self, stats: EpochStats) -> None: ...
+
+
+@dataclass(frozen=True)
+class Tensors:
+    """Normalised images (N, 1, 28, 28) and labels, resident on the training device."""
+
+    x: torch.Tensor
+    y: torch.Tensor
+
+
+def load_train_val(
+    data_dir: Path, dataset: str, val_split: float, seed: int, device: torch.device
+) -> tuple[Tensors, Tensors]:
+    """The 60k training images once, normalised, on ``device``, cut by the seeded 80/20 split."""
+    split = load_split(data_dir, train=True)
+    x = normalise(split.images, dataset).to(device)
+    y = split.labels.to(device)
+    train_idx, val_idx = split_indices(len(y), val_split, seed)
+    train_idx, val_idx = train_idx.to(device), val_idx.to(device)
+    return Tensors(x[train_idx], y[train_idx]), Tensors(x[val_idx], y[val_idx])
+
+
+def prepare_model(net: nn.Module, device: torch.device, precision: str) -> nn.Module:
+    net = net.to(device)
+    if use_channels_last(device, precision):
+        net = net.to(memory_format=torch.channels_last)
+    return net
+
+
+@torch.no_grad()
+def predict_log_probs(
+    model: nn.Module, x: torch.Tensor, batch_size: int, precision: str = "fp32"
+) -> torch.Tensor:
+    """Log-probabilities (N, 10) in float32, in eval mode, batch by batch."""
+    was_training = model.training
+    model.eval()
+    memory_format = torch.channels_last if use_channels_last(x.device, precision) else torch.contiguous_format
+    outputs = []
+    with autocast(x.device, precision):
+        for start in range(0, len(x), batch_size):
+            batch = x[start : start + batch_size].contiguous(memory_format=memory_format)
+            outputs.append(model(batch).float())
+    model.train(was_training)
+    return torch.cat(outputs)
+
+
+def loss_and_accuracy(log_probs: torch.Tensor, y: torch.Tensor) -> tuple[float, float]:
+    """(mean NLL loss, accuracy in percent)."""
+    loss = F.nll_loss(log_probs, y).item()
+    accuracy = 100.0 * (log_probs.argmax(dim=1) == y).float().mean().item()
+    return loss, accuracy
+
+
+def make_optimizer(model: nn.Module, cfg: TrainConfig, steps_per_epoch: int):
+    optimizer = torch.optim.Adadelta(model.parameters(), lr=cfg.lr)
+    if cfg.scheduler == "step":
+        scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=1, gamma=cfg.lr_gamma)
+    elif cfg.scheduler == "onecycle":
+        scheduler = torch.optim.lr_scheduler.OneCycleLR(
+            optimizer, max_lr=cfg.lr, total_steps=cfg.epochs * steps_per_epoch
+        )
+    else:
+        scheduler = None
+    return optimizer, scheduler
+
+
+def train_epoch(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    data: Tensors,
+    cfg: TrainConfig,
+    precision: str,
+    generator: torch.Generator,
+    batch_scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
+    scaler: torch.amp.GradScaler | None = None,
+    progress: tqdm | None = None,
+) -> tuple[float, float]:
+    """One pass over ``data`` in a seeded random order; returns (mean train loss, accuracy %).
+
+    Loss and correct counts accumulate on the device and are read once, so a GPU never waits on
+    the host inside the epoch.
+    """
+    model.train()
+    device = data.x.device
+    memory_format = torch.channels_last if use_channels_last(device, precision) else torch.contiguous_format
+    order = torch.randperm(len(data.y), generator=generator).to(device)
+    loss_sum = torch.zeros((), device=device)
+    correct = torch.zeros((), device=device, dtype=torch.long)
+    for start in range(0, len(order), cfg.batch_size):
+        idx = order[start : start + cfg.batch_size]
+        x = data.x.index_select(0, idx).contiguous(memory_format=memory_format)
+        y = data.y.index_select(0, idx)
+        optimizer.zero_grad(set_to_none=True)
+        with autocast(device, precision):
+            output = model(x)
+            loss = F.cross_entropy(output, y, label_smoothing=cfg.label_smoothing)
+        if scaler is not None:
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            loss.backward()
+            optimizer.step()
+        if batch_scheduler is not None:
+            batch_scheduler.step()
+        loss_sum += loss.detach().float() * len(idx)
+        correct += (output.detach().argmax(dim=1) == y).sum()
+        if progress is not None:
+            progress.update(1)
+    n = len(order)
+    return loss_sum.item() / n, 100.0 * correct.item() / n
+
+
+def _format_epoch(stats: EpochStats, epochs: int, improved: bool) -> str:
+    return (
+        f"epoch {stats.epoch:>3}/{epochs} | train loss {stats.train_loss:.4f} acc {stats.train_acc:6.2f}%"
+        f" | val loss {stats.val_loss:.4f} acc {stats.val_acc:6.2f}% | lr {stats.lr:.4g}"
+        f" | {stats.epoch_seconds:5.1f}s{' *' if improved else ''}"
+    )
+
+
+def fit(
+    params: Params,
+    train_data: Tensors,
+    val_data: Tensors,
+    device: torch.device,
+    precision: str,
+    reporter: Reporter | None = None,
+    show_progress: bool | None = None,
+) -> tuple[nn.Module, TrainResult]:
+    """Train until ``epochs`` or ``patience`` epochs without a better validation loss; restore the best."""
+    cfg = params.train
+    seed_everything(cfg.seed)
+    net = prepare_model(Net(params.model), device, precision)
+    model = net if cfg.compile == "none" else torch.compile(net, mode=cfg.compile)
+    steps = -(-len(train_data.y) // cfg.batch_size)
+    optimizer, scheduler = make_optimizer(net, cfg, steps)
+    per_batch = scheduler if cfg.scheduler == "onecycle" else None
+    scaler = torch.amp.GradScaler(device.type) if precision == "fp16" else None
+    generator = torch.Generator().manual_seed(cfg.seed)
+
+    history: list[EpochStats] = []
+    best_loss, best_epoch, best_state = float("inf"), 0, None
+    started = time.perf_counter()
+    for epoch in range(1, cfg.epochs + 1):
+        epoch_start = time.perf_counter()
+        lr = optimizer.param_groups[0]["lr"]
+        # disable=None: tqdm shows the bar on a terminal only, so logs keep just the epoch lines.
+        disable = None if show_progress is None else not show_progress
+        with tqdm(total=steps, desc=f"epoch {epoch}/{cfg.epochs}", unit="batch", leave=False, disable=disable) as bar:
+            train_loss, train_acc = train_epoch(
+                model, optimizer, train_data, cfg, precision, generator, per_batch, scaler, bar
+            )
+        val_loss, val_acc = loss_and_accuracy(
+            predict_log_probs(model, val_data.x, params.evaluate.batch_size, precision), val_data.y
+        )
+        if scheduler is not None and per_batch is None:
+            scheduler.step()
+        stats = EpochStats(
+            epoch, train_loss, train_acc, val_loss, val_acc, lr, time.perf_counter() - epoch_start
+        )
+        history.append(stats)
+        improved = val_loss < best_loss
+        if improved:
+            best_loss, best_epoch = val_loss, epoch
+            best_state = copy.deepcopy(net.state_dict())
+        log.info(_format_epoch(stats, cfg.epochs, improved))
+        if reporter is not None:
+            reporter.log_epoch(stats)
+        if epoch - best_epoch >= cfg.patience:
+            log.info("early stop: no better validation loss in %d epochs; best epoch %d", cfg.patience, best_epoch)
+            break
+    net.load_state_dict(best_state)
+    result = TrainResult(
+        best_epoch=best_epoch,
+        stopped_epoch=history[-1].epoch,
+        best_val_loss=best_loss,
+        device=device.type,
+        precision=precision,
+        train_seconds=time.perf_counter() - started,
+        history=history,
+    )
+    return net.eval(), result
+
+
+def history_csv(history: list[EpochStats]) -> str:
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=list(asdict(history[0])), lineterminator="\n")
+    writer.writeheader()
+    for stats in history:
+        writer.writerow({k: round(v, 6) if isinstance(v, float) else v for k, v in asdict(stats).items()})
+    return buffer.getvalue()
+
+
+def train(
+    params: Params,
+    data_dir: Path = layout.DATA_DIR,
+    model_dir: Path = layout.MODEL_DIR,
+    reports_dir: Path = layout.REPORTS_DIR,
+    reporter: Reporter | None = None,
+    show_progress: bool | None = None,
+) -> TrainResult:
+    """Train on ``data_dir``; write the best weights (a state_dict) and the per-epoch history."""
+    device = select_device(params.train.device)
+    precision = select_precision(params.train.precision, device)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+    train_data, val_data = load_train_val(
+        data_dir, params.data.dataset, params.train.val_split, params.train.seed, device
+    )
+    log.info(
+        "training on %s (%s): %d train / %d validation samples",
+        device, precision, len(train_data.y), len(val_data.y),
+    )
+    net, result = fit(params, train_data, val_data, device, precision, reporter, show_progress)
+    cpu_state = {k: v.detach().cpu() for k, v in net.state_dict().items()}
+    layout.write_atomic(Path(model_dir) / layout.WEIGHTS.name, lambda tmp: torch.save(cpu_state, tmp))
+    layout.write_text_atomic(Path(reports_dir) / layout.HISTORY.name, history_csv(result.history))
+    return result
+
+
+def write_train_info(result: TrainResult, model_dir: Path, run_id: str | None) -> None:
+    info = {k: v for k, v in asdict(result).items() if k != "history"}
+    info["run_id"] = run_id
+    layout.write_text_atomic(Path(model_dir) / layout.TRAIN_INFO.name, json.dumps(info, indent=2) + "\n")
+
