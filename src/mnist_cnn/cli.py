@@ -37,7 +37,7 @@ def parse_overrides(tokens: list[str]) -> dict[str, str]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="mnist-cnn", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="mnist-cnn", description=__doc__.splitlines()[0], allow_abbrev=False)
     parser.add_argument("stage", choices=STAGES)
     parser.add_argument("--params", type=Path, default=layout.PARAMS, help="params file (default: params.yaml)")
     parser.add_argument("--root", type=Path, default=Path("."), help="project directory holding data/, models/, reports/")

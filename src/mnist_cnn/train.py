@@ -111,7 +111,7 @@ def make_optimizer(model: nn.Module, cfg: TrainConfig, steps_per_epoch: int):
         scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=1, gamma=cfg.lr_gamma)
     elif cfg.scheduler == "onecycle":
         scheduler = torch.optim.lr_scheduler.OneCycleLR(
-            optimizer, max_lr=cfg.lr, total_steps=cfg.epochs * steps_per_epoch
+            optimizer, max_lr=cfg.lr, total_steps=cfg.epochs * steps_per_epoch, cycle_momentum=False
         )
     else:
         scheduler = None

@@ -1,0 +1,89 @@
+"""Shared fixtures: a tiny MNIST-format mirror made from scikit-learn's digits, tiny params, a private
+MLflow store per test. Nothing here touches the network or ../shared."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+from pathlib import Path
+
+import mlflow
+import pytest
+import yaml
+
+from mnist_cnn.config import Params, parse_params
+from mnist_cnn.pipeline import Paths
+
+from tinydata import write_checksums, write_tiny_mnist
+
+REPO = Path(__file__).resolve().parents[1]
+
+# Small enough for seconds per test on 2 cores; everything else is params.yaml's.
+TINY_OVERRIDES = {
+    "train.epochs": 2,
+    "train.device": "cpu",
+    "train.precision": "fp32",
+    "evaluate.batch_size": 500,
+}
+
+
+@pytest.fixture(scope="session")
+def tiny_mirror(tmp_path_factory) -> Path:
+    """A directory holding the four tiny IDX .gz files, and beside it their checksums (``md5s.json``)."""
+    root = tmp_path_factory.mktemp("tiny")
+    mirror = root / "mirror"
+    write_checksums(write_tiny_mnist(mirror), root / "md5s.json")
+    return mirror
+
+
+@pytest.fixture(autouse=True)
+def isolated_env(tmp_path, monkeypatch, tiny_mirror):
+    """Each test: its own MLflow store, the tiny data's checksums, no mirror or run inherited from outside."""
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    monkeypatch.setenv("MNIST_MD5S", str(tiny_mirror.parent / "md5s.json"))
+    monkeypatch.delenv("MNIST_MIRROR", raising=False)
+    monkeypatch.delenv("MLFLOW_RUN_ID", raising=False)
+    monkeypatch.delenv("MLFLOW_EXPERIMENT_ID", raising=False)
+    monkeypatch.setenv("GIT_CONFIG_NOSYSTEM", "1")
+    monkeypatch.setenv("DVC_NO_ANALYTICS", "1")
+    # The stages' commands (`python -m mnist_cnn`) run with this interpreter.
+    monkeypatch.setenv("PATH", f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
+    yield
+    while mlflow.active_run() is not None:
+        mlflow.end_run()
+
+
+def repo_params_raw() -> dict:
+    return yaml.safe_load((REPO / "params.yaml").read_text())
+
+
+@pytest.fixture
+def tiny_params() -> Params:
+    return parse_params(repo_params_raw(), TINY_OVERRIDES)
+
+
+def write_tiny_params(path: Path, **overrides) -> Path:
+    raw = repo_params_raw()
+    for key, value in {**TINY_OVERRIDES, **overrides}.items():
+        section, name = key.split(".")
+        raw[section][name] = value
+    path.write_text(yaml.safe_dump(raw, sort_keys=False))
+    return path
+
+
+@pytest.fixture
+def project(tmp_path, tiny_mirror) -> Paths:
+    """A project directory with tiny params and the tiny data already downloaded into data/raw."""
+    root = tmp_path / "project"
+    root.mkdir()
+    params_file = write_tiny_params(root / "params.yaml")
+    shutil.copytree(tiny_mirror, root / "data" / "raw")
+    return Paths(root=root, params_file=params_file)
+
+
+def copy_project_files(dest: Path) -> None:
+    """The files a user's clone has (code, pipeline, MLproject), without data, store or venv."""
+    for name in ("dvc.yaml", "MLproject", "conda.yaml", "params.yaml", "pyproject.toml"):
+        shutil.copy2(REPO / name, dest / name)
+    shutil.copytree(REPO / "src", dest / "src", ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))

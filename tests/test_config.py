@@ -1,0 +1,78 @@
+from pathlib import Path
+
+import pytest
+
+from mnist_cnn.cli import main, parse_overrides
+from mnist_cnn.config import ConfigError, flatten, load_params, parse_params
+
+from conftest import REPO, repo_params_raw
+
+
+def test_params_yaml_holds_the_seed_defaults():
+    params = load_params(REPO / "params.yaml")
+    assert params.data.dataset == "mnist"
+    assert (params.model.hidden_1, params.model.hidden_2, params.model.hidden_3) == (48, 48, 112)
+    assert (params.model.dropout1, params.model.dropout2) == (0.0, 0.17)
+    t = params.train
+    assert (t.batch_size, t.epochs, t.lr, t.val_split, t.patience) == (64, 50, 0.43, 0.2, 15)
+    assert params.evaluate.batch_size == 1000
+    assert params.mlflow.registered_model == "mnist-cnn"
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "message"),
+    [
+        ("train.lr", -1, "train.lr = -1.0: expected a number > 0"),
+        ("train.val_split", 1.0, "train.val_split = 1.0: expected a number in (0, 1)"),
+        ("train.epochs", 2.5, "train.epochs = 2.5: expected an integer"),
+        ("train.batch_size", True, "train.batch_size = True: expected an integer"),
+        ("model.dropout2", 1.0, "model.dropout2 = 1.0: expected a number in [0, 1)"),
+        ("data.dataset", "cifar", "data.dataset = 'cifar': expected mnist | fashion-mnist"),
+        ("train.device", "tpu", "train.device = 'tpu': expected auto | cpu | cuda | mps"),
+        ("train.precision", "int8", "train.precision = 'int8': expected auto | fp32 | bf16 | fp16"),
+    ],
+)
+def test_bad_values_name_key_value_and_expectation(key, value, message):
+    with pytest.raises(ConfigError) as info:
+        parse_params(repo_params_raw(), {key: value})
+    assert str(info.value) == message
+
+
+def test_unknown_and_missing_keys_are_named(tmp_path):
+    raw = repo_params_raw()
+    raw["train"]["learning_rate"] = 0.1
+    with pytest.raises(ConfigError, match=r"^train\.learning_rate: unknown key"):
+        parse_params(raw)
+    raw = repo_params_raw()
+    del raw["model"]["hidden_3"]
+    with pytest.raises(ConfigError, match=r"^model\.hidden_3: missing key$"):
+        parse_params(raw)
+    with pytest.raises(ConfigError, match=r"nope\.yaml: params file not found"):
+        load_params(tmp_path / "nope.yaml")
+
+
+def test_overrides_take_short_and_dotted_names_as_strings():
+    params = parse_params(repo_params_raw(), {"lr": "0.2", "train.epochs": "3", "dropout1": "0.25"})
+    assert (params.train.lr, params.train.epochs, params.model.dropout1) == (0.2, 3, 0.25)
+    with pytest.raises(ConfigError, match=r"^learning_rate: unknown parameter"):
+        parse_params(repo_params_raw(), {"learning_rate": "0.2"})
+
+
+def test_flatten_gives_dotted_keys_for_every_value():
+    flat = flatten(load_params(REPO / "params.yaml"))
+    assert flat["train.lr"] == 0.43 and flat["model.hidden_3"] == 112 and flat["data.dataset"] == "mnist"
+    assert len(flat) == len(set(flat))
+
+
+def test_cli_override_parsing_skips_empty_values():
+    assert parse_overrides(["--epochs", "3", "--lr", "", "train.seed=4"]) == {"epochs": "3", "train.seed": "4"}
+
+
+def test_cli_bad_param_is_one_line_and_exit_2(tmp_path: Path, capsys):
+    params = tmp_path / "params.yaml"
+    params.write_text((REPO / "params.yaml").read_text().replace("lr: 0.43", "lr: fast"))
+    code = main(["train", "--params", str(params), "--root", str(tmp_path)])
+    err = capsys.readouterr().err.strip()
+    assert code == 2
+    assert err == f"error: {params}: train.lr = 'fast': expected a number"
+    assert not (tmp_path / "models").exists()

@@ -1,0 +1,126 @@
+import dataclasses
+import json
+
+import pytest
+import torch
+
+from mnist_cnn import layout
+from mnist_cnn.config import parse_params
+from mnist_cnn.evaluate import evaluate
+from mnist_cnn.model import Net, load_weights
+from mnist_cnn.runtime import select_device, select_precision
+from mnist_cnn.train import Tensors, fit, load_train_val, loss_and_accuracy, predict_log_probs, train
+
+from conftest import TINY_OVERRIDES, repo_params_raw
+
+
+def test_seed_architecture_and_shapes(tiny_params):
+    net = Net(tiny_params.model)
+    assert net.fc1.in_features == 6912 and net.fc1.out_features == 112
+    assert net.conv1.out_channels == 48 and net.conv2.out_channels == 48
+    out = net(torch.randn(3, 1, 28, 28))
+    assert out.shape == (3, 10)
+    assert torch.allclose(out.exp().sum(dim=1), torch.ones(3), atol=1e-5)  # log-probabilities
+
+
+def test_split_is_80_20_and_disjoint(project, tiny_params):
+    train_data, val_data = load_train_val(project.data, "mnist", 0.2, seed=1, device=torch.device("cpu"))
+    assert (len(train_data.y), len(val_data.y)) == (1200, 300)
+    again, _ = load_train_val(project.data, "mnist", 0.2, seed=1, device=torch.device("cpu"))
+    assert torch.equal(train_data.x, again.x)
+    other, _ = load_train_val(project.data, "mnist", 0.2, seed=2, device=torch.device("cpu"))
+    assert not torch.equal(train_data.y, other.y)
+
+
+def test_train_learns_and_writes_weights_and_history(project, tiny_params):
+    params = dataclasses.replace(tiny_params, train=dataclasses.replace(tiny_params.train, epochs=3))
+    result = train(params, project.data, project.models, project.reports, show_progress=False)
+    assert [s.epoch for s in result.history] == [1, 2, 3]
+    assert result.history[-1].val_acc > 80.0  # 10 classes: chance is 10%
+    assert result.history[-1].train_loss < result.history[0].train_loss
+    assert [s.lr for s in result.history] == pytest.approx([0.43, 0.43 * 0.7, 0.43 * 0.49])
+    history = (project.reports / "history.csv").read_text().splitlines()
+    assert history[0] == "epoch,train_loss,train_acc,val_loss,val_acc,lr,epoch_seconds"
+    assert len(history) == 4
+    net = load_weights(params.model, project.models / "model.pt")  # weights_only=True inside
+    _, val_data = load_train_val(project.data, "mnist", 0.2, 1, torch.device("cpu"))
+    val_loss, _ = loss_and_accuracy(predict_log_probs(net, val_data.x, 500), val_data.y)
+    assert val_loss == pytest.approx(result.best_val_loss, rel=1e-5)
+
+
+def test_early_stopping_stops_and_restores_the_best_epoch(project, tiny_params):
+    """Validation labels are shuffled: the model gets more confident on the real pattern, so the
+    validation loss is best early and then only worsens; training must stop `patience` epochs later
+    with the best epoch's weights."""
+    cfg = dataclasses.replace(tiny_params.train, epochs=20, patience=2)
+    params = dataclasses.replace(tiny_params, train=cfg)
+    train_data, val_data = load_train_val(project.data, "mnist", 0.2, 1, torch.device("cpu"))
+    shuffled = val_data.y[torch.randperm(len(val_data.y), generator=torch.Generator().manual_seed(0))]
+    noisy_val = Tensors(val_data.x, shuffled)
+    net, result = fit(params, train_data, noisy_val, torch.device("cpu"), "fp32", show_progress=False)
+    losses = [s.val_loss for s in result.history]
+    assert result.stopped_epoch < cfg.epochs
+    assert result.stopped_epoch == result.best_epoch + cfg.patience
+    assert result.best_epoch == 1 + losses.index(min(losses))
+    restored_loss, _ = loss_and_accuracy(predict_log_probs(net, noisy_val.x, 500), noisy_val.y)
+    assert restored_loss == pytest.approx(losses[result.best_epoch - 1], rel=1e-5)
+    assert restored_loss != pytest.approx(losses[-1], rel=1e-3)
+
+
+def test_same_params_same_metrics_to_the_last_digit(project, tiny_params, tmp_path):
+    first = train(tiny_params, project.data, tmp_path / "a", tmp_path / "ra", show_progress=False)
+    second = train(tiny_params, project.data, tmp_path / "b", tmp_path / "rb", show_progress=False)
+    strip = lambda h: [dataclasses.replace(s, epoch_seconds=0.0) for s in h]  # noqa: E731
+    assert strip(first.history) == strip(second.history)
+    assert (tmp_path / "a" / "model.pt").read_bytes() != b""
+    a = torch.load(tmp_path / "a" / "model.pt", weights_only=True)
+    b = torch.load(tmp_path / "b" / "model.pt", weights_only=True)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    _, eval_a = evaluate(tiny_params, project.data, tmp_path / "a", tmp_path / "ra")
+    _, eval_b = evaluate(tiny_params, project.data, tmp_path / "b", tmp_path / "rb")
+    assert (tmp_path / "ra" / "metrics.json").read_text() == (tmp_path / "rb" / "metrics.json").read_text()
+    assert eval_a.metrics == eval_b.metrics
+
+
+def test_evaluate_writes_seed_table_confusion_rows_and_report(project, tiny_params):
+    train(tiny_params, project.data, project.models, project.reports, show_progress=False)
+    _, result = evaluate(tiny_params, project.data, project.models, project.reports)
+    metrics = json.loads((project.reports / layout.METRICS.name).read_text())
+    assert set(metrics) == {"train", "val", "test"}
+    for split in metrics.values():
+        assert set(split) == {"loss", "accuracy"} and 0 <= split["accuracy"] <= 100
+    rows = (project.reports / layout.PREDICTIONS.name).read_text().splitlines()
+    assert rows[0] == "actual,predicted" and len(rows) == 1 + 297
+    correct = sum(a == p for a, p in (r.split(",") for r in rows[1:]))
+    assert 100.0 * correct / 297 == pytest.approx(metrics["test"]["accuracy"], abs=1e-3)
+    assert result.confusion.sum() == 297 and result.confusion.trace() == correct
+    assert "precision" in (project.reports / layout.CLASSIFICATION_REPORT.name).read_text()
+
+
+def test_evaluate_without_weights_names_the_missing_file(project, tiny_params):
+    with pytest.raises(FileNotFoundError, match="model.pt"):
+        evaluate(tiny_params, project.data, project.models, project.reports)
+
+
+def test_device_and_precision_selection():
+    assert select_device("cpu").type == "cpu"
+    assert select_device("auto").type in {"cuda", "mps", "cpu"}
+    cpu = torch.device("cpu")
+    assert select_precision("fp32", cpu) == "fp32"
+    assert select_precision("auto", cpu) in {"fp32", "bf16"}
+    with pytest.raises(RuntimeError, match="fp16.*CUDA only"):
+        select_precision("fp16", cpu)
+    if not torch.cuda.is_available():
+        with pytest.raises(RuntimeError, match="train.device = 'cuda': no such device"):
+            select_device("cuda")
+
+
+def test_onecycle_and_label_smoothing_train(project):
+    params = parse_params(
+        repo_params_raw(),
+        {**TINY_OVERRIDES, "train.scheduler": "onecycle", "train.label_smoothing": 0.1, "train.batch_size": 128},
+    )
+    result = train(params, project.data, project.models, project.reports, show_progress=False)
+    lrs = [s.lr for s in result.history]
+    assert lrs[0] < params.train.lr  # one-cycle warms up from lr/25
+    assert result.history[-1].val_acc > 50.0
