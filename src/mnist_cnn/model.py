@@ -49,10 +49,8 @@ class RawPixelClassifier(nn.Module):
 
     def __init__(self, net: Net, dataset: str) -> None:
         super().__init__()
-        mean, std = NORMALISATION[dataset]
         self.net = net
-        self.register_buffer("mean", torch.tensor(mean))
-        self.register_buffer("std", torch.tensor(std))
+        self.mean, self.std = NORMALISATION[dataset]  # plain floats: constants in the exported graph
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
         x = pixels.to(torch.float32).reshape(-1, 1, IMAGE_SIZE, IMAGE_SIZE)

@@ -111,7 +111,6 @@ def _log_model(net: torch.nn.Module, params: Params, paths: Paths, test_acc: flo
         signature=signature,
         input_example=example,
         registered_model_name=params.mlflow.registered_model,
-        code_paths=[str(Path(__file__).parent)],  # the served module's class, importable anywhere
         pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", f"numpy=={np.__version__}"],
     )
     version = str(info.registered_model_version)

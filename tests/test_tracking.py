@@ -1,0 +1,170 @@
+"""MLflow against a real SQLite store in the test's tmp dir: one run per training, across stages."""
+
+import signal
+import subprocess
+import sys
+import time
+
+import mlflow
+import numpy as np
+import pytest
+from mlflow.tracking import MlflowClient
+
+from mnist_cnn import pipeline, tracking
+from mnist_cnn.data import load_split
+
+from conftest import TINY_OVERRIDES, write_tiny_params
+
+EPOCH_METRICS = ("train_loss", "train_acc", "val_loss", "val_acc", "lr", "epoch_seconds")
+
+
+def only_run(experiment="mnist-cnn"):
+    tracking.configure()
+    runs = MlflowClient().search_runs([mlflow.get_experiment_by_name(experiment).experiment_id])
+    assert len(runs) == 1
+    return runs[0]
+
+
+def test_train_then_evaluate_is_one_finished_run_with_everything(project, tiny_params):
+    run_id, result = pipeline.run_train(tiny_params, project, show_progress=False)
+    assert MlflowClient().get_run(run_id).info.status == "FINISHED"
+    eval_run_id, evaluation = pipeline.run_evaluate(tiny_params, project)
+    assert eval_run_id == run_id
+    run = only_run()
+    assert run.info.run_id == run_id and run.info.status == "FINISHED"
+    client = MlflowClient()
+
+    params = run.data.params
+    assert params["train.lr"] == "0.43" and params["model.hidden_3"] == "112"
+    assert params["data.dataset"] == "mnist" and params["evaluate.batch_size"] == "500"
+    assert params["device"] == "cpu" and params["precision"] == "fp32"
+
+    for key in EPOCH_METRICS:
+        history = client.get_metric_history(run_id, key)
+        assert [m.step for m in history] == [1, 2], key
+    assert client.get_metric_history(run_id, "val_loss")[0].value == pytest.approx(result.history[0].val_loss)
+    metrics = run.data.metrics
+    assert metrics["test_acc"] == evaluation.metrics["test"]["accuracy"]
+    assert metrics["final_train_loss"] == evaluation.metrics["train"]["loss"]
+    assert metrics["best_epoch"] == result.best_epoch and metrics["stopped_epoch"] == 2
+
+    tags = run.data.tags
+    assert tags["dataset"] == "mnist" and "git_commit" in tags and "git_dirty" in tags
+    assert len([t for t in tags if t.startswith("data_md5.")]) == 4
+
+    artifacts = {a.path for a in client.list_artifacts(run_id)}
+    assert {
+        "confusion_matrix.png", "confusion_matrix.json", "learning_curves.png",
+        "classification_report.txt", "params.yaml",
+    } <= artifacts
+    confusion = mlflow.artifacts.load_dict(f"runs:/{run_id}/confusion_matrix.json")
+    assert np.array(confusion["counts"]).sum() == 297
+    assert np.allclose(np.array(confusion["normalized"]).sum(axis=1)[np.array(confusion["counts"]).sum(axis=1) > 0], 1)
+
+    version = client.get_model_version_by_alias("mnist-cnn", "champion")
+    assert str(version.version) == "1" and version.run_id == run_id
+
+
+def test_registered_champion_predicts_digits_from_raw_pixels(project, tiny_params):
+    pipeline.run_train(tiny_params, project, show_progress=False)
+    _, evaluation = pipeline.run_evaluate(tiny_params, project)
+    model = mlflow.pyfunc.load_model("models:/mnist-cnn@champion")
+    pixels = load_split(project.data, train=False).images.numpy().astype(np.float32)  # 0-255, not normalised
+    assert pixels.max() == 255.0
+    predicted = np.asarray(model.predict(pixels))
+    assert predicted.shape == (297,)
+    assert np.array_equal(predicted, evaluation.predicted)  # same digits as the evaluate stage
+    assert model.metadata.signature is not None
+
+
+def test_champion_moves_only_to_a_better_version(tmp_path):
+    tracking.configure()
+    client = MlflowClient()
+    client.create_registered_model("m")
+    with mlflow.start_run() as run:
+        mlflow.log_text("x", "model/MLmodel")
+    for _ in range(3):
+        client.create_model_version("m", f"runs:/{run.info.run_id}/model", run.info.run_id)
+    assert tracking.promote_if_better("m", "1", 90.0) is True
+    assert tracking.promote_if_better("m", "2", 85.0) is False
+    assert str(client.get_model_version_by_alias("m", "champion").version) == "1"
+    assert tracking.promote_if_better("m", "3", 90.0) is False  # a tie is not a win
+    assert tracking.promote_if_better("m", "3", 95.5) is True
+    assert str(client.get_model_version_by_alias("m", "champion").version) == "3"
+    assert client.get_model_version("m", "2").tags["test_acc"] == "85.0000"
+
+
+def test_crash_ends_the_run_failed(project, tiny_params, monkeypatch):
+    (project.data / "train-images-idx3-ubyte.gz").write_bytes(b"broken")
+    with pytest.raises(Exception, match="not a readable gzip file"):
+        pipeline.run_train(tiny_params, project, show_progress=False)
+    assert only_run().info.status == "FAILED"
+    assert not (project.models / "model.pt").exists()
+
+
+def test_interrupt_ends_the_run_killed(project, tiny_params, monkeypatch):
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(pipeline, "train", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        pipeline.run_train(tiny_params, project, show_progress=False)
+    assert only_run().info.status == "KILLED"
+
+
+def test_sigterm_during_training_ends_the_run_killed(project):
+    write_tiny_params(project.params_file, **{"train.epochs": 500})
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "mnist_cnn", "train", "--no-progress"],
+        cwd=project.root, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )
+    tracking.configure()
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        experiment = mlflow.get_experiment_by_name("mnist-cnn")
+        if experiment and MlflowClient().search_runs([experiment.experiment_id]):
+            break
+        time.sleep(0.5)
+    time.sleep(2)
+    proc.send_signal(signal.SIGTERM)
+    output, _ = proc.communicate(timeout=60)
+    assert proc.returncode != 0, output
+    assert only_run().info.status == "KILLED"
+    assert not (project.models / "model.pt").exists()
+
+
+def test_mlflow_run_id_from_environment_is_reused(project, tiny_params, monkeypatch):
+    tracking.configure()
+    experiment_id = tracking.experiment_id("mnist-cnn")
+    created = MlflowClient().create_run(experiment_id)
+    monkeypatch.setenv("MLFLOW_RUN_ID", created.info.run_id)
+    run_id, _ = pipeline.run_train(tiny_params, project, show_progress=False)
+    assert run_id == created.info.run_id
+    assert only_run().info.run_id == created.info.run_id
+
+
+def test_param_already_logged_by_mlflow_run_is_not_a_clash(project, tiny_params, monkeypatch):
+    tracking.configure()
+    created = MlflowClient().create_run(tracking.experiment_id("mnist-cnn"))
+    MlflowClient().log_param(created.info.run_id, "train.epochs", "2")  # as `mlflow run -P train.epochs=2` does
+    MlflowClient().log_param(created.info.run_id, "epochs", "''")
+    monkeypatch.setenv("MLFLOW_RUN_ID", created.info.run_id)
+    pipeline.run_train(tiny_params, project, show_progress=False)
+    assert only_run().data.params["train.epochs"] == "2"
+
+
+def test_store_defaults_to_project_root_and_survives_dvc_temp_dirs(tmp_path, monkeypatch):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI")
+    assert tracking.tracking_uri(tmp_path) == f"sqlite:///{tmp_path}/mlflow.db"
+    temp_copy = tmp_path / ".dvc" / "tmp" / "exps" / "tmpabc123"
+    temp_copy.mkdir(parents=True)
+    assert tracking.project_root(temp_copy) == tmp_path
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "sqlite:///rel.db")
+    assert tracking.tracking_uri() == f"sqlite:///{tmp_path}/rel.db"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://tracking.example:5000")
+    assert tracking.tracking_uri() == "http://tracking.example:5000"
+
+
+def test_tiny_overrides_are_what_the_tests_assume():
+    assert TINY_OVERRIDES["train.epochs"] == 2
