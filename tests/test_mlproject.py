@@ -1,0 +1,67 @@
+"""`mlflow run . --env-manager local`: one run (the one MLflow made), params from -P, a new model version."""
+
+import subprocess
+import sys
+
+import mlflow
+import numpy as np
+from mlflow.tracking import MlflowClient
+
+from mnist_cnn import tracking
+from mnist_cnn.data import load_split
+
+from conftest import copy_project_files, write_tiny_params
+
+
+def test_mlflow_run_main_entry_point(tmp_path, tiny_mirror):
+    project = tmp_path / "project"
+    project.mkdir()
+    copy_project_files(project)
+    write_tiny_params(project / "params.yaml", **{"train.epochs": 3})
+    result = subprocess.run(
+        [
+            sys.executable, "-m", "mlflow", "run", ".", "--env-manager", "local",
+            "--experiment-name", "mnist-cnn",
+            "-P", "epochs=1", "-P", "train.lr=0.2", "-P", f"mirror={tiny_mirror}",
+        ],
+        cwd=project, capture_output=True, text=True, timeout=600,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+
+    tracking.configure()
+    experiment = mlflow.get_experiment_by_name("mnist-cnn")
+    runs = MlflowClient().search_runs([experiment.experiment_id])
+    assert len(runs) == 1, "mlflow run must not start a second run"
+    run = runs[0]
+    assert run.info.status == "FINISHED"
+    params = run.data.params
+    assert params["epochs"] == "1" and params["train.epochs"] == "1"  # -P overrides params.yaml's 3
+    assert params["train.lr"] == "0.2" and params["model.hidden_3"] == "112"
+    assert params["mlflow.registered_model"] == "mnist-cnn"
+    history = MlflowClient().get_metric_history(run.info.run_id, "val_loss")
+    assert [m.step for m in history] == [1]
+    assert "test_acc" in run.data.metrics
+
+    version = MlflowClient().get_model_version_by_alias("mnist-cnn", "champion")
+    assert version.run_id == run.info.run_id
+    model = mlflow.pyfunc.load_model("models:/mnist-cnn@champion")
+    pixels = load_split(project / "data" / "raw", train=False).images[:8].numpy().astype(np.float32)
+    digits = model.predict(pixels)
+    assert digits.shape == (8,) and set(np.asarray(digits).tolist()) <= set(range(10))
+
+
+def test_mlproject_parameters_are_params_yaml_keys():
+    import yaml
+
+    from mnist_cnn.config import resolve_key
+
+    from conftest import REPO
+
+    spec = yaml.safe_load((REPO / "MLproject").read_text())
+    assert set(spec["entry_points"]) == {"main", "download", "train", "evaluate"}
+    for entry in spec["entry_points"].values():
+        for name, declared in entry["parameters"].items():
+            if name in ("params_file", "mirror"):
+                continue
+            assert declared["default"] == "", f"{name}: defaults live in params.yaml, not MLproject"
+            resolve_key(name)  # raises for a name that maps to no params.yaml key
