@@ -14,7 +14,6 @@ import yaml
 
 from mnist_cnn.config import Params, parse_params
 from mnist_cnn.pipeline import Paths
-
 from tinydata import write_checksums, write_tiny_mnist
 
 REPO = Path(__file__).resolve().parents[1]

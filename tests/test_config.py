@@ -2,10 +2,9 @@ from pathlib import Path
 
 import pytest
 
+from conftest import REPO, repo_params_raw
 from mnist_cnn.cli import main, parse_overrides
 from mnist_cnn.config import ConfigError, flatten, load_params, parse_params
-
-from conftest import REPO, repo_params_raw
 
 
 def test_params_yaml_holds_the_seed_defaults():
@@ -65,7 +64,10 @@ def test_flatten_gives_dotted_keys_for_every_value():
 
 
 def test_cli_override_parsing_skips_empty_values():
-    assert parse_overrides(["--epochs", "3", "--lr", "", "train.seed=4"]) == {"epochs": "3", "train.seed": "4"}
+    assert parse_overrides(["--epochs", "3", "--lr", "", "train.seed=4"]) == {
+        "epochs": "3",
+        "train.seed": "4",
+    }
 
 
 def test_cli_bad_param_is_one_line_and_exit_2(tmp_path: Path, capsys):

@@ -47,7 +47,10 @@ def _corrupt_copy(tiny_mirror: Path, dest: Path, how: str) -> Path:
 def test_corrupt_mirror_file_is_rejected_and_never_used(tiny_mirror, tmp_path, how):
     bad = _corrupt_copy(tiny_mirror, tmp_path / "bad", how)
     out = tmp_path / "raw"
-    with pytest.raises(dl.DownloadError, match="train-images-idx3-ubyte.gz: no source gave a verified copy.*checksum mismatch"):
+    with pytest.raises(
+        dl.DownloadError,
+        match="train-images-idx3-ubyte.gz: no source gave a verified copy.*checksum mismatch",
+    ):
         dl.download(MNIST, out, mirror=str(bad))
     assert not (out / FILES["train_images"]).exists()
     assert not [p for p in out.iterdir() if p.name.startswith(".")], "temporary files left"

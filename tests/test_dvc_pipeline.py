@@ -10,9 +10,8 @@ import mlflow
 import pytest
 from mlflow.tracking import MlflowClient
 
-from mnist_cnn import tracking
-
 from conftest import copy_project_files, write_tiny_params
+from mnist_cnn import tracking
 
 
 def sh(args, cwd, env=None):
@@ -93,8 +92,12 @@ def test_download_without_network_or_mirror_fails_fast_with_one_clear_line(dvc_r
     monkeypatch.setenv("MNIST_MIRROR", str(dvc_repo / "no-such-dir"))
     env = {**os.environ}
     result = subprocess.run(
-        [sys.executable, "-m", "mnist_cnn", "download"], cwd=dvc_repo, env=env,
-        capture_output=True, text=True, timeout=60,
+        [sys.executable, "-m", "mnist_cnn", "download"],
+        cwd=dvc_repo,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     assert result.returncode == 1
     assert result.stderr.strip().splitlines()[-1].startswith("error: mirror ")

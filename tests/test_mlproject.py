@@ -7,10 +7,9 @@ import mlflow
 import numpy as np
 from mlflow.tracking import MlflowClient
 
+from conftest import copy_project_files, write_tiny_params
 from mnist_cnn import tracking
 from mnist_cnn.data import load_split
-
-from conftest import copy_project_files, write_tiny_params
 
 
 def test_mlflow_run_main_entry_point(tmp_path, tiny_mirror):
@@ -20,11 +19,26 @@ def test_mlflow_run_main_entry_point(tmp_path, tiny_mirror):
     write_tiny_params(project / "params.yaml", **{"train.epochs": 3})
     result = subprocess.run(
         [
-            sys.executable, "-m", "mlflow", "run", ".", "--env-manager", "local",
-            "--experiment-name", "mnist-cnn",
-            "-P", "epochs=1", "-P", "train.lr=0.2", "-P", f"mirror={tiny_mirror}",
+            sys.executable,
+            "-m",
+            "mlflow",
+            "run",
+            ".",
+            "--env-manager",
+            "local",
+            "--experiment-name",
+            "mnist-cnn",
+            "-P",
+            "epochs=1",
+            "-P",
+            "train.lr=0.2",
+            "-P",
+            f"mirror={tiny_mirror}",
         ],
-        cwd=project, capture_output=True, text=True, timeout=600,
+        cwd=project,
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     assert result.returncode == 0, result.stdout + result.stderr
 
@@ -53,9 +67,8 @@ def test_mlflow_run_main_entry_point(tmp_path, tiny_mirror):
 def test_mlproject_parameters_are_params_yaml_keys():
     import yaml
 
-    from mnist_cnn.config import resolve_key
-
     from conftest import REPO
+    from mnist_cnn.config import resolve_key
 
     spec = yaml.safe_load((REPO / "MLproject").read_text())
     assert set(spec["entry_points"]) == {"main", "download", "train", "evaluate"}

@@ -10,10 +10,9 @@ import numpy as np
 import pytest
 from mlflow.tracking import MlflowClient
 
+from conftest import TINY_OVERRIDES, write_tiny_params
 from mnist_cnn import pipeline, tracking
 from mnist_cnn.data import load_split
-
-from conftest import TINY_OVERRIDES, write_tiny_params
 
 EPOCH_METRICS = ("train_loss", "train_acc", "val_loss", "val_acc", "lr", "epoch_seconds")
 
@@ -54,12 +53,17 @@ def test_train_then_evaluate_is_one_finished_run_with_everything(project, tiny_p
 
     artifacts = {a.path for a in client.list_artifacts(run_id)}
     assert {
-        "confusion_matrix.png", "confusion_matrix.json", "learning_curves.png",
-        "classification_report.txt", "params.yaml",
+        "confusion_matrix.png",
+        "confusion_matrix.json",
+        "learning_curves.png",
+        "classification_report.txt",
+        "params.yaml",
     } <= artifacts
     confusion = mlflow.artifacts.load_dict(f"runs:/{run_id}/confusion_matrix.json")
     assert np.array(confusion["counts"]).sum() == 297
-    assert np.allclose(np.array(confusion["normalized"]).sum(axis=1)[np.array(confusion["counts"]).sum(axis=1) > 0], 1)
+    assert np.allclose(
+        np.array(confusion["normalized"]).sum(axis=1)[np.array(confusion["counts"]).sum(axis=1) > 0], 1
+    )
 
     version = client.get_model_version_by_alias("mnist-cnn", "champion")
     assert str(version.version) == "1" and version.run_id == run_id
@@ -116,7 +120,10 @@ def test_sigterm_during_training_ends_the_run_killed(project):
     write_tiny_params(project.params_file, **{"train.epochs": 500})
     proc = subprocess.Popen(
         [sys.executable, "-m", "mnist_cnn", "train", "--no-progress"],
-        cwd=project.root, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        cwd=project.root,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
     )
     tracking.configure()
     deadline = time.time() + 120
@@ -146,7 +153,9 @@ def test_mlflow_run_id_from_environment_is_reused(project, tiny_params, monkeypa
 def test_param_already_logged_by_mlflow_run_is_not_a_clash(project, tiny_params, monkeypatch):
     tracking.configure()
     created = MlflowClient().create_run(tracking.experiment_id("mnist-cnn"))
-    MlflowClient().log_param(created.info.run_id, "train.epochs", "2")  # as `mlflow run -P train.epochs=2` does
+    MlflowClient().log_param(
+        created.info.run_id, "train.epochs", "2"
+    )  # as `mlflow run -P train.epochs=2` does
     MlflowClient().log_param(created.info.run_id, "epochs", "''")
     monkeypatch.setenv("MLFLOW_RUN_ID", created.info.run_id)
     pipeline.run_train(tiny_params, project, show_progress=False)

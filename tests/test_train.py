@@ -4,14 +4,14 @@ import json
 import pytest
 import torch
 
+from conftest import TINY_OVERRIDES, repo_params_raw
 from mnist_cnn import layout
 from mnist_cnn.config import parse_params
+from mnist_cnn.data import DataError
 from mnist_cnn.evaluate import evaluate
 from mnist_cnn.model import Net, load_weights
 from mnist_cnn.runtime import select_device, select_precision
 from mnist_cnn.train import Tensors, fit, load_train_val, loss_and_accuracy, predict_log_probs, train
-
-from conftest import TINY_OVERRIDES, repo_params_raw
 
 
 def test_seed_architecture_and_shapes(tiny_params):
@@ -98,8 +98,14 @@ def test_evaluate_writes_seed_table_confusion_rows_and_report(project, tiny_para
 
 
 def test_evaluate_without_weights_names_the_missing_file(project, tiny_params):
-    with pytest.raises(FileNotFoundError, match="model.pt"):
+    with pytest.raises(
+        DataError, match=r"model\.pt: trained weights not found \(run the train stage first\)"
+    ):
         evaluate(tiny_params, project.data, project.models, project.reports)
+    wider = dataclasses.replace(tiny_params, model=dataclasses.replace(tiny_params.model, hidden_3=64))
+    train(tiny_params, project.data, project.models, project.reports, show_progress=False)
+    with pytest.raises(DataError, match=r"model\.pt: weights do not fit the model in params.yaml"):
+        evaluate(wider, project.data, project.models, project.reports)
 
 
 def test_device_and_precision_selection():
@@ -118,7 +124,12 @@ def test_device_and_precision_selection():
 def test_onecycle_and_label_smoothing_train(project):
     params = parse_params(
         repo_params_raw(),
-        {**TINY_OVERRIDES, "train.scheduler": "onecycle", "train.label_smoothing": 0.1, "train.batch_size": 128},
+        {
+            **TINY_OVERRIDES,
+            "train.scheduler": "onecycle",
+            "train.label_smoothing": 0.1,
+            "train.batch_size": 128,
+        },
     )
     result = train(params, project.data, project.models, project.reports, show_progress=False)
     lrs = [s.lr for s in result.history]

@@ -37,45 +37,71 @@ def parse_overrides(tokens: list[str]) -> dict[str, str]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="mnist-cnn", description=__doc__.splitlines()[0], allow_abbrev=False)
+    parser = argparse.ArgumentParser(
+        prog="mnist-cnn", description=__doc__.splitlines()[0], allow_abbrev=False
+    )
     parser.add_argument("stage", choices=STAGES)
-    parser.add_argument("--params", type=Path, default=layout.PARAMS, help="params file (default: params.yaml)")
-    parser.add_argument("--root", type=Path, default=Path("."), help="project directory holding data/, models/, reports/")
-    parser.add_argument("--mirror", default=None, help="local directory or base URL with the four .gz files "
-                        "(default: $MNIST_MIRROR, else torchvision's mirrors)")
+    parser.add_argument(
+        "--params", type=Path, default=layout.PARAMS, help="params file (default: params.yaml)"
+    )
+    parser.add_argument(
+        "--root", type=Path, default=Path("."), help="project directory holding data/, models/, reports/"
+    )
+    parser.add_argument(
+        "--mirror",
+        default=None,
+        help="local directory or base URL with the four .gz files "
+        "(default: $MNIST_MIRROR, else torchvision's mirrors)",
+    )
     parser.add_argument("--no-progress", action="store_true", help="no progress bars, only per-epoch lines")
     return parser
+
+
+def run_stages(stage: str, args: argparse.Namespace, overrides: dict[str, str]) -> None:
+    # Imported here so that --help, argument errors and the download stage answer without MLflow.
+    from .download import download
+
+    params = load_params(args.params, overrides)
+    if stage in ("download", "all"):
+        download(params.data, args.root / layout.DATA_DIR, args.mirror or None)
+    if stage == "download":
+        return
+    from . import pipeline
+
+    paths = pipeline.Paths(root=args.root, params_file=args.params)
+    if stage in ("train", "all"):
+        pipeline.run_train(params, paths, False if args.no_progress else None)
+    if stage in ("evaluate", "all"):
+        _, result = pipeline.run_evaluate(params, paths)
+        for split, values in result.metrics.items():
+            print(f"{split:>5}: loss {values['loss']:.4f}  accuracy {values['accuracy']:.2f}%")
 
 
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     args, extra = build_parser().parse_known_args(argv)
-    # Imported here so that --help and argument errors answer without loading torch and MLflow.
-    from mlflow.exceptions import MlflowException
-
-    from . import pipeline
-    from .data import DataError
-    from .download import DownloadError
-
     try:
-        params = load_params(args.params, parse_overrides(extra))
-        paths = pipeline.Paths(root=args.root, params_file=args.params)
-        progress = False if args.no_progress else None
-        if args.stage in ("download", "all"):
-            pipeline.run_download(params, paths, args.mirror or None)
-        if args.stage in ("train", "all"):
-            pipeline.run_train(params, paths, progress)
-        if args.stage in ("evaluate", "all"):
-            _, result = pipeline.run_evaluate(params, paths)
-            for split, values in result.metrics.items():
-                print(f"{split:>5}: loss {values['loss']:.4f}  accuracy {values['accuracy']:.2f}%")
+        run_stages(args.stage, args, parse_overrides(extra))
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    except (DataError, DownloadError, RuntimeError, MlflowException) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except Exception as exc:
+        if not _is_expected(exc):
+            raise
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
     return 0
+
+
+def _is_expected(exc: Exception) -> bool:
+    """Errors with a message meant for the user (bad data, no network, no device, store refused)."""
+    from .data import DataError
+    from .download import DownloadError
+
+    if isinstance(exc, (DataError, DownloadError, RuntimeError, FileNotFoundError)):
+        return True
+    mlflow_exceptions = sys.modules.get("mlflow.exceptions")
+    return mlflow_exceptions is not None and isinstance(exc, mlflow_exceptions.MlflowException)

@@ -201,7 +201,9 @@ def resolve_key(key: str) -> str:
     section, _, name = dotted.partition(".")
     if section not in hints or name not in {f.name for f in fields(hints[section])}:
         known = ", ".join(sorted(ALIASES))
-        raise ConfigError(f"{key}: unknown parameter (expected a dotted key such as train.lr, or one of {known})")
+        raise ConfigError(
+            f"{key}: unknown parameter (expected a dotted key such as train.lr, or one of {known})"
+        )
     return dotted
 
 

@@ -64,9 +64,7 @@ def load_split(data_dir: Path, train: bool) -> Split:
     images = read_idx(Path(data_dir) / FILES[f"{prefix}_images"])
     labels = read_idx(Path(data_dir) / FILES[f"{prefix}_labels"])
     if images.ndim != 3 or labels.ndim != 1 or len(images) != len(labels):
-        raise DataError(
-            f"{data_dir}: {prefix} images {images.shape} and labels {labels.shape} do not match"
-        )
+        raise DataError(f"{data_dir}: {prefix} images {images.shape} and labels {labels.shape} do not match")
     return Split(torch.from_numpy(images.copy()), torch.from_numpy(labels.astype(np.int64)))
 
 

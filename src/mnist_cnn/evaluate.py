@@ -1,4 +1,4 @@
-"""Evaluate stage: loss and accuracy on train, validation and test; confusion matrix; classification report."""
+"""Evaluate stage: train, validation and test loss and accuracy; confusion matrix; classification report."""
 
 from __future__ import annotations
 
@@ -68,7 +68,8 @@ def evaluate(
 
 def write_reports(result: EvaluateResult, reports_dir: Path) -> None:
     layout.write_text_atomic(reports_dir / layout.METRICS.name, json.dumps(result.metrics, indent=2) + "\n")
-    rows = "\n".join(f"{a},{p}" for a, p in zip(result.actual.tolist(), result.predicted.tolist()))
+    pairs = zip(result.actual.tolist(), result.predicted.tolist(), strict=True)
+    rows = "\n".join(f"{a},{p}" for a, p in pairs)
     layout.write_text_atomic(reports_dir / layout.PREDICTIONS.name, f"actual,predicted\n{rows}\n")
     layout.write_text_atomic(reports_dir / layout.CLASSIFICATION_REPORT.name, result.report)
 

@@ -34,12 +34,19 @@ def normalise_rows(counts: np.ndarray) -> np.ndarray:
 def confusion_matrix_figure(counts: np.ndarray) -> Figure:
     fig, axes = plt.subplots(1, 2, figsize=(13, 5.5), constrained_layout=True)
     panels = ((counts, "Counts", "d"), (normalise_rows(counts), "Normalised by actual class", ".3f"))
-    for ax, (matrix, title, fmt) in zip(axes, panels):
+    for ax, (matrix, title, fmt) in zip(axes, panels, strict=True):
         ax.imshow(matrix, cmap="Blues")
         threshold = matrix.max() / 2 if matrix.max() > 0 else 0
         for (i, j), value in np.ndenumerate(matrix):
-            ax.text(j, i, format(value, fmt), ha="center", va="center", fontsize=7,
-                    color="white" if value > threshold else "black")
+            ax.text(
+                j,
+                i,
+                format(value, fmt),
+                ha="center",
+                va="center",
+                fontsize=7,
+                color="white" if value > threshold else "black",
+            )
         ticks = range(len(matrix))
         ax.set(xticks=ticks, yticks=ticks, xlabel="predicted", ylabel="actual", title=title)
     return fig

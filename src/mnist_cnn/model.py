@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from .config import ModelConfig
-from .data import NORMALISATION
+from .data import NORMALISATION, DataError
 
 IMAGE_SIZE = 28
 NUM_CLASSES = 10
@@ -58,8 +60,16 @@ class RawPixelClassifier(nn.Module):
         return self.net(x).argmax(dim=1)
 
 
-def load_weights(cfg: ModelConfig, path: str | bytes, device: torch.device | str = "cpu") -> Net:
+def load_weights(cfg: ModelConfig, path: Path, device: torch.device | str = "cpu") -> Net:
     """A ``Net`` with the state_dict saved at ``path`` (loaded with ``weights_only=True``)."""
     net = Net(cfg)
-    net.load_state_dict(torch.load(path, map_location=device, weights_only=True))
+    try:
+        state = torch.load(path, map_location=device, weights_only=True)
+    except FileNotFoundError:
+        raise DataError(f"{path}: trained weights not found (run the train stage first)") from None
+    try:
+        net.load_state_dict(state)
+    except RuntimeError as exc:
+        first = str(exc).splitlines()[1].strip() if "\n" in str(exc) else str(exc)
+        raise DataError(f"{path}: weights do not fit the model in params.yaml ({first})") from None
     return net.to(device).eval()

@@ -18,7 +18,6 @@ from mlflow.models import infer_signature
 from . import figures, layout, tracking
 from .config import Params, flatten
 from .data import DataError, data_md5s, load_split
-from .download import download
 from .evaluate import EvaluateResult, evaluate
 from .model import RawPixelClassifier
 from .train import TrainResult, train, write_train_info
@@ -53,10 +52,6 @@ def _section_params(params: Params, sections: tuple[str, ...]) -> dict:
     return {k: v for k, v in flatten(params).items() if k.split(".")[0] in sections}
 
 
-def run_download(params: Params, paths: Paths, mirror: str | None = None) -> dict[str, str]:
-    return download(params.data, paths.data, mirror)
-
-
 def run_train(params: Params, paths: Paths, show_progress: bool | None = None) -> tuple[str, TrainResult]:
     """Train inside a new MLflow run (or the one ``mlflow run`` made); return (run id, result)."""
     root = tracking.project_root(paths.root.resolve())
@@ -68,7 +63,9 @@ def run_train(params: Params, paths: Paths, show_progress: bool | None = None) -
                 **{f"data_md5.{name}": md5 for name, md5 in data_md5s(paths.data).items()},
             }
         )
-        tracking.log_params_once({**_section_params(params, TRAIN_SECTIONS), "mlflow.experiment": params.mlflow.experiment})
+        tracking.log_params_once(
+            {**_section_params(params, TRAIN_SECTIONS), "mlflow.experiment": params.mlflow.experiment}
+        )
         if paths.params_file.is_file():
             mlflow.log_artifact(str(paths.params_file))
         result = train(params, paths.data, paths.models, paths.reports, tracking.EpochLogger(), show_progress)
@@ -124,7 +121,10 @@ def run_evaluate(params: Params, paths: Paths) -> tuple[str, EvaluateResult]:
     run_id = _read_run_id(paths)
     with tracking.run(params.mlflow.experiment, run_id=run_id, root=root) as active:
         tracking.log_params_once(
-            {**_section_params(params, EVALUATE_SECTIONS), "mlflow.registered_model": params.mlflow.registered_model}
+            {
+                **_section_params(params, EVALUATE_SECTIONS),
+                "mlflow.registered_model": params.mlflow.registered_model,
+            }
         )
         net, result = evaluate(params, paths.data, paths.models, paths.reports)
         final = {"test_loss": result.metrics["test"]["loss"], "test_acc": result.metrics["test"]["accuracy"]}

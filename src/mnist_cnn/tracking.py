@@ -1,4 +1,4 @@
-"""MLflow: one run per training, shared by the train and evaluate stages; Model Registry with a champion alias.
+"""MLflow: one run per training, shared by the train and evaluate stages; a champion alias in the registry.
 
 Every stage reaches MLflow through this module, so the store, the run and the names are decided here.
 """
@@ -96,8 +96,13 @@ def log_params_once(params: Mapping[str, Any]) -> None:
         if key not in existing:
             new[key] = value
         elif parse_value(existing[key]) != value and existing[key] != str(value):
-            log.warning("param %s already logged as %r in run %s; not changed to %r",
-                        key, existing[key], run.info.run_id, value)
+            log.warning(
+                "param %s already logged as %r in run %s; not changed to %r",
+                key,
+                existing[key],
+                run.info.run_id,
+                value,
+            )
     if new:
         mlflow.log_params(new, synchronous=True)
 
@@ -169,8 +174,14 @@ def promote_if_better(model_name: str, version: str, test_acc: float) -> bool:
     client.set_model_version_tag(model_name, version, "test_acc", f"{test_acc:.4f}")
     current, current_acc = champion_accuracy(client, model_name)
     if current is not None and current_acc is not None and test_acc <= current_acc:
-        log.info("%s v%s: test acc %.2f%% does not beat champion v%s (%.2f%%); alias unchanged",
-                 model_name, version, test_acc, current, current_acc)
+        log.info(
+            "%s v%s: test acc %.2f%% does not beat champion v%s (%.2f%%); alias unchanged",
+            model_name,
+            version,
+            test_acc,
+            current,
+            current_acc,
+        )
         return False
     client.set_registered_model_alias(model_name, CHAMPION, version)
     log.info("%s v%s is now @%s (test acc %.2f%%)", model_name, version, CHAMPION, test_acc)

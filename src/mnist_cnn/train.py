@@ -201,7 +201,9 @@ def fit(
         lr = optimizer.param_groups[0]["lr"]
         # disable=None: tqdm shows the bar on a terminal only, so logs keep just the epoch lines.
         disable = None if show_progress is None else not show_progress
-        with tqdm(total=steps, desc=f"epoch {epoch}/{cfg.epochs}", unit="batch", leave=False, disable=disable) as bar:
+        with tqdm(
+            total=steps, desc=f"epoch {epoch}/{cfg.epochs}", unit="batch", leave=False, disable=disable
+        ) as bar:
             train_loss, train_acc = train_epoch(
                 model, optimizer, train_data, cfg, precision, generator, per_batch, scaler, bar
             )
@@ -222,7 +224,9 @@ def fit(
         if reporter is not None:
             reporter.log_epoch(stats)
         if epoch - best_epoch >= cfg.patience:
-            log.info("early stop: no better validation loss in %d epochs; best epoch %d", cfg.patience, best_epoch)
+            log.info(
+                "early stop: no better validation loss in %d epochs; best epoch %d", cfg.patience, best_epoch
+            )
             break
     net.load_state_dict(best_state)
     result = TrainResult(
@@ -264,7 +268,10 @@ def train(
     )
     log.info(
         "training on %s (%s): %d train / %d validation samples",
-        device, precision, len(train_data.y), len(val_data.y),
+        device,
+        precision,
+        len(train_data.y),
+        len(val_data.y),
     )
     net, result = fit(params, train_data, val_data, device, precision, reporter, show_progress)
     cpu_state = {k: v.detach().cpu() for k, v in net.state_dict().items()}
@@ -277,4 +284,3 @@ def write_train_info(result: TrainResult, model_dir: Path, run_id: str | None) -
     info = {k: v for k, v in asdict(result).items() if k != "history"}
     info["run_id"] = run_id
     layout.write_text_atomic(Path(model_dir) / layout.TRAIN_INFO.name, json.dumps(info, indent=2) + "\n")
-
