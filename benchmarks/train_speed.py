@@ -107,9 +107,7 @@ def main() -> None:
     parser.add_argument("--params", type=Path, default=Path("params.yaml"))
     parser.add_argument("--device", default="auto")
     parser.add_argument("--precision", default="auto")
-    parser.add_argument(
-        "--batch-size", type=int, default=None, help="default: params.yaml's train.batch_size"
-    )
+    parser.add_argument("--batch-size", type=int, default=None, help="default: params.yaml's train.batch_size")
     parser.add_argument("--batches", type=int, default=150, help="timed batches per round")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--overhead-epochs", type=int, default=4, help="epochs per arm for the tracking part")
@@ -165,9 +163,7 @@ def main() -> None:
     for i in range(args.rounds):
         ref_rates.append(reference_round(ref_model, ref_opt, ref_iter, device, args.batches))
         trainer_rates.append(trainer_round(model, optimizer, chunk, cfg, precision, generator))
-        print(
-            f"round {i + 1}: reference {ref_rates[-1]:8.0f} samples/s | trainer {trainer_rates[-1]:8.0f} samples/s"
-        )
+        print(f"round {i + 1}: reference {ref_rates[-1]:8.0f} samples/s | trainer {trainer_rates[-1]:8.0f} samples/s")
     ref, ours = statistics.median(ref_rates), statistics.median(trainer_rates)
     epoch = len(train_data.y)
     print("\n| loop | samples/s (median) | s per 48k epoch | ratio |")

@@ -61,9 +61,7 @@ def test_train_then_evaluate_is_one_finished_run_with_everything(project, tiny_p
     } <= artifacts
     confusion = mlflow.artifacts.load_dict(f"runs:/{run_id}/confusion_matrix.json")
     assert np.array(confusion["counts"]).sum() == 297
-    assert np.allclose(
-        np.array(confusion["normalized"]).sum(axis=1)[np.array(confusion["counts"]).sum(axis=1) > 0], 1
-    )
+    assert np.allclose(np.array(confusion["normalized"]).sum(axis=1)[np.array(confusion["counts"]).sum(axis=1) > 0], 1)
 
     version = client.get_model_version_by_alias("mnist-cnn", "champion")
     assert str(version.version) == "1" and version.run_id == run_id
@@ -153,9 +151,7 @@ def test_mlflow_run_id_from_environment_is_reused(project, tiny_params, monkeypa
 def test_param_already_logged_by_mlflow_run_is_not_a_clash(project, tiny_params, monkeypatch):
     tracking.configure()
     created = MlflowClient().create_run(tracking.experiment_id("mnist-cnn"))
-    MlflowClient().log_param(
-        created.info.run_id, "train.epochs", "2"
-    )  # as `mlflow run -P train.epochs=2` does
+    MlflowClient().log_param(created.info.run_id, "train.epochs", "2")  # as `mlflow run -P train.epochs=2` does
     MlflowClient().log_param(created.info.run_id, "epochs", "''")
     monkeypatch.setenv("MLFLOW_RUN_ID", created.info.run_id)
     pipeline.run_train(tiny_params, project, show_progress=False)

@@ -98,9 +98,7 @@ def test_evaluate_writes_seed_table_confusion_rows_and_report(project, tiny_para
 
 
 def test_evaluate_without_weights_names_the_missing_file(project, tiny_params):
-    with pytest.raises(
-        DataError, match=r"model\.pt: trained weights not found \(run the train stage first\)"
-    ):
+    with pytest.raises(DataError, match=r"model\.pt: trained weights not found \(run the train stage first\)"):
         evaluate(tiny_params, project.data, project.models, project.reports)
     wider = dataclasses.replace(tiny_params, model=dataclasses.replace(tiny_params.model, hidden_3=64))
     train(tiny_params, project.data, project.models, project.reports, show_progress=False)

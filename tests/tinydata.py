@@ -17,9 +17,7 @@ N_TRAIN = 1500  # of the 1797 digits; the rest is the test split
 
 
 def idx_bytes(array: np.ndarray) -> bytes:
-    header = struct.pack(">BBBB", 0, 0, 0x08, array.ndim) + b"".join(
-        struct.pack(">I", d) for d in array.shape
-    )
+    header = struct.pack(">BBBB", 0, 0, 0x08, array.ndim) + b"".join(struct.pack(">I", d) for d in array.shape)
     return header + array.astype(np.uint8).tobytes()
 
 

@@ -37,21 +37,16 @@ def parse_overrides(tokens: list[str]) -> dict[str, str]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="mnist-cnn", description=__doc__.splitlines()[0], allow_abbrev=False
-    )
+    parser = argparse.ArgumentParser(prog="mnist-cnn", description=__doc__.splitlines()[0], allow_abbrev=False)
     parser.add_argument("stage", choices=STAGES)
-    parser.add_argument(
-        "--params", type=Path, default=layout.PARAMS, help="params file (default: params.yaml)"
-    )
+    parser.add_argument("--params", type=Path, default=layout.PARAMS, help="params file (default: params.yaml)")
     parser.add_argument(
         "--root", type=Path, default=Path("."), help="project directory holding data/, models/, reports/"
     )
     parser.add_argument(
         "--mirror",
         default=None,
-        help="local directory or base URL with the four .gz files "
-        "(default: $MNIST_MIRROR, else torchvision's mirrors)",
+        help="local directory or base URL with the four .gz files (default: $MNIST_MIRROR, else torchvision's mirrors)",
     )
     parser.add_argument("--no-progress", action="store_true", help="no progress bars, only per-epoch lines")
     return parser

@@ -15,6 +15,7 @@ DEVICES = ("auto", "cpu", "cuda", "mps")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 COMPILE_MODES = ("none", "default", "reduce-overhead")  # reduce-overhead: torch.compile with CUDA graphs
 SCHEDULERS = ("step", "onecycle", "constant")
+OPTIMIZERS = ("adadelta", "adamw", "sgd")
 
 # The seed's short option names (and `mlflow run -P` names) mapped to their params.yaml keys.
 ALIASES = {
@@ -74,6 +75,7 @@ class ModelConfig:
 class TrainConfig:
     batch_size: int
     epochs: int
+    optimizer: str
     lr: float
     scheduler: str
     lr_gamma: float
@@ -88,12 +90,11 @@ class TrainConfig:
     def __post_init__(self) -> None:
         _require(self.batch_size >= 1, "train.batch_size", self.batch_size, "an integer >= 1")
         _require(self.epochs >= 1, "train.epochs", self.epochs, "an integer >= 1")
+        _require(self.optimizer in OPTIMIZERS, "train.optimizer", self.optimizer, " | ".join(OPTIMIZERS))
         _require(self.lr > 0, "train.lr", self.lr, "a number > 0")
         _require(self.scheduler in SCHEDULERS, "train.scheduler", self.scheduler, " | ".join(SCHEDULERS))
         _require(0 < self.lr_gamma <= 1, "train.lr_gamma", self.lr_gamma, "a number in (0, 1]")
-        _require(
-            0 <= self.label_smoothing < 1, "train.label_smoothing", self.label_smoothing, "a number in [0, 1)"
-        )
+        _require(0 <= self.label_smoothing < 1, "train.label_smoothing", self.label_smoothing, "a number in [0, 1)")
         _require(0 < self.val_split < 1, "train.val_split", self.val_split, "a number in (0, 1)")
         _require(self.patience >= 1, "train.patience", self.patience, "an integer >= 1")
         _require(self.seed >= 0, "train.seed", self.seed, "an integer >= 0")
@@ -201,9 +202,7 @@ def resolve_key(key: str) -> str:
     section, _, name = dotted.partition(".")
     if section not in hints or name not in {f.name for f in fields(hints[section])}:
         known = ", ".join(sorted(ALIASES))
-        raise ConfigError(
-            f"{key}: unknown parameter (expected a dotted key such as train.lr, or one of {known})"
-        )
+        raise ConfigError(f"{key}: unknown parameter (expected a dotted key such as train.lr, or one of {known})")
     return dotted
 
 

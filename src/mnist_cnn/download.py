@@ -94,9 +94,7 @@ def _fetch_verified(sources: list[str], filename: str, md5: str, out_dir: Path, 
     )
 
 
-def download(
-    cfg: DataConfig, out_dir: Path, mirror: str | None = None, timeout: float = 5.0
-) -> dict[str, str]:
+def download(cfg: DataConfig, out_dir: Path, mirror: str | None = None, timeout: float = 5.0) -> dict[str, str]:
     """Make ``out_dir`` hold the four verified files; return ``{file name: MD5}``.
 
     ``mirror`` (else ``$MNIST_MIRROR``) replaces torchvision's mirrors. A file already present with

@@ -82,9 +82,7 @@ def prepare_model(net: nn.Module, device: torch.device, precision: str) -> nn.Mo
 
 
 @torch.no_grad()
-def predict_log_probs(
-    model: nn.Module, x: torch.Tensor, batch_size: int, precision: str = "fp32"
-) -> torch.Tensor:
+def predict_log_probs(model: nn.Module, x: torch.Tensor, batch_size: int, precision: str = "fp32") -> torch.Tensor:
     """Log-probabilities (N, 10) in float32, in eval mode, batch by batch."""
     was_training = model.training
     model.eval()
@@ -105,13 +103,24 @@ def loss_and_accuracy(log_probs: torch.Tensor, y: torch.Tensor) -> tuple[float, 
     return loss, accuracy
 
 
-def make_optimizer(model: nn.Module, cfg: TrainConfig, steps_per_epoch: int):
-    optimizer = torch.optim.Adadelta(model.parameters(), lr=cfg.lr)
+def make_optimizer(
+    model: nn.Module, cfg: TrainConfig, steps_per_epoch: int
+) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler | None]:
+    """The optimizer and its schedule: ``step`` decays per epoch, ``onecycle`` moves per batch."""
+    if cfg.optimizer == "adadelta":
+        optimizer = torch.optim.Adadelta(model.parameters(), lr=cfg.lr)
+    elif cfg.optimizer == "adamw":
+        optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr)
+    else:
+        optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=0.9, nesterov=True)
     if cfg.scheduler == "step":
         scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=1, gamma=cfg.lr_gamma)
     elif cfg.scheduler == "onecycle":
         scheduler = torch.optim.lr_scheduler.OneCycleLR(
-            optimizer, max_lr=cfg.lr, total_steps=cfg.epochs * steps_per_epoch, cycle_momentum=False
+            optimizer,
+            max_lr=cfg.lr,
+            total_steps=cfg.epochs * steps_per_epoch,
+            cycle_momentum=cfg.optimizer != "adadelta",  # Adadelta has no momentum to cycle
         )
     else:
         scheduler = None
@@ -201,9 +210,7 @@ def fit(
         lr = optimizer.param_groups[0]["lr"]
         # disable=None: tqdm shows the bar on a terminal only, so logs keep just the epoch lines.
         disable = None if show_progress is None else not show_progress
-        with tqdm(
-            total=steps, desc=f"epoch {epoch}/{cfg.epochs}", unit="batch", leave=False, disable=disable
-        ) as bar:
+        with tqdm(total=steps, desc=f"epoch {epoch}/{cfg.epochs}", unit="batch", leave=False, disable=disable) as bar:
             train_loss, train_acc = train_epoch(
                 model, optimizer, train_data, cfg, precision, generator, per_batch, scaler, bar
             )
@@ -212,9 +219,7 @@ def fit(
         )
         if scheduler is not None and per_batch is None:
             scheduler.step()
-        stats = EpochStats(
-            epoch, train_loss, train_acc, val_loss, val_acc, lr, time.perf_counter() - epoch_start
-        )
+        stats = EpochStats(epoch, train_loss, train_acc, val_loss, val_acc, lr, time.perf_counter() - epoch_start)
         history.append(stats)
         improved = val_loss < best_loss
         if improved:
@@ -224,9 +229,7 @@ def fit(
         if reporter is not None:
             reporter.log_epoch(stats)
         if epoch - best_epoch >= cfg.patience:
-            log.info(
-                "early stop: no better validation loss in %d epochs; best epoch %d", cfg.patience, best_epoch
-            )
+            log.info("early stop: no better validation loss in %d epochs; best epoch %d", cfg.patience, best_epoch)
             break
     net.load_state_dict(best_state)
     result = TrainResult(
