@@ -33,7 +33,8 @@ def test_split_is_80_20_and_disjoint(project, tiny_params):
 
 
 def test_train_learns_and_writes_weights_and_history(project, tiny_params):
-    params = dataclasses.replace(tiny_params, train=dataclasses.replace(tiny_params.train, epochs=3))
+    step_decay = dataclasses.replace(tiny_params.train, epochs=3, scheduler="step", lr_gamma=0.7)
+    params = dataclasses.replace(tiny_params, train=step_decay)
     result = train(params, project.data, project.models, project.reports, show_progress=False)
     assert [s.epoch for s in result.history] == [1, 2, 3]
     assert result.history[-1].val_acc > 80.0  # 10 classes: chance is 10%
@@ -117,6 +118,29 @@ def test_device_and_precision_selection():
     if not torch.cuda.is_available():
         with pytest.raises(RuntimeError, match="train.device = 'cuda': no such device"):
             select_device("cuda")
+
+
+def test_plateau_schedule_cuts_lr_after_stalled_epochs(project, tiny_params):
+    """Shuffled validation labels make every epoch after the first a stall."""
+    cfg = dataclasses.replace(
+        tiny_params.train, epochs=5, patience=10, scheduler="plateau", lr_gamma=0.5, lr_patience=1
+    )
+    train_data, val_data = load_train_val(project.data, "mnist", 0.2, 1, torch.device("cpu"))
+    noisy_val = Tensors(
+        val_data.x, val_data.y[torch.randperm(len(val_data.y), generator=torch.Generator().manual_seed(0))]
+    )
+    _, result = fit(
+        dataclasses.replace(tiny_params, train=cfg),
+        train_data,
+        noisy_val,
+        torch.device("cpu"),
+        "fp32",
+        show_progress=False,
+    )
+    losses = [s.val_loss for s in result.history]
+    assert losses.index(min(losses)) == 0, losses  # the premise: epoch 1 is the best
+    # ReduceLROnPlateau cuts once more than lr_patience epochs in a row were no better
+    assert [s.lr for s in result.history] == pytest.approx([0.43, 0.43, 0.43, 0.215, 0.215])
 
 
 def test_onecycle_and_label_smoothing_train(project):

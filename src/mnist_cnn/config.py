@@ -14,7 +14,7 @@ DATASETS = ("mnist", "fashion-mnist")
 DEVICES = ("auto", "cpu", "cuda", "mps")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 COMPILE_MODES = ("none", "default", "reduce-overhead")  # reduce-overhead: torch.compile with CUDA graphs
-SCHEDULERS = ("step", "onecycle", "constant")
+SCHEDULERS = ("plateau", "step", "onecycle", "constant")
 OPTIMIZERS = ("adadelta", "adamw", "sgd")
 
 # The seed's short option names (and `mlflow run -P` names) mapped to their params.yaml keys.
@@ -79,6 +79,7 @@ class TrainConfig:
     lr: float
     scheduler: str
     lr_gamma: float
+    lr_patience: int
     label_smoothing: float
     val_split: float
     patience: int
@@ -95,6 +96,7 @@ class TrainConfig:
         _require(self.scheduler in SCHEDULERS, "train.scheduler", self.scheduler, " | ".join(SCHEDULERS))
         _require(0 < self.lr_gamma <= 1, "train.lr_gamma", self.lr_gamma, "a number in (0, 1]")
         _require(0 <= self.label_smoothing < 1, "train.label_smoothing", self.label_smoothing, "a number in [0, 1)")
+        _require(self.lr_patience >= 0, "train.lr_patience", self.lr_patience, "an integer >= 0")
         _require(0 < self.val_split < 1, "train.val_split", self.val_split, "a number in (0, 1)")
         _require(self.patience >= 1, "train.patience", self.patience, "an integer >= 1")
         _require(self.seed >= 0, "train.seed", self.seed, "an integer >= 0")

@@ -106,7 +106,8 @@ def loss_and_accuracy(log_probs: torch.Tensor, y: torch.Tensor) -> tuple[float, 
 def make_optimizer(
     model: nn.Module, cfg: TrainConfig, steps_per_epoch: int
 ) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler | None]:
-    """The optimizer and its schedule: ``step`` decays per epoch, ``onecycle`` moves per batch."""
+    """The optimizer and its schedule: ``step`` decays every epoch, ``plateau`` when the validation loss
+    stalls for ``lr_patience`` epochs, ``onecycle`` moves every batch."""
     if cfg.optimizer == "adadelta":
         optimizer = torch.optim.Adadelta(model.parameters(), lr=cfg.lr)
     elif cfg.optimizer == "adamw":
@@ -115,6 +116,10 @@ def make_optimizer(
         optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=0.9, nesterov=True)
     if cfg.scheduler == "step":
         scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=1, gamma=cfg.lr_gamma)
+    elif cfg.scheduler == "plateau":
+        scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
+            optimizer, mode="min", factor=cfg.lr_gamma, patience=cfg.lr_patience
+        )
     elif cfg.scheduler == "onecycle":
         scheduler = torch.optim.lr_scheduler.OneCycleLR(
             optimizer,
@@ -217,7 +222,9 @@ def fit(
         val_loss, val_acc = loss_and_accuracy(
             predict_log_probs(model, val_data.x, params.evaluate.batch_size, precision), val_data.y
         )
-        if scheduler is not None and per_batch is None:
+        if cfg.scheduler == "plateau":
+            scheduler.step(val_loss)
+        elif scheduler is not None and per_batch is None:
             scheduler.step()
         stats = EpochStats(epoch, train_loss, train_acc, val_loss, val_acc, lr, time.perf_counter() - epoch_start)
         history.append(stats)
