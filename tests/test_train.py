@@ -157,3 +157,10 @@ def test_onecycle_and_label_smoothing_train(project):
     lrs = [s.lr for s in result.history]
     assert lrs[0] < params.train.lr  # one-cycle warms up from lr/25
     assert result.history[-1].val_acc > 50.0
+
+
+def test_diverging_training_is_a_clear_error_and_writes_nothing(project, tiny_params):
+    params = parse_params(repo_params_raw(), {**TINY_OVERRIDES, "train.optimizer": "sgd", "train.lr": 1e6})
+    with pytest.raises(RuntimeError, match=r"train.lr = 1000000.0: validation loss was never finite"):
+        train(params, project.data, project.models, project.reports, show_progress=False)
+    assert not project.models.exists() and not project.reports.exists()

@@ -238,6 +238,10 @@ def fit(
         if epoch - best_epoch >= cfg.patience:
             log.info("early stop: no better validation loss in %d epochs; best epoch %d", cfg.patience, best_epoch)
             break
+    if best_state is None:
+        raise RuntimeError(
+            f"train.lr = {cfg.lr}: validation loss was never finite (training diverged); try a lower train.lr"
+        )
     net.load_state_dict(best_state)
     result = TrainResult(
         best_epoch=best_epoch,
