@@ -14,7 +14,7 @@ DATASETS = ("mnist", "fashion-mnist")
 DEVICES = ("auto", "cpu", "cuda", "mps")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 COMPILE_MODES = ("none", "default", "reduce-overhead")  # reduce-overhead: torch.compile with CUDA graphs
-SCHEDULERS = ("plateau", "step", "onecycle", "constant")
+SCHEDULERS = ("step", "plateau", "onecycle", "constant")
 OPTIMIZERS = ("adadelta", "adamw", "sgd")
 
 # The seed's short option names (and `mlflow run -P` names) mapped to their params.yaml keys.
