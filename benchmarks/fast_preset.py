@@ -21,12 +21,14 @@ from mnist_cnn.evaluate import evaluate
 from mnist_cnn.train import train
 
 # The preset, as `dvc exp run -S` takes it (printed below for the README).
+# Same layers as the seed; dropout off (one epoch leaves nothing to regularise, and no masks to draw).
 FAST = {
-    "train.batch_size": 128,
+    "train.batch_size": 64,
     "train.optimizer": "adamw",
     "train.lr": 0.003,
     "train.scheduler": "onecycle",
     "train.label_smoothing": 0.1,
+    "model.dropout2": 0.0,
 }
 
 
@@ -36,7 +38,7 @@ def main() -> None:
     parser.add_argument("--params", type=Path, default=Path("params.yaml"))
     parser.add_argument("--device", default="auto")
     parser.add_argument("--precision", default="auto")
-    parser.add_argument("--epochs", type=int, nargs="+", default=[1, 2, 3])
+    parser.add_argument("--epochs", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--target", type=float, default=99.0)
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="change the preset")
     args = parser.parse_args()
