@@ -9,13 +9,13 @@ the total, so each budget is its own run) and evaluates on the test set, until o
 
 from __future__ import annotations
 
-import argparse
 import tempfile
 import time
 from pathlib import Path
 
 import torch
 
+from common import benchmark_parser
 from mnist_cnn.config import load_params
 from mnist_cnn.evaluate import evaluate
 from mnist_cnn.train import train
@@ -33,11 +33,7 @@ FAST = {
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--data-dir", type=Path, default=Path("data/raw"))
-    parser.add_argument("--params", type=Path, default=Path("params.yaml"))
-    parser.add_argument("--device", default="auto")
-    parser.add_argument("--precision", default="auto")
+    parser = benchmark_parser(__doc__)
     parser.add_argument("--epochs", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--target", type=float, default=99.0)
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="change the preset")

@@ -10,7 +10,6 @@ what MLflow tracking and the progress bar cost per epoch (trainer with both on v
 
 from __future__ import annotations
 
-import argparse
 import platform
 import statistics
 import tempfile
@@ -26,6 +25,7 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms
 from tqdm import tqdm
 
+from common import benchmark_parser
 from mnist_cnn import tracking
 from mnist_cnn.config import load_params
 from mnist_cnn.data import NORMALISATION, load_split
@@ -102,11 +102,7 @@ def infinite(loader):
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--data-dir", type=Path, default=Path("data/raw"))
-    parser.add_argument("--params", type=Path, default=Path("params.yaml"))
-    parser.add_argument("--device", default="auto")
-    parser.add_argument("--precision", default="auto")
+    parser = benchmark_parser(__doc__)
     parser.add_argument("--batch-size", type=int, default=None, help="default: params.yaml's train.batch_size")
     parser.add_argument("--batches", type=int, default=150, help="timed batches per round")
     parser.add_argument("--rounds", type=int, default=5)
