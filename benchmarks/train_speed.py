@@ -141,7 +141,7 @@ def main() -> None:
     train_data, _ = load_train_val(args.data_dir, params.data.dataset, cfg.val_split, cfg.seed, device)
     n = args.batches * cfg.batch_size
     chunk = Tensors(train_data.x[:n], train_data.y[:n])
-    model = prepare_model(Net(params.model), device, precision)
+    model = prepare_model(Net(params.model), device)
     optimizer, _ = make_optimizer(model, cfg, args.batches)
     generator = torch.Generator().manual_seed(0)
 

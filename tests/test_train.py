@@ -49,15 +49,21 @@ def test_train_learns_and_writes_weights_and_history(project, tiny_params):
     assert val_loss == pytest.approx(result.best_val_loss, rel=1e-5)
 
 
+def train_and_shuffled_val(data_dir) -> tuple[Tensors, Tensors]:
+    """The tiny split with its validation labels shuffled: no real pattern to learn there, so the
+    validation loss is best after the first epoch and only worsens as the model grows confident."""
+    train_data, val_data = load_train_val(data_dir, "mnist", 0.2, 1, torch.device("cpu"))
+    shuffled = val_data.y[torch.randperm(len(val_data.y), generator=torch.Generator().manual_seed(0))]
+    return train_data, Tensors(val_data.x, shuffled)
+
+
 def test_early_stopping_stops_and_restores_the_best_epoch(project, tiny_params):
     """Validation labels are shuffled: the model gets more confident on the real pattern, so the
     validation loss is best early and then only worsens; training must stop `patience` epochs later
     with the best epoch's weights."""
     cfg = dataclasses.replace(tiny_params.train, epochs=20, patience=2)
     params = dataclasses.replace(tiny_params, train=cfg)
-    train_data, val_data = load_train_val(project.data, "mnist", 0.2, 1, torch.device("cpu"))
-    shuffled = val_data.y[torch.randperm(len(val_data.y), generator=torch.Generator().manual_seed(0))]
-    noisy_val = Tensors(val_data.x, shuffled)
+    train_data, noisy_val = train_and_shuffled_val(project.data)
     net, result = fit(params, train_data, noisy_val, torch.device("cpu"), "fp32", show_progress=False)
     losses = [s.val_loss for s in result.history]
     assert result.stopped_epoch < cfg.epochs
@@ -125,10 +131,7 @@ def test_plateau_schedule_cuts_lr_after_stalled_epochs(project, tiny_params):
     cfg = dataclasses.replace(
         tiny_params.train, epochs=5, patience=10, scheduler="plateau", lr_gamma=0.5, lr_patience=1
     )
-    train_data, val_data = load_train_val(project.data, "mnist", 0.2, 1, torch.device("cpu"))
-    noisy_val = Tensors(
-        val_data.x, val_data.y[torch.randperm(len(val_data.y), generator=torch.Generator().manual_seed(0))]
-    )
+    train_data, noisy_val = train_and_shuffled_val(project.data)
     _, result = fit(
         dataclasses.replace(tiny_params, train=cfg),
         train_data,

@@ -36,7 +36,7 @@ def evaluate(
     device = select_device(params.train.device)
     precision = select_precision(params.train.precision, device)
     net = load_weights(params.model, Path(model_dir) / layout.WEIGHTS.name, device)
-    model = prepare_model(net, device, precision)
+    model = prepare_model(net, device)
     train_data, val_data = load_train_val(
         data_dir, params.data.dataset, params.train.val_split, params.train.seed, device
     )

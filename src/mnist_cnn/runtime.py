@@ -53,9 +53,9 @@ def autocast(device: torch.device, precision: str) -> contextlib.AbstractContext
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
-def use_channels_last(device: torch.device, precision: str) -> bool:
+def memory_format(device: torch.device) -> torch.memory_format:
     """channels_last is faster for these convolutions on CPU (oneDNN: 1.4x in fp32 here) and CUDA (cuDNN)."""
-    return device.type != "mps"
+    return torch.contiguous_format if device.type == "mps" else torch.channels_last
 
 
 def seed_everything(seed: int) -> None:

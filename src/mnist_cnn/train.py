@@ -21,7 +21,7 @@ from . import layout
 from .config import Params, TrainConfig
 from .data import load_split, normalise, split_indices
 from .model import Net
-from .runtime import autocast, seed_everything, select_device, select_precision, use_channels_last
+from .runtime import autocast, memory_format, seed_everything, select_device, select_precision
 
 log = logging.getLogger(__name__)
 
@@ -74,11 +74,8 @@ def load_train_val(
     return Tensors(x[train_idx], y[train_idx]), Tensors(x[val_idx], y[val_idx])
 
 
-def prepare_model(net: nn.Module, device: torch.device, precision: str) -> nn.Module:
-    net = net.to(device)
-    if use_channels_last(device, precision):
-        net = net.to(memory_format=torch.channels_last)
-    return net
+def prepare_model(net: nn.Module, device: torch.device) -> nn.Module:
+    return net.to(device, memory_format=memory_format(device))
 
 
 @torch.no_grad()
@@ -86,11 +83,11 @@ def predict_log_probs(model: nn.Module, x: torch.Tensor, batch_size: int, precis
     """Log-probabilities (N, 10) in float32, in eval mode, batch by batch."""
     was_training = model.training
     model.eval()
-    memory_format = torch.channels_last if use_channels_last(x.device, precision) else torch.contiguous_format
+    layout_of_batches = memory_format(x.device)
     outputs = []
     with autocast(x.device, precision):
         for start in range(0, len(x), batch_size):
-            batch = x[start : start + batch_size].contiguous(memory_format=memory_format)
+            batch = x[start : start + batch_size].contiguous(memory_format=layout_of_batches)
             outputs.append(model(batch).float())
     model.train(was_training)
     return torch.cat(outputs)
@@ -150,13 +147,13 @@ def train_epoch(
     """
     model.train()
     device = data.x.device
-    memory_format = torch.channels_last if use_channels_last(device, precision) else torch.contiguous_format
+    layout_of_batches = memory_format(device)
     order = torch.randperm(len(data.y), generator=generator).to(device)
     loss_sum = torch.zeros((), device=device)
     correct = torch.zeros((), device=device, dtype=torch.long)
     for start in range(0, len(order), cfg.batch_size):
         idx = order[start : start + cfg.batch_size]
-        x = data.x.index_select(0, idx).contiguous(memory_format=memory_format)
+        x = data.x.index_select(0, idx).contiguous(memory_format=layout_of_batches)
         y = data.y.index_select(0, idx)
         optimizer.zero_grad(set_to_none=True)
         with autocast(device, precision):
@@ -199,7 +196,7 @@ def fit(
     """Train until ``epochs`` or ``patience`` epochs without a better validation loss; restore the best."""
     cfg = params.train
     seed_everything(cfg.seed)
-    net = prepare_model(Net(params.model), device, precision)
+    net = prepare_model(Net(params.model), device)
     model = net if cfg.compile == "none" else torch.compile(net, mode=cfg.compile)
     steps = -(-len(train_data.y) // cfg.batch_size)
     optimizer, scheduler = make_optimizer(net, cfg, steps)
