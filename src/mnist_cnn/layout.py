@@ -19,18 +19,43 @@ PREDICTIONS = REPORTS_DIR / "predictions.csv"
 CLASSIFICATION_REPORT = REPORTS_DIR / "classification_report.txt"
 
 
+class OutputError(OSError):
+    """An output file could not be written (read-only directory, full disk, ...)."""
+
+
+def current_umask() -> int:
+    # The only portable way to read the umask is to set it; set it straight back.
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def publish(tmp: Path, path: Path) -> None:
+    """Give ``tmp`` the mode a plain ``open()`` would have (mkstemp makes 0600) and move it to ``path``."""
+    os.chmod(tmp, 0o666 & ~current_umask())
+    os.replace(tmp, path)
+
+
 def write_atomic(path: Path, write: Callable[[Path], None]) -> None:
-    """Call ``write(tmp)`` on a temporary file beside ``path`` and move it into place only on success."""
+    """Call ``write(tmp)`` on a temporary file beside ``path`` and move it into place only on success.
+
+    Any OSError (read-only directory, full disk) becomes an ``OutputError`` naming ``path``, and
+    leaves neither the temporary file nor a half-written ``path`` behind.
+    """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    tmp = Path(tmp_name)
+    tmp = None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        os.close(fd)
+        tmp = Path(tmp_name)
         write(tmp)
-        os.replace(tmp, path)
+        publish(tmp, path)
+    except OSError as exc:
+        raise OutputError(f"{path}: cannot write ({exc.strerror or exc})") from None
     finally:
-        tmp.unlink(missing_ok=True)
+        if tmp is not None:
+            tmp.unlink(missing_ok=True)
 
 
 def write_text_atomic(path: Path, text: str) -> None:
