@@ -50,6 +50,7 @@ def ran_stages(output: str) -> list[str]:
 
 def runs_in(repo: Path):
     mlflow.set_tracking_uri(f"sqlite:///{repo / 'mlflow.db'}")
+    mlflow.set_registry_uri(f"sqlite:///{repo / 'mlflow.db'}")
     experiment = mlflow.get_experiment_by_name("mnist-cnn")
     return MlflowClient().search_runs([experiment.experiment_id], order_by=["start_time ASC"])
 

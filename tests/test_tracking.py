@@ -97,8 +97,11 @@ def test_champion_moves_only_to_a_better_version(tmp_path):
 
 
 def test_crash_ends_the_run_failed(project, tiny_params, monkeypatch):
-    (project.data / "train-images-idx3-ubyte.gz").write_bytes(b"broken")
-    with pytest.raises(Exception, match="not a readable gzip file"):
+    def crashed(*args, **kwargs):
+        raise RuntimeError("CUDA out of memory")
+
+    monkeypatch.setattr(pipeline, "train", crashed)
+    with pytest.raises(RuntimeError, match="out of memory"):
         pipeline.run_train(tiny_params, project, show_progress=False)
     assert only_run().info.status == "FAILED"
     assert not (project.models / "model.pt").exists()

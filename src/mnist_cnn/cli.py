@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import argparse
 import logging
+import signal
 import sys
 from pathlib import Path
 
 from . import layout
-from .config import ConfigError, load_params
+from .config import ConfigError, load_params, load_section
 
-STAGES = ("download", "train", "evaluate", "all")
+STAGES = ("download", "train", "evaluate", "all", "runs")
 
 
 def parse_overrides(tokens: list[str]) -> dict[str, str]:
@@ -49,6 +50,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="local directory or base URL with the four .gz files (default: $MNIST_MIRROR, else torchvision's mirrors)",
     )
     parser.add_argument("--no-progress", action="store_true", help="no progress bars, only per-epoch lines")
+    parser.add_argument(
+        "--clean", action="store_true", help="runs: end as KILLED the runs whose process on this host is gone"
+    )
     return parser
 
 
@@ -56,11 +60,16 @@ def run_stages(stage: str, args: argparse.Namespace, overrides: dict[str, str]) 
     # Imported here so that --help, argument errors and the download stage answer without MLflow.
     from .download import download
 
-    params = load_params(args.params, overrides)
-    if stage in ("download", "all"):
-        download(params.data, args.root / layout.DATA_DIR, args.mirror or None)
     if stage == "download":
+        # Only the section it reads: `dvc exp run -S train.lr=-1` must fail in train, not here.
+        download(load_section(args.params, "data", overrides), args.root / layout.DATA_DIR, args.mirror or None)
         return
+    if stage == "runs":
+        show_runs(load_section(args.params, "mlflow", overrides).experiment, args)
+        return
+    params = load_params(args.params, overrides)
+    if stage == "all":
+        download(params.data, args.root / layout.DATA_DIR, args.mirror or None)
     from . import pipeline
 
     paths = pipeline.Paths(root=args.root, params_file=args.params)
@@ -72,9 +81,29 @@ def run_stages(stage: str, args: argparse.Namespace, overrides: dict[str, str]) 
             print(f"{split:>5}: loss {values['loss']:.4f}  accuracy {values['accuracy']:.2f}%")
 
 
+def show_runs(experiment: str, args: argparse.Namespace) -> None:
+    from . import runs, tracking
+
+    root = tracking.project_root(args.root.resolve())
+    if args.clean:
+        closed = runs.clean(experiment, root)
+        print(f"closed {len(closed)} stale run(s) as KILLED" + "".join(f"\n  {run_id}" for run_id in closed))
+    listed = runs.running(experiment, root)
+    print(f"{len(listed)} RUNNING run(s) in experiment {experiment!r}")
+    for run in listed:
+        print(f"  {run.run_id}  {run.state:<7}  {run.host}:{run.pid}  {run.name}")
+
+
+def _interrupt(signum, frame):  # noqa: ARG001
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     args, extra = build_parser().parse_known_args(argv)
+    # SIGTERM (kill, dvc queue kill, a scheduler) unwinds like Ctrl-C: temporary files are removed and
+    # the MLflow run ends KILLED.
+    previous = signal.signal(signal.SIGTERM, _interrupt)
     try:
         run_stages(args.stage, args, parse_overrides(extra))
     except ConfigError as exc:
@@ -88,6 +117,8 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"error: {exc}", file=sys.stderr)
         return 1
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     return 0
 
 
@@ -96,7 +127,7 @@ def _is_expected(exc: Exception) -> bool:
     from .data import DataError
     from .download import DownloadError
 
-    if isinstance(exc, (DataError, DownloadError, RuntimeError, FileNotFoundError)):
+    if isinstance(exc, (DataError, DownloadError, RuntimeError, OSError)):
         return True
     mlflow_exceptions = sys.modules.get("mlflow.exceptions")
     return mlflow_exceptions is not None and isinstance(exc, mlflow_exceptions.MlflowException)

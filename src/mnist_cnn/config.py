@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
+import math
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -16,6 +18,7 @@ PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 COMPILE_MODES = ("none", "default", "reduce-overhead")  # reduce-overhead: torch.compile with CUDA graphs
 SCHEDULERS = ("step", "plateau", "onecycle", "constant")
 OPTIMIZERS = ("adadelta", "adamw", "sgd")
+RESUME_MODES = ("auto", "never")  # auto: continue from models/checkpoint.pt when it matches the params
 
 # The seed's short option names (and `mlflow run -P` names) mapped to their params.yaml keys.
 ALIASES = {
@@ -39,6 +42,35 @@ ALIASES = {
 
 class ConfigError(ValueError):
     """A parameter is missing, unknown, of the wrong type or out of range."""
+
+
+class _Yaml12Loader(yaml.SafeLoader):
+    """PyYAML's safe loader, but floats as YAML 1.2 (and every other tool) reads them.
+
+    PyYAML implements YAML 1.1, where ``1e-3`` (no dot) is a string; users write ``lr: 1e-3``.
+    """
+
+
+_Yaml12Loader.yaml_implicit_resolvers = {
+    first: [(tag, regexp) for tag, regexp in resolvers if tag != "tag:yaml.org,2002:float"]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+_Yaml12Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(
+        r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
+        |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
+        |\.[0-9_]+(?:[eE][-+]?[0-9]+)?
+        |[-+]?\.(?:inf|Inf|INF)
+        |\.(?:nan|NaN|NAN))$""",
+        re.X,
+    ),
+    list("-+0123456789."),
+)
+
+
+def yaml_load(text: str) -> Any:
+    return yaml.load(text, Loader=_Yaml12Loader)  # noqa: S506 - a SafeLoader subclass
 
 
 def _require(ok: bool, key: str, value: Any, expected: str) -> None:
@@ -87,6 +119,7 @@ class TrainConfig:
     device: str
     precision: str
     compile: str
+    resume: str
 
     def __post_init__(self) -> None:
         _require(self.batch_size >= 1, "train.batch_size", self.batch_size, "an integer >= 1")
@@ -103,6 +136,7 @@ class TrainConfig:
         _require(self.device in DEVICES, "train.device", self.device, " | ".join(DEVICES))
         _require(self.precision in PRECISIONS, "train.precision", self.precision, " | ".join(PRECISIONS))
         _require(self.compile in COMPILE_MODES, "train.compile", self.compile, " | ".join(COMPILE_MODES))
+        _require(self.resume in RESUME_MODES, "train.resume", self.resume, " | ".join(RESUME_MODES))
 
 
 @dataclass(frozen=True)
@@ -141,6 +175,7 @@ def _check_type(key: str, value: Any, kind: type) -> Any:
         _require(isinstance(value, int) and not isinstance(value, bool), key, value, "an integer")
     elif kind is float:
         _require(isinstance(value, (int, float)) and not isinstance(value, bool), key, value, "a number")
+        _require(math.isfinite(value), key, value, "a finite number")
         return float(value)
     elif kind is str:
         _require(isinstance(value, str), key, value, "a string")
@@ -162,8 +197,7 @@ def _build_section(cls: type, section: str, raw: Any) -> Any:
     return cls(**values)
 
 
-def parse_params(raw: Any, overrides: Mapping[str, Any] | None = None) -> Params:
-    """Validate a params mapping (as read from YAML), after applying ``overrides`` (dotted or short keys)."""
+def _merge(raw: Any, overrides: Mapping[str, Any] | None) -> dict[str, Any]:
     if not isinstance(raw, Mapping):
         raise ConfigError(f"params: expected a mapping of sections, got {raw!r}")
     merged = {k: dict(v) if isinstance(v, Mapping) else v for k, v in raw.items()}
@@ -172,26 +206,50 @@ def parse_params(raw: Any, overrides: Mapping[str, Any] | None = None) -> Params
         if not isinstance(merged.get(section), dict):
             raise ConfigError(f"{section}: missing section")
         merged[section][name] = parse_value(value)
-    hints = get_type_hints(Params)
-    sections = {}
-    for f in fields(Params):
-        if f.name not in merged:
-            raise ConfigError(f"{f.name}: missing section")
-        sections[f.name] = _build_section(hints[f.name], f.name, merged[f.name])
-    return Params(**sections)
+    return merged
+
+
+def _section(merged: dict[str, Any], name: str) -> Any:
+    if name not in merged:
+        raise ConfigError(f"{name}: missing section")
+    return _build_section(get_type_hints(Params)[name], name, merged[name])
+
+
+def parse_params(raw: Any, overrides: Mapping[str, Any] | None = None) -> Params:
+    """Validate a params mapping (as read from YAML), after applying ``overrides`` (dotted or short keys)."""
+    merged = _merge(raw, overrides)
+    return Params(**{f.name: _section(merged, f.name) for f in fields(Params)})
+
+
+def _read_yaml(path: Path) -> Any:
+    path = Path(path)
+    try:
+        return yaml_load(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: params file not found") from None
+    except IsADirectoryError:
+        raise ConfigError(f"{path}: is a directory, expected a params YAML file") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path}: cannot read params file ({getattr(exc, 'strerror', None) or exc})") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
 
 
 def load_params(path: Path, overrides: Mapping[str, Any] | None = None) -> Params:
     """Read and validate ``params.yaml``; errors name the file and the key."""
-    path = Path(path)
-    try:
-        raw = yaml.safe_load(path.read_text())
-    except FileNotFoundError:
-        raise ConfigError(f"{path}: params file not found") from None
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
+    raw = _read_yaml(path)
     try:
         return parse_params(raw, overrides)
+    except ConfigError as exc:
+        raise ConfigError(f"{path}: {exc}") from None
+
+
+def load_section(path: Path, name: str, overrides: Mapping[str, Any] | None = None) -> Any:
+    """Read ``params.yaml`` and validate one section only: a stage checks what it reads, so a bad
+    ``train.lr`` does not stop the download stage."""
+    raw = _read_yaml(path)
+    try:
+        return _section(_merge(raw, overrides), name)
     except ConfigError as exc:
         raise ConfigError(f"{path}: {exc}") from None
 
@@ -213,7 +271,7 @@ def parse_value(value: Any) -> Any:
     if not isinstance(value, str):
         return value
     try:
-        return yaml.safe_load(value) if value.strip() else value
+        return yaml_load(value) if value.strip() else value
     except yaml.YAMLError:
         return value
 

@@ -1,9 +1,15 @@
-"""MNIST-format IDX files -> normalised tensors, and the seeded train/validation split."""
+"""MNIST-format IDX files -> normalised tensors, and the seeded train/validation split.
+
+Also the one place that knows each file's expected MD5: the download stage verifies what it fetches
+against it, and ``verified_md5s`` lets a stage run directly check the data it is about to read.
+"""
 
 from __future__ import annotations
 
 import gzip
 import hashlib
+import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,9 +31,17 @@ NORMALISATION = {
 
 _IDX_DTYPE = {0x08: np.uint8}
 
+# A JSON file {file name: MD5} that replaces torchvision's checksums: for private variants of the data
+# (the test suite's tiny data set). The files are verified all the same, against these sums.
+CHECKSUMS_ENV = "MNIST_MD5S"
+
 
 class DataError(ValueError):
-    """A data file is missing or is not a well-formed IDX file."""
+    """A data file is missing, is not a well-formed IDX file, or is not the file that was downloaded."""
+
+
+def _missing(path: Path) -> DataError:
+    return DataError(f"{path}: file not found (run the download stage first)")
 
 
 @dataclass(frozen=True)
@@ -42,7 +56,7 @@ def read_idx(path: Path) -> np.ndarray:
     try:
         raw = gzip.decompress(path.read_bytes())
     except FileNotFoundError:
-        raise DataError(f"{path}: file not found (run the download stage first)") from None
+        raise _missing(path) from None
     except (OSError, EOFError) as exc:
         raise DataError(f"{path}: not a readable gzip file ({exc})") from None
     if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] not in _IDX_DTYPE:
@@ -97,3 +111,48 @@ def md5sum(path: Path, chunk: int = 1 << 20) -> str:
 def data_md5s(data_dir: Path) -> dict[str, str]:
     """MD5 of each data file, for lineage."""
     return {name: md5sum(Path(data_dir) / name) for name in FILES.values()}
+
+
+def torchvision_dataset(dataset: str) -> type:
+    """torchvision's class for ``dataset``, which knows the files' mirrors and MD5s."""
+    # Imported here: reading data (train, evaluate) must not pay for importing torchvision.datasets.
+    from torchvision.datasets import MNIST, FashionMNIST
+
+    return {"mnist": MNIST, "fashion-mnist": FashionMNIST}[dataset]
+
+
+def resources(dataset: str) -> list[tuple[str, str]]:
+    """(file name, MD5) of the four files, as torchvision knows them (or as ``$MNIST_MD5S`` says)."""
+    override = os.environ.get(CHECKSUMS_ENV)
+    if not override:
+        return list(torchvision_dataset(dataset).resources)
+    # torchvision names the same four files as FILES, in the same order: no need to import it here.
+    names = list(FILES.values())
+    try:
+        sums = json.loads(Path(override).read_text())
+        return [(name, str(sums[name])) for name in names]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise DataError(
+            f"{CHECKSUMS_ENV}={override}: expected a JSON file mapping each of {', '.join(names)} to its MD5 ({exc!r})"
+        ) from None
+
+
+def verified_md5s(data_dir: Path, dataset: str) -> dict[str, str]:
+    """``{file name: MD5}`` of the four files in ``data_dir``, each checked against the expected MD5.
+
+    A stage run directly (not through ``dvc repro``) would otherwise use data edited or corrupted
+    since the download without noticing.
+    """
+    sums = {}
+    for name, expected in resources(dataset):
+        path = Path(data_dir) / name
+        try:
+            actual = md5sum(path)
+        except FileNotFoundError:
+            raise _missing(path) from None
+        if actual != expected:
+            raise DataError(
+                f"{path}: MD5 {actual}, expected {expected} (changed since download; rerun the download stage)"
+            )
+        sums[name] = actual
+    return sums

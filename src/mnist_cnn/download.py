@@ -1,90 +1,119 @@
 """Download stage: fetch the four IDX files of MNIST or Fashion-MNIST and verify their MD5s.
 
-Mirrors and checksums are torchvision's. ``MNIST_MIRROR`` (or ``--mirror``) points at a local
-directory or a base URL instead, for machines behind a firewall.
+Mirrors are torchvision's; the expected MD5s come from ``data.resources``, which the other stages check
+the data against too. ``MNIST_MIRROR`` (or ``--mirror``) points at a local directory or a base URL
+instead, for machines behind a firewall.
+
+Files are fetched into a directory beside the output directory (``data/.raw.partial``), never into it:
+``data/raw`` is a DVC output and must hold only verified files, even after a download was killed.
 """
 
 from __future__ import annotations
 
-import json
+import http.client
 import logging
 import os
 import shutil
 import tempfile
-import urllib.error
+import time
 import urllib.request
 from pathlib import Path
-
-from torchvision.datasets import MNIST, FashionMNIST
+from typing import BinaryIO
 
 from .config import DataConfig
-from .data import md5sum
+from .data import md5sum, resources, torchvision_dataset
+from .layout import publish
 
 log = logging.getLogger(__name__)
 
 MIRROR_ENV = "MNIST_MIRROR"
-# A JSON file {file name: MD5} that replaces torchvision's checksums: for private variants of the data
-# (the test suite's tiny data set). The files are verified all the same, against these sums.
-CHECKSUMS_ENV = "MNIST_MD5S"
-_DATASETS = {"mnist": MNIST, "fashion-mnist": FashionMNIST}
+_BLOCK = 1 << 16
 
 
 class DownloadError(RuntimeError):
     """No source delivered a file with the expected checksum."""
 
 
-def resources(dataset: str) -> list[tuple[str, str]]:
-    """(file name, MD5) of the four files, as torchvision knows them (or as ``$MNIST_MD5S`` says)."""
-    known = list(_DATASETS[dataset].resources)
-    override = os.environ.get(CHECKSUMS_ENV)
-    if not override:
-        return known
-    try:
-        sums = json.loads(Path(override).read_text())
-        return [(name, str(sums[name])) for name, _ in known]
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise DownloadError(
-            f"{CHECKSUMS_ENV}={override}: expected a JSON file mapping each of "
-            f"{', '.join(name for name, _ in known)} to its MD5 ({exc!r})"
-        ) from None
+class _SourceFailed(Exception):
+    """Why one source gave no usable copy of a file (the next source is tried)."""
 
 
 def default_mirrors(dataset: str) -> list[str]:
-    return list(_DATASETS[dataset].mirrors)
+    return list(torchvision_dataset(dataset).mirrors)
+
+
+def partial_dir(out_dir: Path) -> Path:
+    """Where files wait until verified: beside ``out_dir``, so on the same filesystem (the move into
+    place is an atomic rename) but outside the DVC output."""
+    out_dir = Path(out_dir)
+    return out_dir.parent / f".{out_dir.name}.partial"
 
 
 def _is_url(source: str) -> bool:
     return "://" in source
 
 
-def _fetch(source: str, filename: str, dest: Path, timeout: float) -> None:
+def _copy_body(response: BinaryIO, out: BinaryIO, started: float, deadline: float) -> None:
+    """Copy the reply's body to ``out``; it must come whole and within ``deadline`` s of ``started``."""
+    received = 0
+    try:
+        # read1 returns after one socket read, so the deadline is checked while bytes trickle in:
+        # urlopen's timeout is per read, and a server sending a byte a second never reaches it.
+        while block := response.read1(_BLOCK):
+            out.write(block)
+            received += len(block)
+            if time.monotonic() - started > deadline:
+                raise _SourceFailed(f"too slow: {received} bytes in {deadline:g} s")
+    except http.client.IncompleteRead:
+        raise _SourceFailed(f"reply cut off after {received} bytes") from None
+    # read1 just returns b"" when the connection closes before Content-Length bytes came.
+    missing = getattr(response, "length", None)
+    if missing:
+        raise _SourceFailed(f"reply cut off after {received} bytes ({missing} more expected)")
+
+
+def _fetch(source: str, filename: str, dest: Path, timeout: float, deadline: float) -> None:
     if _is_url(source):
         url = source.rstrip("/") + "/" + filename
+        started = time.monotonic()
         with urllib.request.urlopen(url, timeout=timeout) as response, open(dest, "wb") as out:
-            shutil.copyfileobj(response, out)
+            _copy_body(response, out, started, deadline)
     else:
         shutil.copyfile(Path(source).expanduser() / filename, dest)
 
 
-def _fetch_verified(sources: list[str], filename: str, md5: str, out_dir: Path, timeout: float) -> None:
+def _reason(exc: Exception) -> str:
+    """One short line saying why a source failed."""
+    if isinstance(exc, http.client.HTTPException):
+        # Not HTTP at all (BadStatusLine, RemoteDisconnected) or broken HTTP: only the repr says which.
+        text = f"bad HTTP reply: {exc!r}"
+    else:
+        text = str(getattr(exc, "reason", None) or getattr(exc, "strerror", None) or exc)
+    return " ".join(text.split())[:200]
+
+
+def _fetch_verified(
+    sources: list[str], filename: str, md5: str, out_dir: Path, work_dir: Path, timeout: float, deadline: float
+) -> None:
     """Fetch ``filename`` from the first source whose copy has the right MD5, then move it into place."""
     failures = []
     for source in sources:
-        fd, tmp_name = tempfile.mkstemp(prefix=f".{filename}.", dir=out_dir)
+        fd, tmp_name = tempfile.mkstemp(prefix=f"{filename}.", dir=work_dir)
         os.close(fd)
         tmp = Path(tmp_name)
         try:
-            _fetch(source, filename, tmp, timeout)
+            _fetch(source, filename, tmp, timeout, deadline)
             actual = md5sum(tmp)
             if actual != md5:
                 failures.append(f"{source}: checksum mismatch (MD5 {actual}, expected {md5})")
                 continue
-            os.replace(tmp, out_dir / filename)
+            publish(tmp, out_dir / filename)
             log.info("%s: verified from %s", filename, source)
             return
-        except (OSError, urllib.error.URLError, ValueError) as exc:
-            reason = getattr(exc, "reason", None) or exc.strerror or exc
-            failures.append(f"{source}: {reason}")
+        # HTTPException is not an OSError: a reply cut off or a server not speaking HTTP is one
+        # source's failure like any other, not the end of the download.
+        except (_SourceFailed, http.client.HTTPException, OSError, ValueError) as exc:
+            failures.append(f"{source}: {_reason(exc)}")
         finally:
             tmp.unlink(missing_ok=True)
     raise DownloadError(
@@ -94,11 +123,14 @@ def _fetch_verified(sources: list[str], filename: str, md5: str, out_dir: Path, 
     )
 
 
-def download(cfg: DataConfig, out_dir: Path, mirror: str | None = None, timeout: float = 5.0) -> dict[str, str]:
+def download(
+    cfg: DataConfig, out_dir: Path, mirror: str | None = None, timeout: float = 5.0, deadline: float = 120.0
+) -> dict[str, str]:
     """Make ``out_dir`` hold the four verified files; return ``{file name: MD5}``.
 
     ``mirror`` (else ``$MNIST_MIRROR``) replaces torchvision's mirrors. A file already present with
-    the right MD5 is kept; one with any other content is replaced, never used.
+    the right MD5 is kept; one with any other content is replaced, never used. ``timeout`` bounds each
+    socket read, ``deadline`` the whole transfer of one file from one source.
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -106,10 +138,18 @@ def download(cfg: DataConfig, out_dir: Path, mirror: str | None = None, timeout:
     if mirror and not _is_url(mirror) and not Path(mirror).expanduser().is_dir():
         raise DownloadError(f"mirror {mirror!r}: not a directory (nor a URL with a scheme such as https://)")
     sources = [mirror] if mirror else default_mirrors(cfg.dataset)
+    expected = resources(cfg.dataset)
+    work_dir = partial_dir(out_dir)
+    # A run killed outright (SIGKILL, power loss) cannot clean up after itself: the next one does.
+    shutil.rmtree(work_dir, ignore_errors=True)
+    work_dir.mkdir()
     verified = {}
-    for filename, md5 in resources(cfg.dataset):
-        target = out_dir / filename
-        if not (target.is_file() and md5sum(target) == md5):
-            _fetch_verified(sources, filename, md5, out_dir, timeout)
-        verified[filename] = md5
+    try:
+        for filename, md5 in expected:
+            target = out_dir / filename
+            if not (target.is_file() and md5sum(target) == md5):
+                _fetch_verified(sources, filename, md5, out_dir, work_dir, timeout, deadline)
+            verified[filename] = md5
+    finally:
+        shutil.rmtree(work_dir, ignore_errors=True)
     return verified

@@ -11,7 +11,7 @@ from sklearn.metrics import classification_report, confusion_matrix
 
 from . import layout
 from .config import Params
-from .data import load_split, normalise
+from .data import load_split, normalise, verified_md5s
 from .model import NUM_CLASSES, Net, load_weights
 from .runtime import select_device, select_precision
 from .train import load_train_val, loss_and_accuracy, predict_log_probs, prepare_model
@@ -33,6 +33,7 @@ def evaluate(
     reports_dir: Path = layout.REPORTS_DIR,
 ) -> tuple[Net, EvaluateResult]:
     """Score the trained weights on the three splits and write the metrics, predictions and report."""
+    verified_md5s(data_dir, params.data.dataset)
     device = select_device(params.train.device)
     precision = select_precision(params.train.precision, device)
     net = load_weights(params.model, Path(model_dir) / layout.WEIGHTS.name, device)

@@ -12,6 +12,8 @@ DATA_DIR = Path("data/raw")
 MODEL_DIR = Path("models")
 WEIGHTS = MODEL_DIR / "model.pt"
 TRAIN_INFO = MODEL_DIR / "train.json"  # best/stopped epoch, device, precision and the MLflow run id
+# Written after every epoch, removed when training completes; not a DVC output (dvc repro keeps it).
+CHECKPOINT = MODEL_DIR / "checkpoint.pt"
 REPORTS_DIR = Path("reports")
 HISTORY = REPORTS_DIR / "history.csv"
 METRICS = REPORTS_DIR / "metrics.json"

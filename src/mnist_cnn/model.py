@@ -67,6 +67,12 @@ def load_weights(cfg: ModelConfig, path: Path, device: torch.device | str = "cpu
         state = torch.load(path, map_location=device, weights_only=True)
     except FileNotFoundError:
         raise DataError(f"{path}: trained weights not found (run the train stage first)") from None
+    except Exception as exc:  # noqa: BLE001 - torch raises many kinds; its texts suggest weights_only=False
+        raise DataError(
+            f"{path}: not a readable weights file ({type(exc).__name__}; corrupt or truncated); rerun the train stage"
+        ) from None
+    if not isinstance(state, dict):
+        raise DataError(f"{path}: not a state_dict of weights; rerun the train stage")
     try:
         net.load_state_dict(state)
     except RuntimeError as exc:

@@ -14,13 +14,14 @@ import mlflow
 import numpy as np
 import torch
 from mlflow.models import infer_signature
+from mlflow.tracking import MlflowClient
 
 from . import figures, layout, tracking
 from .config import Params, flatten
-from .data import DataError, data_md5s, load_split
+from .data import DataError, load_split, md5sum, verified_md5s
 from .evaluate import EvaluateResult, evaluate
 from .model import RawPixelClassifier
-from .train import TrainResult, train, write_train_info
+from .train import Checkpointing, TrainResult, load_checkpoint, train, training_fingerprint, write_train_info
 
 log = logging.getLogger(__name__)
 
@@ -53,14 +54,24 @@ def _section_params(params: Params, sections: tuple[str, ...]) -> dict:
 
 
 def run_train(params: Params, paths: Paths, show_progress: bool | None = None) -> tuple[str, TrainResult]:
-    """Train inside a new MLflow run (or the one ``mlflow run`` made); return (run id, result)."""
+    """Train inside a new MLflow run (or the one ``mlflow run`` made); return (run id, result).
+
+    With ``train.resume: auto``, a checkpoint of this same training (left by a killed or crashed
+    run) is continued, in the MLflow run it was started in.
+    """
     root = tracking.project_root(paths.root.resolve())
-    with tracking.run(params.mlflow.experiment, root=root) as active:
+    md5s = verified_md5s(paths.data, params.data.dataset)
+    fingerprint = training_fingerprint(params, md5s)
+    checkpoint_path = paths.models / layout.CHECKPOINT.name
+    state = load_checkpoint(checkpoint_path, fingerprint) if params.train.resume == "auto" else None
+    resumed_run = state["run_id"] if state is not None and tracking.run_exists(state["run_id"], root) else None
+    with tracking.run(params.mlflow.experiment, run_id=resumed_run, root=root) as active:
+        run_id = active.info.run_id
         mlflow.set_tags(
             {
                 "dataset": params.data.dataset,
                 **tracking.git_lineage(root),
-                **{f"data_md5.{name}": md5 for name, md5 in data_md5s(paths.data).items()},
+                **{f"data_md5.{name}": md5 for name, md5 in md5s.items()},
             }
         )
         tracking.log_params_once(
@@ -68,7 +79,14 @@ def run_train(params: Params, paths: Paths, show_progress: bool | None = None) -
         )
         if paths.params_file.is_file():
             mlflow.log_artifact(str(paths.params_file))
-        result = train(params, paths.data, paths.models, paths.reports, tracking.EpochLogger(), show_progress)
+        if state is not None:
+            # Epochs logged before the interruption stay; those it did not get to log are added.
+            tracking.log_missing_epochs(state["history"])
+            mlflow.set_tag("resumed_after_epoch", str(state["epoch"]))
+        checkpointing = Checkpointing(checkpoint_path, fingerprint, run_id, state)
+        result = train(
+            params, paths.data, paths.models, paths.reports, tracking.EpochLogger(), show_progress, checkpointing
+        )
         tracking.log_params_once({"device": result.device, "precision": result.precision})
         mlflow.log_metrics(
             {
@@ -81,23 +99,41 @@ def run_train(params: Params, paths: Paths, show_progress: bool | None = None) -
         fig = figures.learning_curves(result.history)
         mlflow.log_figure(fig, "learning_curves.png")
         figures.close(fig)
-        run_id = active.info.run_id
-        write_train_info(result, paths.models, run_id)
+        write_train_info(result, paths.models, run_id, params.train)
     return run_id, result
 
 
-def _read_run_id(paths: Paths) -> str:
+def _read_train_info(paths: Paths, params: Params) -> str:
+    """The training's MLflow run id, after checking that evaluate uses the split the weights trained on."""
     info_path = paths.models / layout.TRAIN_INFO.name
     try:
-        return json.loads(info_path.read_text())["run_id"]
+        info = json.loads(info_path.read_text())
+        run_id = info["run_id"]
     except FileNotFoundError:
         raise DataError(f"{info_path}: not found (run the train stage first)") from None
-    except (json.JSONDecodeError, KeyError, TypeError):
+    except (json.JSONDecodeError, KeyError, TypeError, UnicodeDecodeError):
         raise DataError(f"{info_path}: expected JSON with a run_id (rerun the train stage)") from None
+    for key in ("val_split", "seed"):
+        trained, now = info.get(key), getattr(params.train, key)
+        if trained is not None and trained != now:
+            raise DataError(
+                f"train.{key} = {now!r}, but the weights were trained with {trained!r} ({info_path}): the "
+                "validation set would overlap the training data; rerun the train stage or restore the value"
+            )
+    return run_id
+
+
+WEIGHTS_TAG = "weights_md5"
 
 
 def _log_model(net: torch.nn.Module, params: Params, paths: Paths, test_acc: float) -> str:
-    """Log the raw-pixel classifier with the PyTorch flavour; register it; return the new version."""
+    """Log the raw-pixel classifier with the PyTorch flavour and register it, once per trained weights:
+    evaluating the same weights again returns the version they already have."""
+    weights_md5 = md5sum(paths.models / layout.WEIGHTS.name)
+    existing = tracking.version_with_tag(params.mlflow.registered_model, WEIGHTS_TAG, weights_md5)
+    if existing is not None:
+        log.info("%s v%s already holds these weights; not registered again", params.mlflow.registered_model, existing)
+        return existing
     served = RawPixelClassifier(net, params.data.dataset).eval()
     example = load_split(paths.data, train=False).images[:5].numpy().astype(np.float32)
     with torch.no_grad():
@@ -111,15 +147,19 @@ def _log_model(net: torch.nn.Module, params: Params, paths: Paths, test_acc: flo
         pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", f"numpy=={np.__version__}"],
     )
     version = str(info.registered_model_version)
+    MlflowClient().set_model_version_tag(params.mlflow.registered_model, version, WEIGHTS_TAG, weights_md5)
     tracking.promote_if_better(params.mlflow.registered_model, version, test_acc)
     return version
 
 
 def run_evaluate(params: Params, paths: Paths) -> tuple[str, EvaluateResult]:
-    """Evaluate inside the run the train stage started; log the metrics, figures and the model."""
+    """Evaluate into the run the train stage made; log the metrics, figures and the model.
+
+    The run's status stays the training's; evaluate's own outcome is the tag ``evaluate.status``.
+    """
     root = tracking.project_root(paths.root.resolve())
-    run_id = _read_run_id(paths)
-    with tracking.run(params.mlflow.experiment, run_id=run_id, root=root) as active:
+    run_id = _read_train_info(paths, params)
+    with tracking.reopen(run_id, "evaluate", root=root) as active:
         tracking.log_params_once(
             {
                 **_section_params(params, EVALUATE_SECTIONS),

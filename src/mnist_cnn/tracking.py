@@ -9,12 +9,17 @@ import contextlib
 import logging
 import os
 import signal
+import socket
 import subprocess
 from collections.abc import Iterator, Mapping
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import mlflow
+import psutil
+from filelock import FileLock
+from mlflow.entities import RunStatus
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
@@ -25,6 +30,20 @@ log = logging.getLogger(__name__)
 CHAMPION = "champion"
 STORE_FILE = "mlflow.db"
 ARTIFACTS_DIR = "mlartifacts"
+# Who owns a RUNNING run: a run whose process is gone is stale (closed KILLED by close_stale_runs).
+HOST_TAG, PID_TAG, PID_START_TAG = "mnist_cnn.host", "mnist_cnn.pid", "mnist_cnn.pid_started"
+# MLflow retries an unreachable server for minutes by default (7 retries, backoff factor 2, 120 s
+# timeout); bounded here unless the user set them. The pre-flight check below fails in seconds.
+HTTP_DEFAULTS = {
+    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "3",
+    "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+    "MLFLOW_HTTP_REQUEST_TIMEOUT": "30",
+}
+PREFLIGHT_TIMEOUT_S = 5.0
+
+
+class TrackingError(RuntimeError):
+    """The tracking server cannot be reached or refuses this client."""
 
 
 def project_root(cwd: Path | None = None) -> Path:
@@ -48,11 +67,77 @@ def tracking_uri(root: Path | None = None) -> str:
     return uri
 
 
+_checked: set[str] = set()
+
+
 def configure(root: Path | None = None) -> str:
+    """Point MLflow at the store; check it once per process, so a dead server fails in seconds."""
     uri = tracking_uri(root)
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)
+    if uri not in _checked:
+        if uri.startswith(("http://", "https://")):
+            for name, value in HTTP_DEFAULTS.items():
+                os.environ.setdefault(name, value)
+            check_server(uri)
+        elif uri.startswith("sqlite:"):
+            create_store(uri)
+        _checked.add(uri)
     return uri
+
+
+def sqlite_path(uri: str) -> Path | None:
+    return Path(uri[len("sqlite:///") :]) if uri.startswith("sqlite:///") else None
+
+
+def store_lock(uri: str | None = None) -> contextlib.AbstractContextManager:
+    """A lock every process on this machine shares for a SQLite store (a file beside it); no lock for a
+    server, which serialises its own writes."""
+    path = sqlite_path(uri or mlflow.get_tracking_uri())
+    if path is None:
+        return contextlib.nullcontext()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return FileLock(str(path) + ".lock", timeout=300)
+
+
+def create_store(uri: str) -> None:
+    """Create (or migrate) the SQLite store's tables under the lock: processes that open a new store at
+    once otherwise race in MLflow's schema creation (``duplicate column name: step``)."""
+    with store_lock(uri):
+        client = MlflowClient(uri, uri)
+        client.search_experiments(max_results=1)
+        client.search_registered_models(max_results=1)
+
+
+def check_server(uri: str, timeout: float = PREFLIGHT_TIMEOUT_S) -> None:
+    """One request, no retries: raise a one-line ``TrackingError`` if the server is down or refuses us."""
+    import requests
+    from mlflow.tracking._tracking_service.utils import get_default_host_creds
+    from mlflow.utils.rest_utils import http_request
+
+    try:
+        response = http_request(
+            get_default_host_creds(uri),
+            "/api/2.0/mlflow/experiments/get-by-name",
+            "GET",
+            max_retries=0,
+            timeout=timeout,
+            params={"experiment_name": "Default"},
+        )
+    except (requests.exceptions.RequestException, MlflowException, OSError) as exc:
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        if "Connection refused" in reason:
+            reason = "connection refused"
+        elif "timed out" in reason.lower() or "timeout" in reason.lower():
+            reason = f"no answer in {timeout:.0f} s"
+        raise TrackingError(f"tracking server {uri}: unreachable ({reason}); check MLFLOW_TRACKING_URI") from None
+    if response.status_code in (401, 403):
+        raise TrackingError(
+            f"tracking server {uri}: refused the login (HTTP {response.status_code}); "
+            "set MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD"
+        )
+    if response.status_code >= 500:
+        raise TrackingError(f"tracking server {uri}: answered HTTP {response.status_code}; check the server's log")
 
 
 def experiment_id(name: str, root: Path | None = None) -> str:
@@ -111,31 +196,157 @@ def _raise_keyboard_interrupt(signum, frame):  # noqa: ARG001
     raise KeyboardInterrupt(f"signal {signum}")
 
 
+def _process_started(pid: int) -> str:
+    return f"{psutil.Process(pid).create_time():.2f}"
+
+
+def owner_tags() -> dict[str, str]:
+    """This process as the owner of a run: host, pid and the pid's start time (pids are reused)."""
+    return {HOST_TAG: socket.gethostname(), PID_TAG: str(os.getpid()), PID_START_TAG: _process_started(os.getpid())}
+
+
+def run_is_stale(tags: Mapping[str, str]) -> bool | None:
+    """True if the run's process on this host is gone; None if that cannot be told (another host, or a
+    run this project did not start): such runs are never touched."""
+    if tags.get(HOST_TAG) != socket.gethostname() or PID_TAG not in tags:
+        return None
+    try:
+        return _process_started(int(tags[PID_TAG])) != tags.get(PID_START_TAG)
+    except (psutil.NoSuchProcess, psutil.AccessDenied, ValueError):
+        return True
+
+
+def running_runs(experiment_ids: list[str]) -> list:
+    return MlflowClient().search_runs(experiment_ids, filter_string="attributes.status = 'RUNNING'", max_results=1000)
+
+
+def close_stale_runs(experiment_ids: list[str], keep: str | None = None) -> list[str]:
+    """End as KILLED the RUNNING runs whose process on this host is gone; return their ids."""
+    client, closed = MlflowClient(), []
+    for stale in running_runs(experiment_ids):
+        if stale.info.run_id == keep or not run_is_stale(stale.data.tags):
+            continue
+        pid = stale.data.tags[PID_TAG]
+        client.set_tag(stale.info.run_id, "mnist_cnn.closed", f"stale: process {pid} on this host is gone")
+        client.set_terminated(stale.info.run_id, "KILLED")
+        log.warning("run %s was left RUNNING by process %s, which is gone: ended KILLED", stale.info.run_id, pid)
+        closed.append(stale.info.run_id)
+    return closed
+
+
+@contextlib.contextmanager
+def _signals_deferred() -> Iterator[None]:
+    """Hold SIGINT and SIGTERM until the block is done: a second Ctrl-C must not break off ending a run."""
+    deferred = {signal.SIGINT, signal.SIGTERM}
+    signal.pthread_sigmask(signal.SIG_BLOCK, deferred)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, deferred)
+
+
+def _end(status: str) -> None:
+    with _signals_deferred():
+        try:
+            mlflow.flush_async_logging()
+        finally:
+            mlflow.end_run(status)
+
+
 @contextlib.contextmanager
 def run(experiment: str, run_id: str | None = None, root: Path | None = None) -> Iterator[mlflow.ActiveRun]:
     """Start (or, with ``run_id`` / ``$MLFLOW_RUN_ID``, reopen) a run; end it FINISHED, FAILED or KILLED.
 
     SIGTERM is turned into an interrupt for the duration, so a killed stage ends its run KILLED
-    rather than leaving it RUNNING.
+    rather than leaving it RUNNING; interrupts that arrive while the run is being ended wait for it.
+    Runs of this experiment left RUNNING by dead processes of this host are closed first.
     """
     configure(root)
     run_id = os.environ.get("MLFLOW_RUN_ID") or run_id
-    kwargs = {"run_id": run_id} if run_id else {"experiment_id": experiment_id(experiment, root)}
+    exp_id = experiment_id(experiment, root)
+    close_stale_runs([exp_id], keep=run_id)
+    kwargs = {"run_id": run_id} if run_id else {"experiment_id": exp_id}
     previous = signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
-    active = mlflow.start_run(**kwargs)
-    status = "FAILED"
     try:
-        yield active
-        status = "FINISHED"
-    except KeyboardInterrupt:
-        status = "KILLED"
-        raise
-    finally:
+        active = mlflow.start_run(**kwargs)
+        status = "FAILED"
         try:
-            mlflow.flush_async_logging()
+            mlflow.set_tags(owner_tags())
+            yield active
+            status = "FINISHED"
+        except KeyboardInterrupt:
+            status = "KILLED"
+            raise
         finally:
-            mlflow.end_run(status)
-            signal.signal(signal.SIGTERM, previous)
+            _end(status)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+@contextlib.contextmanager
+def reopen(run_id: str, stage: str, root: Path | None = None) -> Iterator[mlflow.ActiveRun]:
+    """Log into a finished run without rewriting its history: the run's status stays what training
+    made it, and this stage's outcome is the tag ``<stage>.status`` (FINISHED, FAILED or KILLED, with
+    ``<stage>.error``)."""
+    configure(root)
+    run_id = os.environ.get("MLFLOW_RUN_ID") or run_id
+    try:
+        was = MlflowClient().get_run(run_id).info.status
+    except MlflowException:
+        raise TrackingError(
+            f"run {run_id} (from models/train.json) is not in the store {mlflow.get_tracking_uri()}; "
+            "rerun the train stage"
+        ) from None
+    # A run still RUNNING is one `mlflow run` started for train and evaluate together.
+    final = was if RunStatus.is_terminated(RunStatus.from_string(was)) else None
+    previous = signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
+    try:
+        active = mlflow.start_run(run_id=run_id)
+        outcome, error = "FAILED", None
+        try:
+            mlflow.set_tag(f"{stage}.status", "RUNNING")
+            yield active
+            outcome = "FINISHED"
+        except KeyboardInterrupt:
+            outcome = "KILLED"
+            raise
+        except Exception as exc:
+            error = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            raise
+        finally:
+            with _signals_deferred():
+                mlflow.set_tags({f"{stage}.status": outcome, **({f"{stage}.error": error[:5000]} if error else {})})
+            _end(final or ("FINISHED" if outcome == "FINISHED" else outcome))
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def run_exists(run_id: str, root: Path | None = None) -> bool:
+    configure(root)
+    try:
+        MlflowClient().get_run(run_id)
+    except MlflowException:
+        return False
+    return True
+
+
+def log_missing_epochs(history: list[Mapping[str, Any]]) -> None:
+    """Log the per-epoch metrics of ``history`` (dicts of EpochStats) the active run does not hold yet."""
+    run_id = mlflow.active_run().info.run_id
+    logged = {m.step for m in MlflowClient().get_metric_history(run_id, "val_loss")}
+    logger = EpochLogger()
+    for epoch in history:
+        if epoch["epoch"] not in logged:
+            logger.log_epoch(SimpleNamespace(**epoch))
+
+
+def version_with_tag(model_name: str, key: str, value: str) -> str | None:
+    """The version of ``model_name`` tagged ``key=value``, if any."""
+    try:
+        versions = MlflowClient().search_model_versions(f"name = '{model_name}' and tags.{key} = '{value}'")
+    except MlflowException:
+        return None
+    return str(versions[0].version) if versions else None
 
 
 class EpochLogger:
@@ -169,9 +380,17 @@ def champion_accuracy(client: MlflowClient, model_name: str) -> tuple[str | None
 
 
 def promote_if_better(model_name: str, version: str, test_acc: float) -> bool:
-    """Tag ``version`` with its test accuracy; move ``champion`` to it if it beats the current champion."""
+    """Tag ``version`` with its test accuracy; move ``champion`` to it if it beats the current champion.
+
+    Read-compare-write under the store's lock, so parallel evaluations cannot both win.
+    """
     client = MlflowClient()
     client.set_model_version_tag(model_name, version, "test_acc", f"{test_acc:.4f}")
+    with store_lock():
+        return _promote(client, model_name, version, test_acc)
+
+
+def _promote(client: MlflowClient, model_name: str, version: str, test_acc: float) -> bool:
     current, current_acc = champion_accuracy(client, model_name)
     if current is not None and current_acc is not None and test_acc <= current_acc:
         log.info(

@@ -4,22 +4,26 @@ from __future__ import annotations
 
 import copy
 import csv
+import hashlib
 import io
 import json
 import logging
+import random
 import time
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
 from . import layout
-from .config import Params, TrainConfig
-from .data import load_split, normalise, split_indices
+from .config import Params, TrainConfig, flatten
+from .data import load_split, normalise, split_indices, verified_md5s
 from .model import Net
 from .runtime import autocast, memory_format, seed_everything, select_device, select_precision
 
@@ -52,6 +56,49 @@ class Reporter(Protocol):
     """Where per-epoch metrics go (MLflow in the pipeline; nothing in a bare call)."""
 
     def log_epoch(self, stats: EpochStats) -> None: ...
+
+
+CHECKPOINT_FORMAT = 1
+
+
+@dataclass(frozen=True)
+class Checkpointing:
+    """Where to save a checkpoint after every epoch, what identifies this training, and (``state``) a
+    checkpoint of the same training to continue from."""
+
+    path: Path
+    fingerprint: str
+    run_id: str | None = None
+    state: dict[str, Any] | None = None
+
+
+def training_fingerprint(params: Params, data_md5s: Mapping[str, str]) -> str:
+    """What a checkpoint must match to be continued: every data/model/train value and the data's MD5s."""
+    values = {
+        k: v
+        for k, v in flatten(params).items()
+        if k.split(".")[0] in ("data", "model", "train") and k != "train.resume"
+    }
+    blob = json.dumps({"params": values, "data": dict(sorted(data_md5s.items()))}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def load_checkpoint(path: Path, fingerprint: str) -> dict[str, Any] | None:
+    """The checkpoint at ``path`` if it belongs to this very training, else None (and a line saying why)."""
+    if not Path(path).is_file():
+        return None
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # any unreadable file means "start over", never a crash
+        log.warning("%s: unreadable checkpoint (%s); training from scratch", path, type(exc).__name__)
+        return None
+    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
+        log.warning("%s: not a checkpoint of this version; training from scratch", path)
+        return None
+    if state.get("fingerprint") != fingerprint:
+        log.info("%s: from a training with other params or data; training from scratch", path)
+        return None
+    return state
 
 
 @dataclass(frozen=True)
@@ -184,6 +231,72 @@ def _format_epoch(stats: EpochStats, epochs: int, improved: bool) -> str:
     )
 
 
+@dataclass
+class _Loop:
+    """Everything an epoch changes: what a checkpoint saves and a resume restores."""
+
+    net: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    scaler: torch.amp.GradScaler | None
+    generator: torch.Generator
+    history: list[EpochStats]
+    best_loss: float = float("inf")
+    best_epoch: int = 0
+    best_state: dict[str, torch.Tensor] | None = None
+    seconds_before: float = 0.0  # training time of the epochs a resumed run had done
+
+    def state(self, fingerprint: str, run_id: str | None, seconds: float) -> dict[str, Any]:
+        return {
+            "format": CHECKPOINT_FORMAT,
+            "fingerprint": fingerprint,
+            "run_id": run_id,
+            "epoch": self.history[-1].epoch,
+            "model": self.net.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
+            "scaler": self.scaler.state_dict() if self.scaler is not None else None,
+            "generator": self.generator.get_state(),
+            "torch_rng": torch.get_rng_state(),
+            "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            "python_rng": random.getstate(),
+            # as a list: torch.load(weights_only=True) refuses numpy arrays
+            "numpy_rng": [v.tolist() if isinstance(v, np.ndarray) else v for v in np.random.get_state()],
+            "history": [asdict(h) for h in self.history],
+            "best_loss": self.best_loss,
+            "best_epoch": self.best_epoch,
+            "best_state": self.best_state,
+            "train_seconds": seconds,
+        }
+
+    def restore(self, state: dict[str, Any]) -> None:
+        self.net.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        if self.scheduler is not None:
+            self.scheduler.load_state_dict(state["scheduler"])
+        if self.scaler is not None and state["scaler"]:
+            self.scaler.load_state_dict(state["scaler"])
+        self.generator.set_state(state["generator"])
+        torch.set_rng_state(state["torch_rng"])
+        if torch.cuda.is_available() and state["cuda_rng"]:
+            torch.cuda.set_rng_state_all(state["cuda_rng"])
+        random.setstate(_as_tuple(state["python_rng"]))
+        kind, keys, pos, has_gauss, gauss = state["numpy_rng"]
+        np.random.set_state((kind, np.asarray(keys, dtype=np.uint32), pos, has_gauss, gauss))
+        self.history = [EpochStats(**h) for h in state["history"]]
+        self.best_loss, self.best_epoch = state["best_loss"], state["best_epoch"]
+        self.best_state = state["best_state"]
+        self.seconds_before = state["train_seconds"]
+
+
+def _as_tuple(value: Any) -> Any:
+    return tuple(_as_tuple(v) for v in value) if isinstance(value, (list, tuple)) else value
+
+
+def _early_stop(epoch: int, best_epoch: int, patience: int) -> bool:
+    return epoch - best_epoch >= patience
+
+
 def fit(
     params: Params,
     train_data: Tensors,
@@ -192,8 +305,13 @@ def fit(
     precision: str,
     reporter: Reporter | None = None,
     show_progress: bool | None = None,
+    checkpointing: Checkpointing | None = None,
 ) -> tuple[nn.Module, TrainResult]:
-    """Train until ``epochs`` or ``patience`` epochs without a better validation loss; restore the best."""
+    """Train until ``epochs`` or ``patience`` epochs without a better validation loss; restore the best.
+
+    With ``checkpointing``, every epoch ends with a checkpoint, and ``checkpointing.state`` (one of the
+    same training) is continued: the same epochs follow, to the last bit on the same machine.
+    """
     cfg = params.train
     seed_everything(cfg.seed)
     net = prepare_model(Net(params.model), device)
@@ -203,11 +321,16 @@ def fit(
     per_batch = scheduler if cfg.scheduler == "onecycle" else None
     scaler = torch.amp.GradScaler(device.type) if precision == "fp16" else None
     generator = torch.Generator().manual_seed(cfg.seed)
-
-    history: list[EpochStats] = []
-    best_loss, best_epoch, best_state = float("inf"), 0, None
+    loop = _Loop(net, optimizer, scheduler, scaler, generator, history=[])
+    if checkpointing is not None and checkpointing.state is not None:
+        loop.restore(checkpointing.state)
+        log.info("resuming after epoch %d from %s", loop.history[-1].epoch, checkpointing.path)
+    history = loop.history
+    first = history[-1].epoch + 1 if history else 1
+    if history and _early_stop(history[-1].epoch, loop.best_epoch, cfg.patience):
+        first = cfg.epochs + 1  # the interrupted run had already stopped early
     started = time.perf_counter()
-    for epoch in range(1, cfg.epochs + 1):
+    for epoch in range(first, cfg.epochs + 1):
         epoch_start = time.perf_counter()
         lr = optimizer.param_groups[0]["lr"]
         # disable=None: tqdm shows the bar on a terminal only, so logs keep just the epoch lines.
@@ -225,28 +348,32 @@ def fit(
             scheduler.step()
         stats = EpochStats(epoch, train_loss, train_acc, val_loss, val_acc, lr, time.perf_counter() - epoch_start)
         history.append(stats)
-        improved = val_loss < best_loss
+        improved = val_loss < loop.best_loss
         if improved:
-            best_loss, best_epoch = val_loss, epoch
-            best_state = copy.deepcopy(net.state_dict())
+            loop.best_loss, loop.best_epoch = val_loss, epoch
+            loop.best_state = copy.deepcopy(net.state_dict())
+        if checkpointing is not None:
+            seconds = loop.seconds_before + time.perf_counter() - started
+            state = loop.state(checkpointing.fingerprint, checkpointing.run_id, seconds)
+            layout.write_atomic(checkpointing.path, lambda tmp, state=state: torch.save(state, tmp))
         log.info(_format_epoch(stats, cfg.epochs, improved))
         if reporter is not None:
             reporter.log_epoch(stats)
-        if epoch - best_epoch >= cfg.patience:
-            log.info("early stop: no better validation loss in %d epochs; best epoch %d", cfg.patience, best_epoch)
+        if _early_stop(epoch, loop.best_epoch, cfg.patience):
+            log.info("early stop: no better validation loss in %d epochs; best epoch %d", cfg.patience, loop.best_epoch)
             break
-    if best_state is None:
+    if loop.best_state is None:
         raise RuntimeError(
             f"train.lr = {cfg.lr}: validation loss was never finite (training diverged); try a lower train.lr"
         )
-    net.load_state_dict(best_state)
+    net.load_state_dict(loop.best_state)
     result = TrainResult(
-        best_epoch=best_epoch,
+        best_epoch=loop.best_epoch,
         stopped_epoch=history[-1].epoch,
-        best_val_loss=best_loss,
+        best_val_loss=loop.best_loss,
         device=device.type,
         precision=precision,
-        train_seconds=time.perf_counter() - started,
+        train_seconds=loop.seconds_before + time.perf_counter() - started,
         history=history,
     )
     return net.eval(), result
@@ -268,8 +395,14 @@ def train(
     reports_dir: Path = layout.REPORTS_DIR,
     reporter: Reporter | None = None,
     show_progress: bool | None = None,
+    checkpointing: Checkpointing | None = None,
 ) -> TrainResult:
-    """Train on ``data_dir``; write the best weights (a state_dict) and the per-epoch history."""
+    """Train on ``data_dir``; write the best weights (a state_dict) and the per-epoch history.
+
+    The data files are checked against their expected MD5s first. With ``checkpointing``, the
+    checkpoint is removed once the weights are written.
+    """
+    verified_md5s(data_dir, params.data.dataset)
     device = select_device(params.train.device)
     precision = select_precision(params.train.precision, device)
     if device.type == "cuda":
@@ -284,14 +417,18 @@ def train(
         len(train_data.y),
         len(val_data.y),
     )
-    net, result = fit(params, train_data, val_data, device, precision, reporter, show_progress)
+    net, result = fit(params, train_data, val_data, device, precision, reporter, show_progress, checkpointing)
     cpu_state = {k: v.detach().cpu() for k, v in net.state_dict().items()}
     layout.write_atomic(Path(model_dir) / layout.WEIGHTS.name, lambda tmp: torch.save(cpu_state, tmp))
     layout.write_text_atomic(Path(reports_dir) / layout.HISTORY.name, history_csv(result.history))
+    if checkpointing is not None:
+        checkpointing.path.unlink(missing_ok=True)
     return result
 
 
-def write_train_info(result: TrainResult, model_dir: Path, run_id: str | None) -> None:
+def write_train_info(result: TrainResult, model_dir: Path, run_id: str | None, cfg: TrainConfig) -> None:
+    """``train.json``: the result, the MLflow run, and the split the weights were trained on (evaluate
+    refuses another split: its "validation" set would overlap the training data)."""
     info = {k: v for k, v in asdict(result).items() if k != "history"}
-    info["run_id"] = run_id
+    info.update(run_id=run_id, val_split=cfg.val_split, seed=cfg.seed)
     layout.write_text_atomic(Path(model_dir) / layout.TRAIN_INFO.name, json.dumps(info, indent=2) + "\n")
