@@ -1,8 +1,20 @@
+import contextlib
+import functools
 import gzip
+import http.server
 import json
+import os
+import re
 import shutil
+import signal
+import socketserver
+import stat
+import subprocess
+import sys
+import threading
 import time
 import urllib.error
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -13,6 +25,7 @@ from mnist_cnn.config import DataConfig
 from mnist_cnn.data import FILES, DataError, load_split, md5sum, read_idx
 
 MNIST = DataConfig("mnist")
+REPO = Path(__file__).resolve().parents[1]
 
 
 def test_download_from_local_mirror_verifies_every_file(tiny_mirror, tmp_path):
@@ -21,6 +34,7 @@ def test_download_from_local_mirror_verifies_every_file(tiny_mirror, tmp_path):
     for name, md5 in sums.items():
         assert md5sum(tmp_path / "raw" / name) == md5
     assert not [p for p in (tmp_path / "raw").iterdir() if p.name.startswith(".")], "temporary files left"
+    assert not dl.partial_dir(tmp_path / "raw").exists()
     train = load_split(tmp_path / "raw", train=True)
     assert train.images.shape == (1500, 28, 28) and train.labels.shape == (1500,)
 
@@ -54,6 +68,7 @@ def test_corrupt_mirror_file_is_rejected_and_never_used(tiny_mirror, tmp_path, h
         dl.download(MNIST, out, mirror=str(bad))
     assert not (out / FILES["train_images"]).exists()
     assert not [p for p in out.iterdir() if p.name.startswith(".")], "temporary files left"
+    assert not dl.partial_dir(out).exists()
 
 
 def test_corrupt_file_already_in_place_is_replaced(tiny_mirror, tmp_path):
@@ -105,7 +120,7 @@ def test_bad_checksums_file_is_named(tmp_path, monkeypatch):
     bad = tmp_path / "sums.json"
     bad.write_text(json.dumps({"train-images-idx3-ubyte.gz": "x"}))
     monkeypatch.setenv("MNIST_MD5S", str(bad))
-    with pytest.raises(dl.DownloadError, match=r"MNIST_MD5S=.*sums\.json: expected a JSON file"):
+    with pytest.raises(DataError, match=r"MNIST_MD5S=.*sums\.json: expected a JSON file"):
         dl.resources("mnist")
 
 
@@ -125,3 +140,205 @@ def test_read_idx_rejects_truncated_and_foreign_files(tmp_path):
     path.write_bytes(b"not gzip")
     with pytest.raises(DataError, match="not a readable gzip file"):
         read_idx(path)
+
+
+# Real servers on 127.0.0.1 (a free port each), for the ways a mirror fails in the wild.
+
+
+@contextlib.contextmanager
+def serving(handler: Callable[..., socketserver.BaseRequestHandler]) -> Iterator[str]:
+    """Serve ``handler`` on a free port of 127.0.0.1 in a thread; yield the base URL; stop it on exit."""
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    server.stopping = threading.Event()  # handlers that stream slowly give up when it is set
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.stopping.set()
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=5)
+
+
+class QuietHandler(http.server.BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+
+    def log_message(self, *args) -> None:
+        pass
+
+
+class QuietFiles(http.server.SimpleHTTPRequestHandler):
+    def log_message(self, *args) -> None:
+        pass
+
+
+def mirror_handler(directory: Path) -> Callable[..., socketserver.BaseRequestHandler]:
+    """A good mirror: the files of ``directory``."""
+    return functools.partial(QuietFiles, directory=str(directory))
+
+
+class CutOffChunked(QuietHandler):
+    """Chunked transfer encoding, the connection closed in the middle of the first chunk."""
+
+    def do_GET(self) -> None:
+        self.send_response(200)
+        self.send_header("Transfer-Encoding", "chunked")
+        self.end_headers()
+        self.wfile.write(b"%x\r\n" % 1000 + b"x" * 100)
+        self.close_connection = True
+
+
+class CutOffLength(QuietHandler):
+    """A Content-Length of 1000, then 100 bytes and the connection closed."""
+
+    def do_GET(self) -> None:
+        self.send_response(200)
+        self.send_header("Content-Length", "1000")
+        self.end_headers()
+        self.wfile.write(b"x" * 100)
+        self.close_connection = True
+
+
+def not_http(reply: bytes) -> type[socketserver.StreamRequestHandler]:
+    """A server that reads the request, answers ``reply`` (not HTTP at all) and closes."""
+
+    class NotHttp(socketserver.StreamRequestHandler):
+        def handle(self) -> None:
+            # The whole request is read first: closing with unread input would reset the connection.
+            while self.rfile.readline() not in (b"\r\n", b"\n", b""):
+                pass
+            self.wfile.write(reply)
+
+    return NotHttp
+
+
+def trickle_handler(directory: Path, burst: int = 0, interval: float = 0.5) -> type[QuietHandler]:
+    """The files of ``directory``: the first ``burst`` bytes at once, then one byte every ``interval`` s."""
+
+    class Trickle(QuietHandler):
+        def do_GET(self) -> None:
+            blob = (directory / self.path.lstrip("/")).read_bytes()
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(blob)))
+            self.end_headers()
+            try:
+                self.wfile.write(blob[:burst])
+                for i in range(burst, len(blob)):
+                    # Bounded in time however the test ends: the server's stop event ends it.
+                    if self.server.stopping.wait(interval):
+                        return
+                    self.wfile.write(blob[i : i + 1])
+            except OSError:  # the client gave up
+                pass
+            self.close_connection = True
+
+    return Trickle
+
+
+BROKEN = {
+    "chunked reply cut off": (CutOffChunked, "reply cut off after 100 bytes"),
+    "reply shorter than its Content-Length": (CutOffLength, "reply cut off after 100 bytes (900 more expected)"),
+    "not HTTP": (not_http(b"\x00\xffSSH-2.0-OpenSSH\r\n"), "bad HTTP reply: BadStatusLine("),
+    "closed without a reply": (not_http(b""), "bad HTTP reply: RemoteDisconnected("),
+}
+
+
+@pytest.mark.parametrize("kind", BROKEN)
+def test_broken_reply_is_that_sources_failure_and_the_next_source_is_tried(tiny_mirror, tmp_path, monkeypatch, kind):
+    handler, _ = BROKEN[kind]
+    with serving(handler) as broken, serving(mirror_handler(tiny_mirror)) as good:
+        monkeypatch.setattr(dl, "default_mirrors", lambda dataset: [broken, good])
+        sums = dl.download(MNIST, tmp_path / "raw", timeout=2)
+    assert sorted(sums) == sorted(FILES.values())
+    assert sorted(p.name for p in (tmp_path / "raw").iterdir()) == sorted(FILES.values())
+    assert not dl.partial_dir(tmp_path / "raw").exists()
+
+
+def test_all_sources_broken_is_one_line_naming_each_and_why(tmp_path, monkeypatch):
+    with contextlib.ExitStack() as stack:
+        urls = [stack.enter_context(serving(handler)) for handler, _ in BROKEN.values()]
+        monkeypatch.setattr(dl, "default_mirrors", lambda dataset: urls)
+        with pytest.raises(dl.DownloadError) as info:
+            dl.download(MNIST, tmp_path / "raw", timeout=2)
+    message = str(info.value)
+    assert "\n" not in message and message.startswith("train-images-idx3-ubyte.gz: no source gave a verified copy")
+    for url, (_, reason) in zip(urls, BROKEN.values(), strict=True):
+        assert f"{url}: {reason}" in message
+    assert list((tmp_path / "raw").iterdir()) == []
+    assert not dl.partial_dir(tmp_path / "raw").exists()
+
+
+def test_trickling_server_fails_at_the_deadline(tiny_mirror, tmp_path):
+    with serving(trickle_handler(tiny_mirror)) as slow:
+        start = time.perf_counter()
+        with pytest.raises(dl.DownloadError, match=rf"{re.escape(slow)}: too slow: \d+ bytes in 1 s\)"):
+            dl.download(MNIST, tmp_path / "raw", mirror=slow, timeout=2, deadline=1)
+        # The deadline is checked as bytes arrive: it ends within deadline + one read's timeout, where
+        # the per-read timeout alone would let the trickle go on for days.
+        assert time.perf_counter() - start < 3.5
+    assert list((tmp_path / "raw").iterdir()) == []
+    assert not dl.partial_dir(tmp_path / "raw").exists()
+
+
+def test_downloaded_files_get_the_umasks_mode(tiny_mirror, tmp_path):
+    old = os.umask(0o002)
+    try:
+        with serving(mirror_handler(tiny_mirror)) as good:
+            dl.download(MNIST, tmp_path / "raw", mirror=good)
+    finally:
+        os.umask(old)
+    for name in FILES.values():
+        assert stat.S_IMODE((tmp_path / "raw" / name).stat().st_mode) == 0o664, name
+
+
+def _wait_for(condition: Callable[[], bool], seconds: float) -> bool:
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        with contextlib.suppress(OSError):  # files come and go under our feet
+            if condition():
+                return True
+        time.sleep(0.05)
+    return False
+
+
+# SIGTERM: the CLI turns it into KeyboardInterrupt, as Ctrl-C (SIGINT) is, so both clean up.
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGINT, signal.SIGTERM], ids=["SIGKILL", "SIGINT", "SIGTERM"])
+def test_download_stopped_mid_file_leaves_nothing_in_the_output(tiny_mirror, tmp_path, sig):
+    root = tmp_path / "project"
+    raw = root / "data" / "raw"
+    partial = dl.partial_dir(raw)
+    command = [
+        sys.executable,
+        "-m",
+        "mnist_cnn",
+        "download",
+        "--params",
+        str(REPO / "params.yaml"),
+        "--root",
+        str(root),
+    ]
+    # The burst fills more than the writer's buffer, so the partial file on disk proves the download is mid-file.
+    with serving(trickle_handler(tiny_mirror, burst=20000)) as slow:
+        proc = subprocess.Popen([*command, "--mirror", slow], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        try:
+            started = _wait_for(lambda: any(p.stat().st_size > 0 for p in partial.iterdir()), 30)
+            assert started, "the download never got under way"
+            proc.send_signal(sig)
+            _, stderr = proc.communicate(timeout=10)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.communicate()
+    assert list(raw.iterdir()) == [], "data/raw (a DVC output) holds a partial file"
+    if sig == signal.SIGKILL:
+        assert proc.returncode == -signal.SIGKILL
+        assert partial.is_dir()  # no chance to clean up; the next run does
+    else:
+        assert proc.returncode == 130 and stderr.strip().splitlines()[-1] == "interrupted"
+        assert not partial.exists()
+    with serving(mirror_handler(tiny_mirror)) as good:
+        rerun = subprocess.run([*command, "--mirror", good], capture_output=True, text=True, timeout=60)
+    assert rerun.returncode == 0, rerun.stderr
+    assert sorted(p.name for p in raw.iterdir()) == sorted(FILES.values())
+    assert not partial.exists()
