@@ -68,11 +68,17 @@ def evaluate(
 
 
 def write_reports(result: EvaluateResult, reports_dir: Path) -> None:
-    layout.write_text_atomic(reports_dir / layout.METRICS.name, json.dumps(result.metrics, indent=2) + "\n")
+    """The three reports together: a full disk leaves none of them rather than a mixed set."""
     pairs = zip(result.actual.tolist(), result.predicted.tolist(), strict=True)
     rows = "\n".join(f"{a},{p}" for a, p in pairs)
-    layout.write_text_atomic(reports_dir / layout.PREDICTIONS.name, f"actual,predicted\n{rows}\n")
-    layout.write_text_atomic(reports_dir / layout.CLASSIFICATION_REPORT.name, result.report)
+    texts = {
+        layout.METRICS.name: json.dumps(result.metrics, indent=2) + "\n",
+        layout.PREDICTIONS.name: f"actual,predicted\n{rows}\n",
+        layout.CLASSIFICATION_REPORT.name: result.report,
+    }
+    layout.write_all_atomic(
+        {reports_dir / name: (lambda tmp, text=text: tmp.write_text(text)) for name, text in texts.items()}
+    )
 
 
 __all__ = ["EvaluateResult", "evaluate"]

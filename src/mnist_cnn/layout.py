@@ -44,19 +44,30 @@ def write_atomic(path: Path, write: Callable[[Path], None]) -> None:
     Any OSError (read-only directory, full disk) becomes an ``OutputError`` naming ``path``, and
     leaves neither the temporary file nor a half-written ``path`` behind.
     """
-    path = Path(path)
-    tmp = None
+    write_all_atomic({Path(path): write})
+
+
+def write_all_atomic(writers: dict[Path, Callable[[Path], None]]) -> None:
+    """``write_atomic`` for files that belong together: every one is written to its temporary file
+    first, and only when all succeeded are they moved into place, so a full disk leaves none."""
+    temps: dict[Path, Path] = {}
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        os.close(fd)
-        tmp = Path(tmp_name)
-        write(tmp)
-        publish(tmp, path)
-    except OSError as exc:
-        raise OutputError(f"{path}: cannot write ({exc.strerror or exc})") from None
+        for path, write in writers.items():
+            try:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+                os.close(fd)
+                temps[path] = Path(tmp_name)
+                write(temps[path])
+            except OSError as exc:
+                raise OutputError(f"{path}: cannot write ({exc.strerror or exc})") from None
+        for path, tmp in temps.items():
+            try:
+                publish(tmp, path)
+            except OSError as exc:
+                raise OutputError(f"{path}: cannot write ({exc.strerror or exc})") from None
     finally:
-        if tmp is not None:
+        for tmp in temps.values():
             tmp.unlink(missing_ok=True)
 
 

@@ -355,7 +355,7 @@ def fit(
         if checkpointing is not None:
             seconds = loop.seconds_before + time.perf_counter() - started
             state = loop.state(checkpointing.fingerprint, checkpointing.run_id, seconds)
-            layout.write_atomic(checkpointing.path, lambda tmp, state=state: torch.save(state, tmp))
+            save_torch(checkpointing.path, state)
         log.info(_format_epoch(stats, cfg.epochs, improved))
         if reporter is not None:
             reporter.log_epoch(stats)
@@ -377,6 +377,14 @@ def fit(
         history=history,
     )
     return net.eval(), result
+
+
+def save_torch(path: Path, obj: Any) -> None:
+    """``torch.save`` atomically. Serialised in memory first: written straight to a full disk, torch
+    fails with an internal assertion ("unexpected pos") instead of the OSError that names the cause."""
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    layout.write_atomic(path, lambda tmp: tmp.write_bytes(buffer.getbuffer()))
 
 
 def history_csv(history: list[EpochStats]) -> str:
@@ -419,7 +427,7 @@ def train(
     )
     net, result = fit(params, train_data, val_data, device, precision, reporter, show_progress, checkpointing)
     cpu_state = {k: v.detach().cpu() for k, v in net.state_dict().items()}
-    layout.write_atomic(Path(model_dir) / layout.WEIGHTS.name, lambda tmp: torch.save(cpu_state, tmp))
+    save_torch(Path(model_dir) / layout.WEIGHTS.name, cpu_state)
     layout.write_text_atomic(Path(reports_dir) / layout.HISTORY.name, history_csv(result.history))
     if checkpointing is not None:
         checkpointing.path.unlink(missing_ok=True)

@@ -1,0 +1,403 @@
+"""Faults made for real: parallel starts on a new store, signals, SIGKILL and resume, a dead or refusing
+tracking server, a full or read-only disk, corrupt weights, changed data, file modes."""
+
+from __future__ import annotations
+
+import http.server
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import mlflow
+import pytest
+import torch
+from mlflow.tracking import MlflowClient
+
+from conftest import write_tiny_params
+from mnist_cnn import pipeline, runs, tracking
+from mnist_cnn.cli import main
+from mnist_cnn.config import load_params
+
+EPOCH_LINE = "epoch {epoch:>3}/"
+
+
+def error_line(stderr: str) -> str:
+    """The one ``error:`` line of a stage's stderr (MLflow's own INFO lines may come before it)."""
+    assert "Traceback" not in stderr, stderr
+    errors = [line for line in stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1, stderr
+    return errors[0]
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def stage(project, *args: str, env: dict | None = None) -> subprocess.Popen:
+    """``python -m mnist_cnn ARGS`` in the project directory, output merged and line-buffered."""
+    return subprocess.Popen(
+        [sys.executable, "-u", "-m", "mnist_cnn", *args, "--no-progress"],
+        cwd=project.root,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env={**os.environ, **(env or {})},
+    )
+
+
+def wait_for_line(proc: subprocess.Popen, needle: str, timeout: float = 120) -> list[str]:
+    lines, deadline = [], time.time() + timeout
+    while time.time() < deadline:
+        line = proc.stdout.readline()
+        if not line:
+            break
+        lines.append(line)
+        if needle in line:
+            return lines
+    proc.kill()
+    raise AssertionError(f"{needle!r} never printed:\n{''.join(lines)}")
+
+
+def the_runs(experiment="mnist-cnn"):
+    tracking.configure()
+    exp = mlflow.get_experiment_by_name(experiment)
+    return MlflowClient().search_runs([exp.experiment_id], order_by=["start_time ASC"]) if exp else []
+
+
+# 1. Parallel runs on a new store
+def test_four_trainings_at_once_on_a_new_store_all_finish(tmp_path, tiny_mirror):
+    store = tmp_path / "fresh" / "mlflow.db"
+    assert not store.exists()
+    procs = []
+    for seed in range(4):
+        root = tmp_path / f"p{seed}"
+        shutil.copytree(tiny_mirror, root / "data" / "raw")
+        write_tiny_params(root / "params.yaml", **{"train.epochs": 1, "train.seed": seed})
+        procs.append(
+            subprocess.Popen(
+                [sys.executable, "-m", "mnist_cnn", "all", "--no-progress"],
+                cwd=root,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                text=True,
+                env={**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{store}"},
+            )
+        )
+    outputs = [proc.communicate(timeout=600)[0] for proc in procs]
+    for proc, output in zip(procs, outputs, strict=True):
+        assert proc.returncode == 0, output
+    mlflow.set_tracking_uri(f"sqlite:///{store}")
+    mlflow.set_registry_uri(f"sqlite:///{store}")
+    client = MlflowClient()
+    found = client.search_runs([mlflow.get_experiment_by_name("mnist-cnn").experiment_id])
+    assert len(found) == 4 and {run.info.status for run in found} == {"FINISHED"}
+    assert all(len(client.get_metric_history(run.info.run_id, "val_loss")) == 1 for run in found)
+    versions = client.search_model_versions("name = 'mnist-cnn'")
+    assert sorted(int(v.version) for v in versions) == [1, 2, 3, 4]
+    best = max(found, key=lambda run: run.data.metrics["test_acc"])
+    champion = client.get_model_version_by_alias("mnist-cnn", "champion")
+    assert client.get_run(champion.run_id).data.metrics["test_acc"] == best.data.metrics["test_acc"]
+
+
+# 2. Signals during clean-up; SIGKILL; stale runs
+def test_repeated_interrupts_while_ending_still_end_the_run_killed(project):
+    write_tiny_params(project.params_file, **{"train.epochs": 500, "train.patience": 500})
+    proc = stage(project, "train")
+    wait_for_line(proc, EPOCH_LINE.format(epoch=1))
+    proc.send_signal(signal.SIGINT)
+    for _ in range(40):  # keep interrupting through the whole clean-up
+        time.sleep(0.05)
+        if proc.poll() is not None:
+            break
+        proc.send_signal(signal.SIGINT if _ % 2 else signal.SIGTERM)
+    output, _ = proc.communicate(timeout=60)
+    assert proc.returncode != 0
+    assert [run.info.status for run in the_runs()] == ["KILLED"], output
+
+
+def test_sigkill_leaves_a_stale_run_that_runs_clean_closes(project, capsys):
+    write_tiny_params(project.params_file, **{"train.epochs": 500, "train.patience": 500})
+    proc = stage(project, "train")
+    wait_for_line(proc, EPOCH_LINE.format(epoch=1))
+    proc.kill()
+    proc.wait(timeout=30)
+    killed = the_runs()[0]
+    assert killed.info.status == "RUNNING"
+    # A run another host is running on the same (shared) store: never touched.
+    client = MlflowClient()
+    other = client.create_run(killed.info.experiment_id, tags={tracking.HOST_TAG: "elsewhere", tracking.PID_TAG: "1"})
+
+    states = {r.run_id: r.state for r in runs.running("mnist-cnn")}
+    assert states == {killed.info.run_id: "stale", other.info.run_id: "unknown"}
+    assert main(["runs", "--clean", "--params", str(project.params_file), "--root", str(project.root)]) == 0
+    out = capsys.readouterr().out
+    assert "closed 1 stale run(s) as KILLED" in out and killed.info.run_id in out
+    assert client.get_run(killed.info.run_id).info.status == "KILLED"
+    assert client.get_run(other.info.run_id).info.status == "RUNNING"
+
+
+def test_next_training_closes_stale_runs_of_this_host(project, tiny_params):
+    tracking.configure()
+    exp_id = tracking.experiment_id("mnist-cnn")
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    stale = MlflowClient().create_run(
+        exp_id, tags={tracking.HOST_TAG: socket.gethostname(), tracking.PID_TAG: str(dead.pid)}
+    )
+    pipeline.run_train(tiny_params, project, show_progress=False)
+    assert MlflowClient().get_run(stale.info.run_id).info.status == "KILLED"
+
+
+# Resume after SIGKILL
+def tensors_equal(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_sigkill_after_epoch_2_of_4_resumes_in_the_same_run_to_identical_weights(tmp_path, project, tiny_mirror):
+    settings = {"train.epochs": 4, "train.patience": 10, "train.batch_size": 16}
+    write_tiny_params(project.params_file, **settings)
+    proc = stage(project, "train")
+    wait_for_line(proc, EPOCH_LINE.format(epoch=2))
+    proc.kill()
+    proc.wait(timeout=30)
+    checkpoint = torch.load(project.models / "checkpoint.pt", weights_only=True)
+    assert 2 <= checkpoint["epoch"] < 4 and not (project.models / "model.pt").exists()
+    interrupted = the_runs()[0]
+    assert interrupted.info.status == "RUNNING"
+
+    resumed = stage(project, "train")
+    output, _ = resumed.communicate(timeout=300)
+    assert resumed.returncode == 0, output
+    assert f"resuming after epoch {checkpoint['epoch']}" in output
+    assert not (project.models / "checkpoint.pt").exists()
+    (run,) = the_runs()
+    assert run.info.run_id == interrupted.info.run_id and run.info.status == "FINISHED"
+    assert [m.step for m in MlflowClient().get_metric_history(run.info.run_id, "val_loss")] == [1, 2, 3, 4]
+
+    # The same training, never interrupted, in another project directory and store.
+    clean = tmp_path / "clean"
+    shutil.copytree(tiny_mirror, clean / "data" / "raw")
+    write_tiny_params(clean / "params.yaml", **settings)
+    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'clean.db'}"}
+    uninterrupted = subprocess.run(
+        [sys.executable, "-m", "mnist_cnn", "train", "--no-progress"], cwd=clean, env=env, capture_output=True
+    )
+    assert uninterrupted.returncode == 0, uninterrupted.stderr
+    weights = [torch.load(root / "models" / "model.pt", weights_only=True) for root in (project.root, clean)]
+    assert tensors_equal(*weights)
+    histories = [(root / "reports" / "history.csv").read_text().splitlines() for root in (project.root, clean)]
+    drop_seconds = [[",".join(line.split(",")[:-1]) for line in history] for history in histories]
+    assert drop_seconds[0] == drop_seconds[1]
+    infos = [json.loads((root / "models" / "train.json").read_text()) for root in (project.root, clean)]
+    assert [(i["best_epoch"], i["best_val_loss"]) for i in infos] == [
+        (infos[1]["best_epoch"], infos[1]["best_val_loss"])
+    ] * 2
+
+
+def test_a_checkpoint_of_other_params_is_not_resumed(project, tiny_params, caplog):
+    write_tiny_params(project.params_file, **{"train.epochs": 500, "train.patience": 500})
+    proc = stage(project, "train")
+    wait_for_line(proc, EPOCH_LINE.format(epoch=1))
+    proc.kill()
+    proc.wait(timeout=30)
+    assert (project.models / "checkpoint.pt").exists()
+    caplog.set_level("INFO")
+    run_id, result = pipeline.run_train(tiny_params, project, show_progress=False)  # other epochs/patience
+    assert "from a training with other params or data" in caplog.text
+    assert [h.epoch for h in result.history] == [1, 2]
+    assert MlflowClient().get_run(run_id).info.status == "FINISHED"
+    assert len(the_runs()) == 2  # the killed run was closed, not reused
+
+
+# 3. Numbers as users write them
+def test_lr_1e_minus_3_is_a_number_and_infinity_is_refused(project, tmp_path, capsys):
+    text = project.params_file.read_text().replace("lr: 0.43", "lr: 1e-3")
+    project.params_file.write_text(text)
+    assert load_params(project.params_file).train.lr == 0.001
+    assert load_params(project.params_file, {"lr": "2e-4"}).train.lr == 0.0002
+    code = main(["train", "--params", str(project.params_file), "--root", str(project.root), "--lr", ".inf"])
+    assert code == 2
+    assert capsys.readouterr().err.strip() == f"error: {project.params_file}: train.lr = inf: expected a finite number"
+
+
+# 4. Unreachable or refusing tracking server
+def test_unreachable_tracking_server_fails_in_seconds_with_one_line(project, monkeypatch, capsys):
+    uri = f"http://127.0.0.1:{free_port()}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    started = time.perf_counter()
+    code = main(["train", "--params", str(project.params_file), "--root", str(project.root)])
+    assert time.perf_counter() - started < 15
+    err = error_line(capsys.readouterr().err)
+    assert code == 1 and err.count("\n") == 0
+    assert err == f"error: tracking server {uri}: unreachable (connection refused); check MLFLOW_TRACKING_URI"
+    assert not (project.models / "model.pt").exists()
+
+
+class _Refusing(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):  # noqa: N802
+        self.send_response(401)
+        self.send_header("WWW-Authenticate", 'Basic realm="mlflow"')
+        self.end_headers()
+
+    def log_message(self, *args):
+        pass
+
+
+def test_refusing_tracking_server_names_the_login(project, monkeypatch, capsys):
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Refusing)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        uri = f"http://127.0.0.1:{server.server_address[1]}"
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+        code = main(["train", "--params", str(project.params_file), "--root", str(project.root)])
+    finally:
+        server.shutdown()
+        server.server_close()
+    err = error_line(capsys.readouterr().err)
+    assert code == 1
+    assert err == (
+        f"error: tracking server {uri}: refused the login (HTTP 401); "
+        "set MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD"
+    )
+    assert not (project.models / "model.pt").exists()
+
+
+# 5. Evaluate does not rewrite history
+def test_failed_evaluate_keeps_the_run_finished_and_the_champion(project, tiny_params, capsys):
+    run_id, _ = pipeline.run_train(tiny_params, project, show_progress=False)
+    pipeline.run_evaluate(tiny_params, project)
+    client = MlflowClient()
+    (project.models / "model.pt").write_bytes(b"PK\x03\x04 not really a zip")
+    code = main(["evaluate", "--params", str(project.params_file), "--root", str(project.root)])
+    err = error_line(capsys.readouterr().err)
+    assert code == 1 and "model.pt: not a readable weights file" in err and "weights_only" not in err
+    run = client.get_run(run_id)
+    assert run.info.status == "FINISHED"
+    assert (
+        run.data.tags["evaluate.status"] == "FAILED"
+        and "not a readable weights file" in run.data.tags["evaluate.error"]
+    )
+    assert client.get_model_version_by_alias("mnist-cnn", "champion").run_id == run_id
+
+
+def test_evaluating_the_same_weights_again_registers_no_new_version(project, tiny_params):
+    run_id, _ = pipeline.run_train(tiny_params, project, show_progress=False)
+    pipeline.run_evaluate(tiny_params, project)
+    pipeline.run_evaluate(tiny_params, project)
+    versions = MlflowClient().search_model_versions("name = 'mnist-cnn'")
+    assert [(str(v.version), v.run_id) for v in versions] == [("1", run_id)]
+    run = MlflowClient().get_run(run_id)
+    assert run.info.status == "FINISHED" and run.data.tags["evaluate.status"] == "FINISHED"
+
+
+def test_evaluate_with_another_split_than_training_is_refused(project, tiny_params, capsys):
+    run_id, _ = pipeline.run_train(tiny_params, project, show_progress=False)
+    args = ["evaluate", "--params", str(project.params_file), "--root", str(project.root)]
+    assert main([*args, "--val_split", "0.3"]) == 1
+    err = error_line(capsys.readouterr().err)
+    assert err.startswith("error: train.val_split = 0.3, but the weights were trained with 0.2")
+    assert "overlap the training data" in err
+    run = MlflowClient().get_run(run_id)
+    assert "final_val_acc" not in run.data.metrics and run.info.status == "FINISHED"
+    assert not (project.reports / "metrics.json").exists()
+
+
+# 7. One line, not a traceback
+def mount_or_skip(*args: str) -> None:
+    if os.geteuid() != 0 or shutil.which("mount") is None:
+        pytest.skip("needs root and mount(8) to make a full or read-only file system")
+    result = subprocess.run(["mount", *args], capture_output=True, text=True)
+    if result.returncode != 0:
+        pytest.skip(f"mount refused here: {result.stderr.strip()}")
+
+
+@pytest.fixture
+def mounted():
+    points = []
+    yield points
+    for point in reversed(points):
+        subprocess.run(["umount", "-l", str(point)], check=False)
+
+
+@pytest.mark.parametrize("fault", ["full", "read-only"])
+def test_full_or_read_only_reports_dir_is_one_line_and_leaves_nothing(project, tiny_params, fault, mounted, capsys):
+    pipeline.run_train(tiny_params, project, show_progress=False)
+    reports = project.reports
+    shutil.rmtree(reports)
+    reports.mkdir()
+    if fault == "full":
+        mount_or_skip("-t", "tmpfs", "-o", "size=16k", "tmpfs", str(reports))
+        mounted.append(reports)
+        (reports / "filler").write_bytes(b"\0" * 12_000)
+    else:
+        mount_or_skip("--bind", str(reports), str(reports))
+        mounted.append(reports)
+        mount_or_skip("-o", "remount,ro,bind", str(reports))
+    code = main(["evaluate", "--params", str(project.params_file), "--root", str(project.root)])
+    err = error_line(capsys.readouterr().err)
+    assert code == 1
+    reason = "No space left on device" if fault == "full" else "Read-only file system"
+    assert err.startswith(f"error: {reports}/") and f"cannot write ({reason})" in err
+    assert sorted(p.name for p in reports.iterdir()) == (["filler"] if fault == "full" else [])
+
+
+def test_params_pointing_at_a_directory_is_one_line(project, capsys):
+    code = main(["train", "--params", str(project.root), "--root", str(project.root)])
+    assert code == 2
+    assert capsys.readouterr().err.strip() == f"error: {project.root}: is a directory, expected a params YAML file"
+
+
+# 8. Data changed after download
+def test_stage_run_directly_refuses_data_changed_since_download(project, capsys):
+    images = project.data / "train-images-idx3-ubyte.gz"
+    blob = bytearray(images.read_bytes())
+    blob[-10] ^= 0xFF
+    images.write_bytes(bytes(blob))
+    code = main(["train", "--params", str(project.params_file), "--root", str(project.root)])
+    err = error_line(capsys.readouterr().err)
+    assert code == 1 and err.startswith(f"error: {images}: MD5 ") and "changed since download" in err
+    assert the_runs() == [] and not (project.models / "model.pt").exists()
+
+
+# 9. Files a teammate can read
+def test_outputs_follow_the_umask(project, tiny_params):
+    previous = os.umask(0o002)
+    try:
+        pipeline.run_train(tiny_params, project, show_progress=False)
+    finally:
+        os.umask(previous)
+    for path in (project.models / "model.pt", project.models / "train.json", project.reports / "history.csv"):
+        assert path.stat().st_mode & 0o777 == 0o664, path
+
+
+# 10. One bad param does not break unrelated stages
+def test_bad_train_param_does_not_stop_the_download_stage(project, tiny_mirror, capsys):
+    shutil.rmtree(project.data)
+    write_tiny_params(project.params_file, **{"train.lr": -1})
+    args = ["--params", str(project.params_file), "--root", str(project.root)]
+    assert main(["download", *args, "--mirror", str(tiny_mirror)]) == 0
+    assert len(list(project.data.iterdir())) == 4
+    assert main(["train", *args]) == 2
+    assert "train.lr = -1.0: expected a number > 0" in capsys.readouterr().err
+
+
+def test_full_disk_while_training_is_one_line_and_the_run_failed(project, mounted, capsys):
+    models = project.models
+    models.mkdir()
+    mount_or_skip("-t", "tmpfs", "-o", "size=16k", "tmpfs", str(models))
+    mounted.append(models)
+    code = main(["train", "--params", str(project.params_file), "--root", str(project.root)])
+    err = error_line(capsys.readouterr().err)
+    assert code == 1
+    assert err == f"error: {models}/checkpoint.pt: cannot write (No space left on device)"
+    assert list(models.iterdir()) == []
+    assert [run.info.status for run in the_runs()] == ["FAILED"]
