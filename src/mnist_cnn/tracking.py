@@ -211,9 +211,12 @@ def run_is_stale(tags: Mapping[str, str]) -> bool | None:
     if tags.get(HOST_TAG) != socket.gethostname() or PID_TAG not in tags:
         return None
     try:
-        return _process_started(int(tags[PID_TAG])) != tags.get(PID_START_TAG)
-    except (psutil.NoSuchProcess, psutil.AccessDenied, ValueError):
+        started = _process_started(int(tags[PID_TAG]))
+    except (psutil.NoSuchProcess, ValueError):
         return True
+    except psutil.AccessDenied:
+        return False  # a live process of another user
+    return PID_START_TAG in tags and started != tags[PID_START_TAG]  # the pid was reused
 
 
 def running_runs(experiment_ids: list[str]) -> list:
