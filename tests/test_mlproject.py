@@ -78,3 +78,56 @@ def test_mlproject_parameters_are_params_yaml_keys():
                 continue
             assert declared["default"] == "", f"{name}: defaults live in params.yaml, not MLproject"
             resolve_key(name)  # raises for a name that maps to no params.yaml key
+
+
+def test_conda_yaml_pins_what_pyproject_pins():
+    import tomllib
+    import yaml
+    from packaging.specifiers import SpecifierSet
+
+    from conftest import REPO
+
+    pyproject = tomllib.loads((REPO / "pyproject.toml").read_text())
+    conda = yaml.safe_load((REPO / "conda.yaml").read_text())
+    python = pyproject["tool"]["mnist-cnn"]["python"]
+    assert f"python={python}" in conda["dependencies"]
+    assert len(python.split(".")) == 3, "an exact version: pyenv fetches the newest for a bare 3.11"
+    assert python in SpecifierSet(pyproject["project"]["requires-python"])
+    pip = next(d["pip"] for d in conda["dependencies"] if isinstance(d, dict))
+    assert sorted(pip) == sorted(pyproject["project"]["dependencies"])
+
+
+def test_mlflow_run_whose_environment_fails_is_closed_by_runs_clean(tmp_path, tiny_mirror, monkeypatch):
+    import shutil
+
+    import pytest
+
+    if shutil.which("conda"):
+        pytest.skip("conda is installed here: `mlflow run .` would build its environment")
+    project = tmp_path / "project"
+    project.mkdir()
+    copy_project_files(project)
+    write_tiny_params(project / "params.yaml")
+    monkeypatch.setenv("MLFLOW_EXPERIMENT_NAME", "mnist-cnn")
+    # As most people type it: no --env-manager, so MLflow wants conda, which is not there.
+    failed = subprocess.run(
+        [sys.executable, "-m", "mlflow", "run", ".", "-P", "epochs=1"],
+        cwd=project,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert failed.returncode != 0
+    tracking.configure()
+    experiment = mlflow.get_experiment_by_name("mnist-cnn")  # MLFLOW_EXPERIMENT_NAME picked the experiment
+    (left,) = MlflowClient().search_runs([experiment.experiment_id])
+    assert left.info.status == "RUNNING"  # MLflow's doing: it made the run, then failed before our code
+
+    cleaned = subprocess.run(
+        [sys.executable, "-m", "mnist_cnn", "runs", "--clean"], cwd=project, capture_output=True, text=True
+    )
+    assert cleaned.returncode == 0, cleaned.stderr
+    assert "closed 1 stale run(s) as KILLED" in cleaned.stdout
+    run = MlflowClient().get_run(left.info.run_id)
+    assert run.info.status == "KILLED"
+    assert run.data.tags["mnist_cnn.closed"] == "stale: mlflow run never reached the project's code"

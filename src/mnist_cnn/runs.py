@@ -26,7 +26,7 @@ def running(experiment: str, root: Path | None = None) -> list[RunState]:
     states = []
     for run in tracking.running_runs([tracking.experiment_id(experiment, root)]):
         tags = run.data.tags
-        stale = tracking.run_is_stale(tags)
+        stale = tracking.run_is_stale(tags, tracking.is_local_store())
         state = "unknown" if stale is None else ("stale" if stale else "alive")
         host, pid = tags.get(tracking.HOST_TAG, "?"), tags.get(tracking.PID_TAG, "?")
         states.append(RunState(run.info.run_id, run.info.run_name or "", host, pid, state))

@@ -205,9 +205,42 @@ def owner_tags() -> dict[str, str]:
     return {HOST_TAG: socket.gethostname(), PID_TAG: str(os.getpid()), PID_START_TAG: _process_started(os.getpid())}
 
 
-def run_is_stale(tags: Mapping[str, str]) -> bool | None:
+def _local_path(source: str) -> Path | None:
+    """The directory of a project source such as ``/path`` or ``file:///path#subdir``; None for a remote."""
+    path, _, subdir = source.removeprefix("file://").partition("#")
+    if "://" in path or not path:
+        return None
+    return (Path(path) / subdir).resolve()
+
+
+def mlflow_run_alive(source: str | None = None) -> bool:
+    """Whether an ``mlflow run`` (the CLI that creates a run, then the project's environment) of the
+    project at ``source`` runs on this host; of any project when ``source`` is not a local directory."""
+    project = _local_path(source) if source else None
+    for proc in psutil.process_iter(["cmdline", "cwd"]):
+        args = proc.info["cmdline"] or []
+        names = [Path(arg).name for arg in args[:4]]
+        at = next((i for i in range(len(names) - 1) if names[i] == "mlflow" and names[i + 1] == "run"), None)
+        if at is None:
+            continue
+        if project is None or proc.info["cwd"] is None:
+            return True
+        cwd = Path(proc.info["cwd"])
+        if any((cwd / arg).resolve() == project for arg in [".", *args[at + 2 :]] if not arg.startswith("-")):
+            return True
+    return False
+
+
+def run_is_stale(tags: Mapping[str, str], local_store: bool = False) -> bool | None:
     """True if the run's process on this host is gone; None if that cannot be told (another host, or a
-    run this project did not start): such runs are never touched."""
+    run this project did not start): such runs are never touched.
+
+    ``mlflow run`` creates its run before building the environment; if that fails (no conda, no
+    network) the project's code never ran and the run has no owner. On a local store (SQLite, this
+    machine's alone) such a run is stale once no ``mlflow run`` is left on this host.
+    """
+    if HOST_TAG not in tags and tags.get("mlflow.source.type") == "PROJECT" and local_store:
+        return not mlflow_run_alive(tags.get("mlflow.source.name"))
     if tags.get(HOST_TAG) != socket.gethostname() or PID_TAG not in tags:
         return None
     try:
@@ -226,15 +259,22 @@ def running_runs(experiment_ids: list[str]) -> list:
 def close_stale_runs(experiment_ids: list[str], keep: str | None = None) -> list[str]:
     """End as KILLED the RUNNING runs whose process on this host is gone; return their ids."""
     client, closed = MlflowClient(), []
+    local = is_local_store()
     for stale in running_runs(experiment_ids):
-        if stale.info.run_id == keep or not run_is_stale(stale.data.tags):
+        if stale.info.run_id == keep or not run_is_stale(stale.data.tags, local):
             continue
-        pid = stale.data.tags[PID_TAG]
-        client.set_tag(stale.info.run_id, "mnist_cnn.closed", f"stale: process {pid} on this host is gone")
+        pid = stale.data.tags.get(PID_TAG)
+        why = f"process {pid} on this host is gone" if pid else "mlflow run never reached the project's code"
+        client.set_tag(stale.info.run_id, "mnist_cnn.closed", f"stale: {why}")
         client.set_terminated(stale.info.run_id, "KILLED")
-        log.warning("run %s was left RUNNING by process %s, which is gone: ended KILLED", stale.info.run_id, pid)
+        log.warning("run %s was left RUNNING (%s): ended KILLED", stale.info.run_id, why)
         closed.append(stale.info.run_id)
     return closed
+
+
+def is_local_store() -> bool:
+    """A SQLite file: only processes of this machine write to it."""
+    return sqlite_path(mlflow.get_tracking_uri()) is not None
 
 
 @contextlib.contextmanager
