@@ -1,10 +1,13 @@
 """`mlflow run . --env-manager local`: one run (the one MLflow made), params from -P, a new model version."""
 
+import os
 import subprocess
 import sys
+from pathlib import Path
 
 import mlflow
 import numpy as np
+import pytest
 from mlflow.tracking import MlflowClient
 
 from conftest import copy_project_files, write_tiny_params
@@ -100,8 +103,6 @@ def test_conda_yaml_pins_what_pyproject_pins():
 def test_mlflow_run_whose_environment_fails_is_closed_by_runs_clean(tmp_path, tiny_mirror, monkeypatch):
     import shutil
 
-    import pytest
-
     if shutil.which("conda"):
         pytest.skip("conda is installed here: `mlflow run .` would build its environment")
     project = tmp_path / "project"
@@ -131,3 +132,33 @@ def test_mlflow_run_whose_environment_fails_is_closed_by_runs_clean(tmp_path, ti
     run = MlflowClient().get_run(left.info.run_id)
     assert run.info.status == "KILLED"
     assert run.data.tags["mnist_cnn.closed"] == "stale: mlflow run never reached the project's code"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("env_manager", ["virtualenv", "uv"])
+def test_mlflow_run_builds_its_environment(env_manager, tmp_path, tiny_mirror, monkeypatch):
+    """Opt-in (-m slow): minutes, since it installs torch into a fresh environment from conda.yaml."""
+    import shutil
+
+    tool = {"virtualenv": "pyenv", "uv": "uv"}[env_manager]
+    if shutil.which(tool) is None and not (Path(sys.executable).parent / tool).exists():
+        pytest.skip(f"--env-manager {env_manager} needs {tool}")
+    project = tmp_path / "project"
+    project.mkdir()
+    copy_project_files(project)
+    write_tiny_params(project / "params.yaml")
+    monkeypatch.setenv("MLFLOW_EXPERIMENT_NAME", "mnist-cnn")
+    monkeypatch.setenv("PATH", f"{Path(sys.executable).parent}:{os.environ['PATH']}")
+    result = subprocess.run(
+        [sys.executable, "-m", "mlflow", "run", ".", "--env-manager", env_manager, "-P", "epochs=1"]
+        + ["-P", f"mirror={tiny_mirror}"],
+        cwd=project,
+        capture_output=True,
+        text=True,
+        timeout=3000,
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    tracking.configure()
+    (run,) = MlflowClient().search_runs([mlflow.get_experiment_by_name("mnist-cnn").experiment_id])
+    assert run.info.status == "FINISHED" and "test_acc" in run.data.metrics
+    assert run.data.tags["mlflow.project.env"] == env_manager
