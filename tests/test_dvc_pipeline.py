@@ -4,6 +4,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import mlflow
@@ -109,3 +110,62 @@ def test_download_without_network_or_mirror_fails_fast_with_one_clear_line(dvc_r
 def test_store_path_is_absolute_in_the_repo(dvc_repo, monkeypatch):
     monkeypatch.chdir(dvc_repo)
     assert tracking.tracking_uri() == f"sqlite:///{dvc_repo.resolve()}/mlflow.db"
+
+
+def test_queue_of_four_experiments_two_at_a_time_on_sqlite(dvc_repo):
+    dvc("repro", cwd=dvc_repo)
+    git("add", "-A", cwd=dvc_repo)
+    git("commit", "-qm", "baseline", cwd=dvc_repo)
+    rates = ["0.1", "0.2", "0.3", "0.5"]
+    for lr in rates:
+        dvc("exp", "run", "--queue", "-S", f"train.lr={lr}", cwd=dvc_repo)
+    dvc("queue", "start", "-j", "2", cwd=dvc_repo)
+    deadline = time.time() + 900
+    while time.time() < deadline:
+        status = dvc("queue", "status", cwd=dvc_repo)
+        if "Queued" not in status and "Running" not in status:
+            break
+        time.sleep(3)
+    else:
+        dvc("queue", "stop", "--kill", cwd=dvc_repo)
+    assert status.count("Success") == 4, status
+
+    runs = runs_in(dvc_repo)[1:]  # after the baseline's
+    assert len(runs) == 4 and {run.info.status for run in runs} == {"FINISHED"}
+    assert sorted(run.data.params["train.lr"] for run in runs) == rates
+    # Each run is named after its DVC experiment, as `dvc queue status` lists them.
+    assert all(run.info.run_name and run.info.run_name in status for run in runs), status
+    client = MlflowClient()
+    assert all(len(client.get_metric_history(run.info.run_id, "val_loss")) == 2 for run in runs)
+    versions = client.search_model_versions("name = 'mnist-cnn'")
+    assert len(versions) == 5
+    every = runs_in(dvc_repo)
+    best = max(every, key=lambda run: run.data.metrics["test_acc"])
+    champion = client.get_model_version_by_alias("mnist-cnn", "champion")
+    assert client.get_run(champion.run_id).data.metrics["test_acc"] == best.data.metrics["test_acc"]
+
+
+def test_remote_push_then_fresh_clone_pulls_everything_and_needs_no_training(dvc_repo, tmp_path):
+    remote = tmp_path / "remote"
+    dvc("remote", "add", "-d", "shared", str(remote), cwd=dvc_repo)
+    dvc("repro", cwd=dvc_repo)
+    dvc("push", cwd=dvc_repo)
+    git("add", "-A", cwd=dvc_repo)
+    git("commit", "-qm", "trained", cwd=dvc_repo)
+
+    clone = tmp_path / "clone"
+    git("clone", "-q", str(dvc_repo), str(clone), cwd=tmp_path)
+    assert not (clone / "models" / "model.pt").exists()
+    dvc("pull", cwd=clone)
+    for path in ("data/raw", "models/model.pt", "models/train.json", "reports/predictions.csv"):
+        assert (clone / path).exists(), path
+    assert "Data and pipelines are up to date" in dvc("status", cwd=clone)
+    assert ran_stages(dvc("repro", cwd=clone)) == []
+
+    # The teammate evaluates the pulled weights against the team's store (here: A's SQLite file,
+    # as a tracking server would be): the same run, and no second model version for the same weights.
+    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{dvc_repo / 'mlflow.db'}"}
+    sh([sys.executable, "-m", "mnist_cnn", "evaluate"], clone, env)
+    (run,) = runs_in(dvc_repo)
+    assert run.data.tags["evaluate.status"] == "FINISHED" and run.info.status == "FINISHED"
+    assert len(MlflowClient().search_model_versions("name = 'mnist-cnn'")) == 1

@@ -308,7 +308,8 @@ def run(experiment: str, run_id: str | None = None, root: Path | None = None) ->
     run_id = os.environ.get("MLFLOW_RUN_ID") or run_id
     exp_id = experiment_id(experiment, root)
     close_stale_runs([exp_id], keep=run_id)
-    kwargs = {"run_id": run_id} if run_id else {"experiment_id": exp_id}
+    # `dvc exp run` (queued or not) names the experiment in DVC_EXP_NAME: the run takes the same name.
+    kwargs = {"run_id": run_id} if run_id else {"experiment_id": exp_id, "run_name": os.environ.get("DVC_EXP_NAME")}
     previous = signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
     try:
         active = mlflow.start_run(**kwargs)
