@@ -16,7 +16,7 @@ from pathlib import Path
 from . import layout
 from .config import ConfigError, load_params, load_section
 
-STAGES = ("download", "train", "evaluate", "all", "runs")
+STAGES = ("download", "train", "evaluate", "all", "runs", "server")
 
 
 def parse_overrides(tokens: list[str]) -> dict[str, str]:
@@ -98,8 +98,57 @@ def _interrupt(signum, frame):  # noqa: ARG001
     raise KeyboardInterrupt(f"signal {signum}")
 
 
+def server_main(argv: list[str]) -> int:
+    """``mnist-cnn server start|stop|status|add-user NAME``: the team's tracking server."""
+    from . import server
+
+    parser = argparse.ArgumentParser(prog="mnist-cnn server", description=server.__doc__.splitlines()[0])
+    parser.add_argument("action", choices=("start", "stop", "status", "add-user"))
+    parser.add_argument("username", nargs="?", help="add-user: the login to create (its password on stdin)")
+    defaults = server.ServerConfig()
+    parser.add_argument("--home", type=Path, default=defaults.home, help="PostgreSQL data, artifacts, logs")
+    parser.add_argument("--host", default=defaults.host, help="the MLflow server's address (default: 127.0.0.1)")
+    parser.add_argument("--port", type=int, default=defaults.port)
+    parser.add_argument("--db-port", type=int, default=defaults.db_port, help="PostgreSQL, on 127.0.0.1")
+    parser.add_argument("--artifacts-destination", default=None, help="default: HOME/artifacts; or s3://...")
+    parser.add_argument("--allowed-hosts", default=None, help="host names clients use, when not an IP")
+    args = parser.parse_args(argv)
+    cfg = server.ServerConfig(
+        home=args.home,
+        host=args.host,
+        port=args.port,
+        db_port=args.db_port,
+        artifacts_destination=args.artifacts_destination,
+        allowed_hosts=args.allowed_hosts,
+    )
+    try:
+        if args.action == "start":
+            print(f"MLflow server at {server.start(cfg)} (PostgreSQL on 127.0.0.1:{cfg.db_port}, home {cfg.home})")
+        elif args.action == "stop":
+            server.stop(cfg)
+            print("stopped")
+        elif args.action == "status":
+            for name, state in server.status(cfg).items():
+                print(f"{name}: {state}")
+        else:
+            if not args.username:
+                parser.error("add-user needs a USERNAME")
+            password = sys.stdin.readline().rstrip("\n")
+            if not password:
+                raise server.ServerError("add-user: give the new user's password on stdin")
+            server.add_user(cfg.url, args.username, password)
+            print(f"user {args.username!r} created")
+    except server.ServerError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["server"]:
+        return server_main(argv[1:])
     args, extra = build_parser().parse_known_args(argv)
     # SIGTERM (kill, dvc queue kill, a scheduler) unwinds like Ctrl-C: temporary files are removed and
     # the MLflow run ends KILLED.

@@ -1,0 +1,148 @@
+"""The team's server for real: PostgreSQL and `mlflow server` (proxied artifacts, basic auth) on free
+loopback ports in a tmp dir; the tiny pipeline run as a user; checked through MLflow's REST API."""
+
+from __future__ import annotations
+
+import glob
+import os
+import shutil
+import socket
+import tempfile
+from pathlib import Path
+
+import psutil
+import pytest
+import requests
+
+from mnist_cnn import pipeline, server
+from mnist_cnn.cli import main
+
+ADMIN_PASSWORD = "admin-password-for-tests"
+USERS = {"alice": "alice-password-1", "bob": "bob-password-22"}
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def have_postgres() -> bool:
+    return bool(shutil.which("initdb") or glob.glob("/usr/lib/postgresql/*/bin/initdb"))
+
+
+@pytest.fixture
+def team_server(monkeypatch):
+    if not have_postgres():
+        pytest.skip("PostgreSQL is not installed (.ci/run installs it with apt-get where it can)")
+    if os.geteuid() == 0 and shutil.which("runuser") is None:
+        pytest.skip("running as root needs runuser to start PostgreSQL as the postgres user")
+    # Not under pytest's tmp dir: its parents are private (0700) to the postgres user.
+    home = Path(tempfile.mkdtemp(prefix="mnist-cnn-server-"))
+    home.chmod(0o755)
+    monkeypatch.setenv("MLFLOW_AUTH_ADMIN_PASSWORD", ADMIN_PASSWORD)
+    cfg = server.ServerConfig(home=home, port=free_port(), db_port=free_port())
+    try:
+        server.start(cfg)
+        for name, password in USERS.items():
+            server.add_user(cfg.url, name, password)
+        yield cfg
+    finally:
+        server.stop(cfg)
+        shutil.rmtree(home, ignore_errors=True)
+
+
+def api(cfg, method: str, endpoint: str, user: str | None, **kwargs) -> requests.Response:
+    auth = (user, USERS[user]) if user else None
+    return requests.request(method, f"{cfg.url}/api/2.0/mlflow/{endpoint}", auth=auth, timeout=30, **kwargs)
+
+
+def as_user(monkeypatch, cfg, user: str, password: str | None = None) -> None:
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", cfg.url)
+    monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", user)
+    monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", password or USERS[user])
+
+
+def test_pipeline_against_the_team_server(team_server, project, tiny_params, monkeypatch, capsys):
+    cfg = team_server
+    assert api(cfg, "GET", "experiments/search", None, params={"max_results": 1}).status_code == 401
+
+    # A wrong password: one line naming the server and the refusal, before any training.
+    as_user(monkeypatch, cfg, "alice", "not-her-password")
+    code = main(["train", "--params", str(project.params_file), "--root", str(project.root)])
+    assert code == 1
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        f"error: tracking server {cfg.url}: refused the login (HTTP 401); "
+        "set MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD"
+    )
+    assert not (project.models / "model.pt").exists()
+
+    as_user(monkeypatch, cfg, "alice")
+    run_id, _ = pipeline.run_train(tiny_params, project, show_progress=False)
+    pipeline.run_evaluate(tiny_params, project)
+
+    run = api(cfg, "GET", "runs/get", "alice", params={"run_id": run_id}).json()["run"]
+    assert run["info"]["status"] == "FINISHED"
+    metrics = {m["key"]: m["value"] for m in run["data"]["metrics"]}
+    assert {"test_acc", "val_loss", "best_epoch"} <= set(metrics)
+    # Artifacts went through the server (mlflow-artifacts:), and landed in its destination.
+    assert run["info"]["artifact_uri"].startswith("mlflow-artifacts:")
+    listed = api(cfg, "GET", "artifacts/list", "alice", params={"run_id": run_id}).json()["files"]
+    assert "confusion_matrix.png" in {f["path"] for f in listed}
+    stored = list((cfg.home / "artifacts").rglob("confusion_matrix.png"))
+    assert len(stored) == 1 and run_id in str(stored[0])
+
+    alias = api(cfg, "GET", "registered-models/alias", "alice", params={"name": "mnist-cnn", "alias": "champion"})
+    assert alias.json()["model_version"]["version"] == "1"
+    assert alias.json()["model_version"]["run_id"] == run_id
+
+    # Bob may read alice's experiment (default permission READ) but not change it.
+    experiment_id = run["info"]["experiment_id"]
+    assert api(cfg, "GET", "experiments/get", "bob", params={"experiment_id": experiment_id}).status_code == 200
+    refused = api(
+        cfg,
+        "POST",
+        "experiments/set-experiment-tag",
+        "bob",
+        json={"experiment_id": experiment_id, "key": "k", "value": "v"},
+    )
+    assert refused.status_code == 403
+    allowed = api(
+        cfg,
+        "POST",
+        "experiments/set-experiment-tag",
+        "alice",
+        json={"experiment_id": experiment_id, "key": "k", "value": "v"},
+    )
+    assert allowed.status_code == 200
+
+
+def test_server_stops_cleanly_and_leaves_nothing_running(monkeypatch):
+    if not have_postgres():
+        pytest.skip("PostgreSQL is not installed (.ci/run installs it with apt-get where it can)")
+    home = Path(tempfile.mkdtemp(prefix="mnist-cnn-server-"))
+    home.chmod(0o755)
+    monkeypatch.setenv("MLFLOW_AUTH_ADMIN_PASSWORD", ADMIN_PASSWORD)
+    cfg = server.ServerConfig(home=home, port=free_port(), db_port=free_port())
+    try:
+        server.start(cfg)
+        pids = [
+            int((home / "mlflow-server.pid").read_text()),
+            int((cfg.pgdata / "postmaster.pid").read_text().split()[0]),
+        ]
+        status = server.status(cfg)
+        assert status["postgresql"].startswith("running") and status["mlflow server"].startswith("running")
+        assert server.start(cfg) == cfg.url  # starting again is harmless
+    finally:
+        server.stop(cfg)
+    assert not any(psutil.pid_exists(pid) and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE for pid in pids)
+    assert server.status(cfg) == {"postgresql": "stopped", "mlflow server": "stopped"}
+    shutil.rmtree(home, ignore_errors=True)
+
+
+def test_start_without_admin_password_is_one_line(tmp_path, monkeypatch, capsys):
+    monkeypatch.delenv("MLFLOW_AUTH_ADMIN_PASSWORD", raising=False)
+    assert main(["server", "start", "--home", str(tmp_path)]) == 1
+    assert capsys.readouterr().err.strip() == (
+        "error: MLFLOW_AUTH_ADMIN_PASSWORD is not set: the admin password comes from the environment only"
+    )
