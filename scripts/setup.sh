@@ -12,3 +12,6 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
     .venv/bin/python -m pip install -q -e ".[dev,server]"
     echo "$want" > "$stamp"
 fi
+# Create the default MLflow store (mlflow.db) under the project's lock: `mlflow run` started several
+# times at once on a store that does not exist yet races in MLflow's own table creation.
+[ -f mlflow.db ] || .venv/bin/python -m mnist_cnn runs >/dev/null

@@ -1,6 +1,7 @@
 """`mlflow run . --env-manager local`: one run (the one MLflow made), params from -P, a new model version."""
 
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -162,3 +163,36 @@ def test_mlflow_run_builds_its_environment(env_manager, tmp_path, tiny_mirror, m
     (run,) = MlflowClient().search_runs([mlflow.get_experiment_by_name("mnist-cnn").experiment_id])
     assert run.info.status == "FINISHED" and "test_acc" in run.data.metrics
     assert run.data.tags["mlflow.project.env"] == env_manager
+
+
+def test_four_mlflow_runs_at_once_on_one_store(tmp_path, tiny_mirror, monkeypatch):
+    project = tmp_path / "project"
+    project.mkdir()
+    copy_project_files(project)
+    write_tiny_params(project / "params.yaml")
+    shutil.copytree(tiny_mirror, project / "data" / "raw")
+    store = tmp_path / "new" / "mlflow.db"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{store}")
+    monkeypatch.setenv("MLFLOW_EXPERIMENT_NAME", "mnist-cnn")
+    # MLflow's own CLI creates a new store's tables unguarded (its processes race: "duplicate column
+    # name: step"); the project creates it under its lock first, as scripts/setup.sh does.
+    created = subprocess.run([sys.executable, "-m", "mnist_cnn", "runs"], cwd=project, capture_output=True, text=True)
+    assert created.returncode == 0 and store.exists(), created.stderr
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-m", "mlflow", "run", ".", "--env-manager", "local", "-e", "train"]
+            + ["-P", "epochs=1", "-P", f"train.seed={seed}"],
+            cwd=project,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for seed in range(4)
+    ]
+    outputs = [proc.communicate(timeout=600)[0] for proc in procs]
+    assert [proc.returncode for proc in procs] == [0] * 4, "\n".join(outputs)
+    tracking.configure()
+    runs = MlflowClient().search_runs([mlflow.get_experiment_by_name("mnist-cnn").experiment_id])
+    assert len(runs) == 4 and {run.info.status for run in runs} == {"FINISHED"}
+    assert sorted(run.data.params["train.seed"] for run in runs) == ["0", "1", "2", "3"]
+    assert all(len(MlflowClient().get_metric_history(run.info.run_id, "val_loss")) == 1 for run in runs)
