@@ -399,5 +399,44 @@ def test_full_disk_while_training_is_one_line_and_the_run_failed(project, mounte
     err = error_line(capsys.readouterr().err)
     assert code == 1
     assert err == f"error: {models}/checkpoint.pt: cannot write (No space left on device)"
-    assert list(models.iterdir()) == []
+    assert [p.name for p in models.iterdir()] == [".lock"]  # the stage lock; no partial file
     assert [run.info.status for run in the_runs()] == ["FAILED"]
+
+
+def test_second_training_in_the_same_directory_waits_for_the_first(project):
+    write_tiny_params(project.params_file, **{"train.epochs": 500, "train.patience": 500})
+    first = stage(project, "train")
+    second = None
+    try:
+        wait_for_line(first, EPOCH_LINE.format(epoch=1))
+        second = stage(project, "train", "--epochs", "2")
+        wait_for_line(second, "waiting for it to finish", timeout=60)
+        assert first.poll() is None and second.poll() is None
+    finally:
+        for proc in (first, second):
+            if proc is not None:
+                proc.kill()
+                proc.wait(timeout=30)
+
+
+def test_killed_training_whose_run_was_deleted_starts_a_new_run(project, tiny_params):
+    write_tiny_params(project.params_file, **{"train.epochs": 2})
+    proc = stage(project, "train")
+    wait_for_line(proc, EPOCH_LINE.format(epoch=1))
+    proc.kill()
+    proc.wait(timeout=30)
+    (killed,) = the_runs()
+    MlflowClient().delete_run(killed.info.run_id)
+    run_id, result = pipeline.run_train(tiny_params, project, show_progress=False)
+    assert run_id != killed.info.run_id
+    assert MlflowClient().get_run(run_id).info.status == "FINISHED"
+    assert [m.step for m in MlflowClient().get_metric_history(run_id, "val_loss")] == [1, 2]
+
+
+@pytest.mark.parametrize("content", ['{"run_id": 5}', '{"run_id": null}', "{garbage"])
+def test_train_json_without_a_run_id_string_is_one_line(project, content, capsys):
+    project.models.mkdir()
+    (project.models / "train.json").write_text(content)
+    assert main(["evaluate", "--params", str(project.params_file), "--root", str(project.root)]) == 1
+    err = error_line(capsys.readouterr().err)
+    assert err.endswith("train.json: expected JSON with a run_id (rerun the train stage)")

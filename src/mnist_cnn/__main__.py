@@ -1,5 +1,11 @@
+import signal
 import sys
 
 from .cli import main
 
-sys.exit(main())
+code = main()
+# Past this point the work is done and the run ended: a late Ctrl-C or SIGTERM must not turn the
+# exit status into 130/143 while the interpreter shuts down.
+signal.signal(signal.SIGINT, signal.SIG_IGN)
+signal.signal(signal.SIGTERM, signal.SIG_IGN)
+sys.exit(code)

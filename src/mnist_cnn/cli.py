@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 
 from . import layout
-from .config import ConfigError, load_params, load_section
+from .config import ConfigError, Params, load_params, load_section
 
 STAGES = ("download", "train", "evaluate", "all", "runs", "server")
 
@@ -68,6 +68,13 @@ def run_stages(stage: str, args: argparse.Namespace, overrides: dict[str, str]) 
         show_runs(load_section(args.params, "mlflow", overrides).experiment, args)
         return
     params = load_params(args.params, overrides)
+    with layout.stage_lock(args.root / layout.MODEL_DIR):
+        _train_and_evaluate(stage, params, args)
+
+
+def _train_and_evaluate(stage: str, params: Params, args: argparse.Namespace) -> None:
+    from .download import download
+
     if stage == "all":
         download(params.data, args.root / layout.DATA_DIR, args.mirror or None)
     from . import pipeline

@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
+
+from filelock import FileLock, Timeout
+
+log = logging.getLogger(__name__)
 
 PARAMS = Path("params.yaml")
 DATA_DIR = Path("data/raw")
@@ -73,3 +79,20 @@ def write_all_atomic(writers: dict[Path, Callable[[Path], None]]) -> None:
 
 def write_text_atomic(path: Path, text: str) -> None:
     write_atomic(path, lambda tmp: tmp.write_text(text))
+
+
+@contextlib.contextmanager
+def stage_lock(model_dir: Path) -> Iterator[None]:
+    """One training or evaluation at a time per project directory: two at once would share
+    ``models/`` (weights, checkpoint, train.json). A second one waits for the first to finish."""
+    Path(model_dir).mkdir(parents=True, exist_ok=True)
+    lock = FileLock(str(Path(model_dir) / ".lock"))
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        log.info("another training or evaluation is running in %s; waiting for it to finish", model_dir.parent)
+        lock.acquire()
+    try:
+        yield
+    finally:
+        lock.release()

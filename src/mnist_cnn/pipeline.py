@@ -109,6 +109,8 @@ def _read_train_info(paths: Paths, params: Params) -> str:
     try:
         info = json.loads(info_path.read_text())
         run_id = info["run_id"]
+        if not isinstance(run_id, str) or not run_id:
+            raise TypeError(run_id)
     except FileNotFoundError:
         raise DataError(f"{info_path}: not found (run the train stage first)") from None
     except (json.JSONDecodeError, KeyError, TypeError, UnicodeDecodeError):

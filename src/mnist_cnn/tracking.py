@@ -309,7 +309,9 @@ def run(experiment: str, run_id: str | None = None, root: Path | None = None) ->
     exp_id = experiment_id(experiment, root)
     close_stale_runs([exp_id], keep=run_id)
     # `dvc exp run` (queued or not) names the experiment in DVC_EXP_NAME: the run takes the same name.
-    kwargs = {"run_id": run_id} if run_id else {"experiment_id": exp_id, "run_name": os.environ.get("DVC_EXP_NAME")}
+    # A new run carries its owner from its first moment: an interrupt cannot leave it ownerless.
+    new_run = {"experiment_id": exp_id, "run_name": os.environ.get("DVC_EXP_NAME"), "tags": owner_tags()}
+    kwargs = {"run_id": run_id} if run_id else new_run
     previous = signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
     try:
         active = mlflow.start_run(**kwargs)
@@ -366,12 +368,12 @@ def reopen(run_id: str, stage: str, root: Path | None = None) -> Iterator[mlflow
 
 
 def run_exists(run_id: str, root: Path | None = None) -> bool:
+    """Whether ``run_id`` is in the store and not deleted (a deleted run cannot be reopened)."""
     configure(root)
     try:
-        MlflowClient().get_run(run_id)
+        return MlflowClient().get_run(run_id).info.lifecycle_stage == "active"
     except MlflowException:
         return False
-    return True
 
 
 def log_missing_epochs(history: list[Mapping[str, Any]]) -> None:
