@@ -7,6 +7,8 @@ import glob
 import os
 import shutil
 import socket
+import subprocess
+import sys
 import tempfile
 from pathlib import Path
 
@@ -14,6 +16,7 @@ import psutil
 import pytest
 import requests
 
+from conftest import write_tiny_params
 from mnist_cnn import pipeline, server
 from mnist_cnn.cli import main
 
@@ -115,6 +118,34 @@ def test_pipeline_against_the_team_server(team_server, project, tiny_params, mon
         json={"experiment_id": experiment_id, "key": "k", "value": "v"},
     )
     assert allowed.status_code == 200
+
+    # Three more trainings at once, each in its own directory: three more versions, and the
+    # champion alias on the best of all four (it moves under the server-wide registry lock).
+    procs = []
+    for seed in (1, 2, 3):
+        root = project.root.parent / f"parallel{seed}"
+        shutil.copytree(project.data, root / "data" / "raw")
+        write_tiny_params(root / "params.yaml", **{"train.epochs": 1, "train.seed": seed})
+        procs.append(
+            subprocess.Popen(
+                [sys.executable, "-m", "mnist_cnn", "all", "--no-progress"],
+                cwd=root,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                text=True,
+            )
+        )
+    outputs = [proc.communicate(timeout=600)[0] for proc in procs]
+    assert [proc.returncode for proc in procs] == [0, 0, 0], "\n".join(outputs)
+    found = api(cfg, "POST", "runs/search", "alice", json={"experiment_ids": [experiment_id]}).json()["runs"]
+    assert len(found) == 4 and {r["info"]["status"] for r in found} == {"FINISHED"}
+    accuracy = {r["info"]["run_id"]: {m["key"]: m["value"] for m in r["data"]["metrics"]}["test_acc"] for r in found}
+    versions = api(cfg, "GET", "model-versions/search", "alice", params={"filter": "name='mnist-cnn'"}).json()
+    assert len(versions["model_versions"]) == 4
+    champion = api(cfg, "GET", "registered-models/alias", "alice", params={"name": "mnist-cnn", "alias": "champion"})
+    assert accuracy[champion.json()["model_version"]["run_id"]] == max(accuracy.values())
+    lock = api(cfg, "GET", "registered-models/get", "alice", params={"name": "mnist-cnn.promotion-lock"})
+    assert lock.status_code == 404  # released
 
 
 def test_server_stops_cleanly_and_leaves_nothing_running(monkeypatch):

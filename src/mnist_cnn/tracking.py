@@ -8,9 +8,11 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import random
 import signal
 import socket
 import subprocess
+import time
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from types import SimpleNamespace
@@ -91,13 +93,46 @@ def sqlite_path(uri: str) -> Path | None:
 
 
 def store_lock(uri: str | None = None) -> contextlib.AbstractContextManager:
-    """A lock every process on this machine shares for a SQLite store (a file beside it); no lock for a
-    server, which serialises its own writes."""
-    path = sqlite_path(uri or mlflow.get_tracking_uri())
+    """A lock every process on this machine shares for a SQLite store (a file beside it); for a
+    server, a lock every client shares, held in the server's registry (``registry_lock``)."""
+    uri = uri or mlflow.get_tracking_uri()
+    path = sqlite_path(uri)
     if path is None:
-        return contextlib.nullcontext()
+        return registry_lock() if uri.startswith(("http://", "https://")) else contextlib.nullcontext()
     path.parent.mkdir(parents=True, exist_ok=True)
     return FileLock(str(path) + ".lock", timeout=300)
+
+
+LOCK_MODEL = "mnist-cnn.promotion-lock"
+
+
+@contextlib.contextmanager
+def registry_lock(wait_s: float = 300.0, stale_s: float = 120.0) -> Iterator[None]:
+    """A mutex for clients of one tracking server, on a machine each: creating a registered model is
+    atomic on the server (names are unique), so whoever creates ``LOCK_MODEL`` holds the lock and
+    deletes it to release. One older than ``stale_s`` (its holder died) is broken."""
+    client = MlflowClient()
+    deadline = time.time() + wait_s
+    while True:
+        try:
+            client.create_registered_model(LOCK_MODEL, description="held while a champion alias moves")
+            break
+        except MlflowException as exc:
+            if exc.error_code != "RESOURCE_ALREADY_EXISTS":
+                raise
+        with contextlib.suppress(MlflowException):
+            held = client.get_registered_model(LOCK_MODEL)
+            if time.time() - held.creation_timestamp / 1000 > stale_s:
+                client.delete_registered_model(LOCK_MODEL)
+                continue
+        if time.time() > deadline:
+            raise TrackingError(f"registered model {LOCK_MODEL!r} held for over {wait_s:.0f} s; delete it if stale")
+        time.sleep(0.2 + random.random() * 0.3)
+    try:
+        yield
+    finally:
+        with contextlib.suppress(MlflowException):
+            client.delete_registered_model(LOCK_MODEL)
 
 
 def create_store(uri: str) -> None:
