@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import subprocess
 import sys
 from pathlib import Path
 
@@ -86,3 +87,33 @@ def copy_project_files(dest: Path) -> None:
     for name in ("dvc.yaml", "MLproject", "conda.yaml", "params.yaml", "pyproject.toml"):
         shutil.copy2(REPO / name, dest / name)
     shutil.copytree(REPO / "src", dest / "src", ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
+
+
+def sh(args, cwd, env=None):
+    result = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, f"{args} failed:\n{result.stdout}\n{result.stderr}"
+    return result.stdout + result.stderr
+
+
+def dvc(*args, cwd, env=None):
+    return sh([sys.executable, "-m", "dvc", *args], cwd, env)
+
+
+def git(*args, cwd):
+    return sh(["git", "-c", "user.name=t", "-c", "user.email=t@t", *args], cwd)
+
+
+@pytest.fixture
+def dvc_repo(tmp_path, tiny_mirror, monkeypatch):
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    copy_project_files(repo)
+    write_tiny_params(repo / "params.yaml")
+    (repo / ".gitignore").write_text("mlflow.db\nmlartifacts/\n")
+    git("init", "-q", cwd=repo)
+    dvc("init", "-q", cwd=repo)
+    git("add", "-A", cwd=repo)
+    git("commit", "-qm", "init", cwd=repo)
+    monkeypatch.setenv("MNIST_MIRROR", str(tiny_mirror))
+    monkeypatch.delenv("MLFLOW_TRACKING_URI")  # the default store: <repo>/mlflow.db
+    return repo

@@ -8,41 +8,10 @@ import time
 from pathlib import Path
 
 import mlflow
-import pytest
 from mlflow.tracking import MlflowClient
 
-from conftest import copy_project_files, write_tiny_params
+from conftest import dvc, git, sh
 from mnist_cnn import tracking
-
-
-def sh(args, cwd, env=None):
-    result = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, f"{args} failed:\n{result.stdout}\n{result.stderr}"
-    return result.stdout + result.stderr
-
-
-def dvc(*args, cwd, env=None):
-    return sh([sys.executable, "-m", "dvc", *args], cwd, env)
-
-
-def git(*args, cwd):
-    return sh(["git", "-c", "user.name=t", "-c", "user.email=t@t", *args], cwd)
-
-
-@pytest.fixture
-def dvc_repo(tmp_path, tiny_mirror, monkeypatch):
-    repo = tmp_path / "repo"
-    repo.mkdir()
-    copy_project_files(repo)
-    write_tiny_params(repo / "params.yaml")
-    (repo / ".gitignore").write_text("mlflow.db\nmlartifacts/\n")
-    git("init", "-q", cwd=repo)
-    dvc("init", "-q", cwd=repo)
-    git("add", "-A", cwd=repo)
-    git("commit", "-qm", "init", cwd=repo)
-    monkeypatch.setenv("MNIST_MIRROR", str(tiny_mirror))
-    monkeypatch.delenv("MLFLOW_TRACKING_URI")  # the default store: <repo>/mlflow.db
-    return repo
 
 
 def ran_stages(output: str) -> list[str]:

@@ -14,6 +14,7 @@ environment only; the database password and Flask's secret key are generated int
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import os
 import secrets
@@ -151,10 +152,15 @@ def _pid_file(cfg: ServerConfig) -> Path:
 
 
 def _server_pid(cfg: ServerConfig) -> int | None:
+    import psutil
+
     try:
         pid = int(_pid_file(cfg).read_text())
-        os.kill(pid, 0)
-    except (OSError, ValueError):
+        with contextlib.suppress(ChildProcessError):
+            os.waitpid(pid, os.WNOHANG)  # reap it if this process started it
+        if psutil.Process(pid).status() == psutil.STATUS_ZOMBIE:
+            return None
+    except (OSError, ValueError, psutil.NoSuchProcess):
         return None
     return pid
 
