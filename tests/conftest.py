@@ -7,6 +7,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import mlflow
@@ -117,3 +118,16 @@ def dvc_repo(tmp_path, tiny_mirror, monkeypatch):
     monkeypatch.setenv("MNIST_MIRROR", str(tiny_mirror))
     monkeypatch.delenv("MLFLOW_TRACKING_URI")  # the default store: <repo>/mlflow.db
     return repo
+
+
+def run_queue(repo: Path, workers: int = 2, timeout: float = 900) -> str:
+    """``dvc queue start -j WORKERS``, wait until nothing is queued or running; ``dvc queue status``."""
+    dvc("queue", "start", "-j", str(workers), cwd=repo)
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        status = dvc("queue", "status", cwd=repo)
+        if "Queued" not in status and "Running" not in status:
+            return status
+        time.sleep(3)
+    dvc("queue", "stop", "--kill", cwd=repo)
+    return status

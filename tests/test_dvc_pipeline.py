@@ -4,13 +4,12 @@ import json
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import mlflow
 from mlflow.tracking import MlflowClient
 
-from conftest import dvc, git, sh
+from conftest import dvc, git, run_queue, sh
 from mnist_cnn import tracking
 
 
@@ -88,15 +87,7 @@ def test_queue_of_four_experiments_two_at_a_time_on_sqlite(dvc_repo):
     rates = ["0.1", "0.2", "0.3", "0.5"]
     for lr in rates:
         dvc("exp", "run", "--queue", "-S", f"train.lr={lr}", cwd=dvc_repo)
-    dvc("queue", "start", "-j", "2", cwd=dvc_repo)
-    deadline = time.time() + 900
-    while time.time() < deadline:
-        status = dvc("queue", "status", cwd=dvc_repo)
-        if "Queued" not in status and "Running" not in status:
-            break
-        time.sleep(3)
-    else:
-        dvc("queue", "stop", "--kill", cwd=dvc_repo)
+    status = run_queue(dvc_repo)
     assert status.count("Success") == 4, status
 
     runs = runs_in(dvc_repo)[1:]  # after the baseline's

@@ -8,14 +8,13 @@ import os
 import shutil
 import socket
 import tempfile
-import time
 from pathlib import Path
 
 import psutil
 import pytest
 import requests
 
-from conftest import dvc
+from conftest import dvc, run_queue
 from mnist_cnn import pipeline, server
 from mnist_cnn.cli import main
 
@@ -33,17 +32,23 @@ def have_postgres() -> bool:
     return bool(shutil.which("initdb") or glob.glob("/usr/lib/postgresql/*/bin/initdb"))
 
 
+def new_server_config(monkeypatch) -> server.ServerConfig:
+    """Free loopback ports, and a home outside pytest's tmp dir, whose parents are private (0700) to
+    the postgres user."""
+    home = Path(tempfile.mkdtemp(prefix="mnist-cnn-server-"))
+    home.chmod(0o755)
+    monkeypatch.setenv("MLFLOW_AUTH_ADMIN_PASSWORD", ADMIN_PASSWORD)
+    return server.ServerConfig(home=home, port=free_port(), db_port=free_port())
+
+
 @pytest.fixture
 def team_server(monkeypatch):
     if not have_postgres():
         pytest.skip("PostgreSQL is not installed (.ci/run installs it with apt-get where it can)")
     if os.geteuid() == 0 and shutil.which("runuser") is None:
         pytest.skip("running as root needs runuser to start PostgreSQL as the postgres user")
-    # Not under pytest's tmp dir: its parents are private (0700) to the postgres user.
-    home = Path(tempfile.mkdtemp(prefix="mnist-cnn-server-"))
-    home.chmod(0o755)
-    monkeypatch.setenv("MLFLOW_AUTH_ADMIN_PASSWORD", ADMIN_PASSWORD)
-    cfg = server.ServerConfig(home=home, port=free_port(), db_port=free_port())
+    cfg = new_server_config(monkeypatch)
+    home = cfg.home
     try:
         server.start(cfg)
         for name, password in USERS.items():
@@ -101,37 +106,16 @@ def test_pipeline_against_the_team_server(team_server, project, tiny_params, dvc
     # Bob may read alice's experiment (default permission READ) but not change it.
     experiment_id = run["info"]["experiment_id"]
     assert api(cfg, "GET", "experiments/get", "bob", params={"experiment_id": experiment_id}).status_code == 200
-    refused = api(
-        cfg,
-        "POST",
-        "experiments/set-experiment-tag",
-        "bob",
-        json={"experiment_id": experiment_id, "key": "k", "value": "v"},
-    )
-    assert refused.status_code == 403
-    allowed = api(
-        cfg,
-        "POST",
-        "experiments/set-experiment-tag",
-        "alice",
-        json={"experiment_id": experiment_id, "key": "k", "value": "v"},
-    )
-    assert allowed.status_code == 200
+    tag = {"experiment_id": experiment_id, "key": "k", "value": "v"}
+    assert api(cfg, "POST", "experiments/set-experiment-tag", "bob", json=tag).status_code == 403
+    assert api(cfg, "POST", "experiments/set-experiment-tag", "alice", json=tag).status_code == 200
 
     # Three more at once through DVC's queue (two workers, each in its own workspace), against the
     # server: three more versions, and champion on the best of all four (it moves under the
     # server-wide registry lock).
     for seed in (2, 3, 4):  # not 1: the same weights as above would be no new version
         dvc("exp", "run", "--queue", "-S", f"train.seed={seed}", cwd=dvc_repo)
-    dvc("queue", "start", "-j", "2", cwd=dvc_repo)
-    deadline = time.time() + 900
-    while time.time() < deadline:
-        queue = dvc("queue", "status", cwd=dvc_repo)
-        if "Queued" not in queue and "Running" not in queue:
-            break
-        time.sleep(3)
-    else:
-        dvc("queue", "stop", "--kill", cwd=dvc_repo)
+    queue = run_queue(dvc_repo)
     assert queue.count("Success") == 3, queue
     found = api(cfg, "POST", "runs/search", "alice", json={"experiment_ids": [experiment_id]}).json()["runs"]
     assert len(found) == 4 and {r["info"]["status"] for r in found} == {"FINISHED"}
@@ -148,10 +132,8 @@ def test_pipeline_against_the_team_server(team_server, project, tiny_params, dvc
 def test_server_stops_cleanly_and_leaves_nothing_running(monkeypatch):
     if not have_postgres():
         pytest.skip("PostgreSQL is not installed (.ci/run installs it with apt-get where it can)")
-    home = Path(tempfile.mkdtemp(prefix="mnist-cnn-server-"))
-    home.chmod(0o755)
-    monkeypatch.setenv("MLFLOW_AUTH_ADMIN_PASSWORD", ADMIN_PASSWORD)
-    cfg = server.ServerConfig(home=home, port=free_port(), db_port=free_port())
+    cfg = new_server_config(monkeypatch)
+    home = cfg.home
     try:
         server.start(cfg)
         pids = [
