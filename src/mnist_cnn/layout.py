@@ -57,21 +57,18 @@ def write_all_atomic(writers: dict[Path, Callable[[Path], None]]) -> None:
     """``write_atomic`` for files that belong together: every one is written to its temporary file
     first, and only when all succeeded are they moved into place, so a full disk leaves none."""
     temps: dict[Path, Path] = {}
+    path = None
     try:
         for path, write in writers.items():
-            try:
-                path.parent.mkdir(parents=True, exist_ok=True)
-                fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-                os.close(fd)
-                temps[path] = Path(tmp_name)
-                write(temps[path])
-            except OSError as exc:
-                raise OutputError(f"{path}: cannot write ({exc.strerror or exc})") from None
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+            os.close(fd)
+            temps[path] = Path(tmp_name)
+            write(temps[path])
         for path, tmp in temps.items():
-            try:
-                publish(tmp, path)
-            except OSError as exc:
-                raise OutputError(f"{path}: cannot write ({exc.strerror or exc})") from None
+            publish(tmp, path)
+    except OSError as exc:
+        raise OutputError(f"{path}: cannot write ({exc.strerror or exc})") from None
     finally:
         for tmp in temps.values():
             tmp.unlink(missing_ok=True)

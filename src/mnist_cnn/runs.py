@@ -23,10 +23,10 @@ class RunState:
 
 def running(experiment: str, root: Path | None = None) -> list[RunState]:
     tracking.configure(root)
-    states = []
+    states, local = [], tracking.is_local_store()
     for run in tracking.running_runs([tracking.experiment_id(experiment, root)]):
         tags = run.data.tags
-        stale = tracking.run_is_stale(tags, tracking.is_local_store())
+        stale = tracking.run_is_stale(tags, local)
         state = "unknown" if stale is None else ("stale" if stale else "alive")
         host, pid = tags.get(tracking.HOST_TAG, "?"), tags.get(tracking.PID_TAG, "?")
         states.append(RunState(run.info.run_id, run.info.run_name or "", host, pid, state))

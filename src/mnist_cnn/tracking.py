@@ -313,6 +313,16 @@ def is_local_store() -> bool:
 
 
 @contextlib.contextmanager
+def _sigterm_interrupts() -> Iterator[None]:
+    """SIGTERM raises KeyboardInterrupt inside the block, so a killed stage ends its run KILLED."""
+    previous = signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+@contextlib.contextmanager
 def _signals_deferred() -> Iterator[None]:
     """Hold SIGINT and SIGTERM until the block is done: a second Ctrl-C must not break off ending a run."""
     deferred = {signal.SIGINT, signal.SIGTERM}
@@ -345,14 +355,16 @@ def run(experiment: str, run_id: str | None = None, root: Path | None = None) ->
     close_stale_runs([exp_id], keep=run_id)
     # `dvc exp run` (queued or not) names the experiment in DVC_EXP_NAME: the run takes the same name.
     # A new run carries its owner from its first moment: an interrupt cannot leave it ownerless.
-    new_run = {"experiment_id": exp_id, "run_name": os.environ.get("DVC_EXP_NAME"), "tags": owner_tags()}
-    kwargs = {"run_id": run_id} if run_id else new_run
-    previous = signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
-    try:
+    if run_id:
+        kwargs = {"run_id": run_id}
+    else:
+        kwargs = {"experiment_id": exp_id, "run_name": os.environ.get("DVC_EXP_NAME"), "tags": owner_tags()}
+    with _sigterm_interrupts():
         active = mlflow.start_run(**kwargs)
         status = "FAILED"
         try:
-            mlflow.set_tags(owner_tags())
+            if run_id:  # a reopened run changes owner; a new one got its owner at creation
+                mlflow.set_tags(owner_tags())
             yield active
             status = "FINISHED"
         except KeyboardInterrupt:
@@ -360,8 +372,6 @@ def run(experiment: str, run_id: str | None = None, root: Path | None = None) ->
             raise
         finally:
             _end(status)
-    finally:
-        signal.signal(signal.SIGTERM, previous)
 
 
 @contextlib.contextmanager
@@ -380,8 +390,7 @@ def reopen(run_id: str, stage: str, root: Path | None = None) -> Iterator[mlflow
         ) from None
     # A run still RUNNING is one `mlflow run` started for train and evaluate together.
     final = was if RunStatus.is_terminated(RunStatus.from_string(was)) else None
-    previous = signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
-    try:
+    with _sigterm_interrupts():
         active = mlflow.start_run(run_id=run_id)
         outcome, error = "FAILED", None
         try:
@@ -397,9 +406,7 @@ def reopen(run_id: str, stage: str, root: Path | None = None) -> Iterator[mlflow
         finally:
             with _signals_deferred():
                 mlflow.set_tags({f"{stage}.status": outcome, **({f"{stage}.error": error[:5000]} if error else {})})
-            _end(final or ("FINISHED" if outcome == "FINISHED" else outcome))
-    finally:
-        signal.signal(signal.SIGTERM, previous)
+            _end(final or outcome)
 
 
 def run_exists(run_id: str, root: Path | None = None) -> bool:
