@@ -8,12 +8,13 @@ which is how ``MLproject`` passes parameters the user did not set.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import signal
 import sys
 from pathlib import Path
 
-from . import layout
+from . import distributed, layout
 from .config import ConfigError, Params, load_params, load_section
 
 STAGES = ("download", "train", "evaluate", "all", "runs", "server")
@@ -68,8 +69,35 @@ def run_stages(stage: str, args: argparse.Namespace, overrides: dict[str, str]) 
         show_runs(load_section(args.params, "mlflow", overrides).experiment, args)
         return
     params = load_params(args.params, overrides)
+    world = distributed.from_env()
+    if world.distributed:
+        if stage != "train":
+            raise ConfigError(f"{stage}: under torchrun, run the train stage (python -m mnist_cnn {stage} starts it)")
+        # Rank 0 alone writes models/: it alone takes the directory's lock.
+        with layout.stage_lock(args.root / layout.MODEL_DIR) if world.is_main else contextlib.nullcontext():
+            _train_and_evaluate(stage, params, args)
+        return
+    if stage in ("train", "all") and params.train.processes > 1:
+        _launch_training(stage, params, args, overrides)
+        return
     with layout.stage_lock(args.root / layout.MODEL_DIR):
         _train_and_evaluate(stage, params, args)
+
+
+def _launch_training(stage: str, params: Params, args: argparse.Namespace, overrides: dict[str, str]) -> None:
+    """``train.processes: N``: the train stage runs as N torchrun workers; evaluate follows here."""
+    from .download import download
+
+    if stage == "all":
+        download(params.data, args.root / layout.DATA_DIR, args.mirror or None)
+    argv = ["train", "--params", str(args.params), "--root", str(args.root)]
+    argv += ["--no-progress"] * args.no_progress + [f"{key}={value}" for key, value in overrides.items()]
+    code = distributed.launch(params.train.processes, argv)
+    if code != 0:
+        raise RuntimeError(f"training with train.processes = {params.train.processes} failed (torchrun exit {code})")
+    if stage == "all":
+        with layout.stage_lock(args.root / layout.MODEL_DIR):
+            _train_and_evaluate("evaluate", params, args)
 
 
 def _train_and_evaluate(stage: str, params: Params, args: argparse.Namespace) -> None:
@@ -102,7 +130,7 @@ def show_runs(experiment: str, args: argparse.Namespace) -> None:
 
 
 def _interrupt(signum, frame):  # noqa: ARG001
-    raise KeyboardInterrupt(f"signal {signum}")
+    raise distributed.stop_signal_error(signum)
 
 
 def server_main(argv: list[str]) -> int:
@@ -183,7 +211,7 @@ def _is_expected(exc: Exception) -> bool:
     from .data import DataError
     from .download import DownloadError
 
-    if isinstance(exc, (DataError, DownloadError, RuntimeError, OSError)):
+    if isinstance(exc, (DataError, DownloadError, RuntimeError, OSError)):  # incl. torchrun's WorkerStopped
         return True
     mlflow_exceptions = sys.modules.get("mlflow.exceptions")
     return mlflow_exceptions is not None and isinstance(exc, mlflow_exceptions.MlflowException)

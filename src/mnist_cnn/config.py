@@ -93,6 +93,7 @@ class ModelConfig:
     hidden_3: int
     dropout1: float
     dropout2: float
+    batchnorm: bool
 
     def __post_init__(self) -> None:
         for name in ("hidden_1", "hidden_2", "hidden_3"):
@@ -120,6 +121,11 @@ class TrainConfig:
     precision: str
     compile: str
     resume: str
+    augment_shift: float
+    augment_rotate: float
+    augment_scale: float
+    ema_decay: float
+    processes: int
 
     def __post_init__(self) -> None:
         _require(self.batch_size >= 1, "train.batch_size", self.batch_size, "an integer >= 1")
@@ -137,6 +143,11 @@ class TrainConfig:
         _require(self.precision in PRECISIONS, "train.precision", self.precision, " | ".join(PRECISIONS))
         _require(self.compile in COMPILE_MODES, "train.compile", self.compile, " | ".join(COMPILE_MODES))
         _require(self.resume in RESUME_MODES, "train.resume", self.resume, " | ".join(RESUME_MODES))
+        _require(0 <= self.augment_shift <= 14, "train.augment_shift", self.augment_shift, "pixels in [0, 14]")
+        _require(0 <= self.augment_rotate <= 180, "train.augment_rotate", self.augment_rotate, "degrees in [0, 180]")
+        _require(0 <= self.augment_scale < 1, "train.augment_scale", self.augment_scale, "a number in [0, 1)")
+        _require(0 <= self.ema_decay < 1, "train.ema_decay", self.ema_decay, "a number in [0, 1) (0: off)")
+        _require(self.processes >= 1, "train.processes", self.processes, "an integer >= 1")
 
 
 @dataclass(frozen=True)

@@ -17,7 +17,8 @@ NUM_CLASSES = 10
 
 class Net(nn.Module):
     """Conv(1,h1,3) > ReLU > Conv(h1,h2,3) > max-pool 2 > ReLU > Dropout > Linear(h2*12*12,h3) > ReLU >
-    Dropout > Linear(h3,10) > log-softmax.
+    Dropout > Linear(h3,10) > log-softmax. With ``batchnorm``, a BatchNorm2d follows each convolution
+    (the one change the augmented preset makes to the seed's layers).
 
     Max-pool runs before the second ReLU: the two commute (ReLU is monotonic), so this is the seed's
     function, with a quarter of the ReLU work.
@@ -28,6 +29,8 @@ class Net(nn.Module):
         pooled = (IMAGE_SIZE - 4) // 2
         self.conv1 = nn.Conv2d(1, cfg.hidden_1, 3, 1)
         self.conv2 = nn.Conv2d(cfg.hidden_1, cfg.hidden_2, 3, 1)
+        self.bn1 = nn.BatchNorm2d(cfg.hidden_1) if cfg.batchnorm else nn.Identity()
+        self.bn2 = nn.BatchNorm2d(cfg.hidden_2) if cfg.batchnorm else nn.Identity()
         # A Dropout(p=0) still draws a mask in training; Identity is the same function for free.
         self.dropout1 = nn.Dropout(cfg.dropout1) if cfg.dropout1 > 0 else nn.Identity()
         self.fc1 = nn.Linear(cfg.hidden_2 * pooled * pooled, cfg.hidden_3)
@@ -35,8 +38,8 @@ class Net(nn.Module):
         self.fc2 = nn.Linear(cfg.hidden_3, NUM_CLASSES)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = F.relu(self.conv1(x))
-        x = F.relu(F.max_pool2d(self.conv2(x), 2))
+        x = F.relu(self.bn1(self.conv1(x)))
+        x = F.relu(F.max_pool2d(self.bn2(self.conv2(x)), 2))
         x = self.dropout1(x)
         x = F.relu(self.fc1(torch.flatten(x, 1)))
         x = self.dropout2(x)

@@ -16,9 +16,10 @@ import torch
 from mlflow.models import infer_signature
 from mlflow.tracking import MlflowClient
 
-from . import figures, layout, tracking
+from . import distributed, figures, layout, tracking
 from .config import Params, flatten
 from .data import DataError, load_split, md5sum, verified_md5s
+from .distributed import World
 from .evaluate import EvaluateResult, evaluate
 from .model import RawPixelClassifier
 from .train import Checkpointing, TrainResult, load_checkpoint, train, training_fingerprint, write_train_info
@@ -53,17 +54,24 @@ def _section_params(params: Params, sections: tuple[str, ...]) -> dict:
     return {k: v for k, v in flatten(params).items() if k.split(".")[0] in sections}
 
 
-def run_train(params: Params, paths: Paths, show_progress: bool | None = None) -> tuple[str, TrainResult]:
+def run_train(
+    params: Params, paths: Paths, show_progress: bool | None = None, world: World | None = None
+) -> tuple[str | None, TrainResult]:
     """Train inside a new MLflow run (or the one ``mlflow run`` made); return (run id, result).
 
     With ``train.resume: auto``, a checkpoint of this same training (left by a killed or crashed
-    run) is continued, in the MLflow run it was started in.
+    run) is continued, in the MLflow run it was started in. Under torchrun only rank 0 tracks and
+    writes; the other ranks train their shards and return (None, result).
     """
+    world = world or distributed.from_env()
     root = tracking.project_root(paths.root.resolve())
     md5s = verified_md5s(paths.data, params.data.dataset)
     fingerprint = training_fingerprint(params, md5s)
     checkpoint_path = paths.models / layout.CHECKPOINT.name
     state = load_checkpoint(checkpoint_path, fingerprint) if params.train.resume == "auto" else None
+    if not world.is_main:
+        checkpointing = Checkpointing(checkpoint_path, fingerprint, None, state)
+        return None, train(params, paths.data, paths.models, paths.reports, None, False, checkpointing, world)
     resumed_run = state["run_id"] if state is not None and tracking.run_exists(state["run_id"], root) else None
     with tracking.run(params.mlflow.experiment, run_id=resumed_run, root=root) as active:
         run_id = active.info.run_id
@@ -85,9 +93,9 @@ def run_train(params: Params, paths: Paths, show_progress: bool | None = None) -
             mlflow.set_tag("resumed_after_epoch", str(state["epoch"]))
         checkpointing = Checkpointing(checkpoint_path, fingerprint, run_id, state)
         result = train(
-            params, paths.data, paths.models, paths.reports, tracking.EpochLogger(), show_progress, checkpointing
+            params, paths.data, paths.models, paths.reports, tracking.EpochLogger(), show_progress, checkpointing, world
         )
-        tracking.log_params_once({"device": result.device, "precision": result.precision})
+        tracking.log_params_once({"device": result.device, "precision": result.precision, "world_size": world.size})
         mlflow.log_metrics(
             {
                 "best_epoch": result.best_epoch,

@@ -25,6 +25,7 @@ from mlflow.entities import RunStatus
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
+from . import distributed
 from .config import parse_value
 
 log = logging.getLogger(__name__)
@@ -227,8 +228,8 @@ def log_params_once(params: Mapping[str, Any]) -> None:
         mlflow.log_params(new, synchronous=True)
 
 
-def _raise_keyboard_interrupt(signum, frame):  # noqa: ARG001
-    raise KeyboardInterrupt(f"signal {signum}")
+def _raise_stop(signum, frame):  # noqa: ARG001
+    raise distributed.stop_signal_error(signum)
 
 
 def _process_started(pid: int) -> str:
@@ -315,7 +316,7 @@ def is_local_store() -> bool:
 @contextlib.contextmanager
 def _sigterm_interrupts() -> Iterator[None]:
     """SIGTERM raises KeyboardInterrupt inside the block, so a killed stage ends its run KILLED."""
-    previous = signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
+    previous = signal.signal(signal.SIGTERM, _raise_stop)
     try:
         yield
     finally:

@@ -19,11 +19,15 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from tqdm import tqdm
 
 from . import layout
+from .augment import AffineRanges, random_affine
 from .config import Params, TrainConfig, flatten
 from .data import load_split, normalise, split_indices, verified_md5s
+from .distributed import SINGLE, World, all_sum, device_for, process_group, shard
 from .model import Net
 from .runtime import autocast, memory_format, seed_everything, select_device, select_precision
 
@@ -58,7 +62,7 @@ class Reporter(Protocol):
     def log_epoch(self, stats: EpochStats) -> None: ...
 
 
-CHECKPOINT_FORMAT = 1
+CHECKPOINT_FORMAT = 2
 
 
 @dataclass(frozen=True)
@@ -140,6 +144,24 @@ def predict_log_probs(model: nn.Module, x: torch.Tensor, batch_size: int, precis
     return torch.cat(outputs)
 
 
+def validate(
+    model: nn.Module, data: Tensors, batch_size: int, precision: str, world: World = SINGLE
+) -> tuple[float, float]:
+    """(mean NLL loss, accuracy %) over ``data``; with several processes each scores its share and the
+    sums are added up, so every rank sees the same numbers and takes the same early-stopping decision."""
+    x, y = data.x[world.rank :: world.size], data.y[world.rank :: world.size]
+    log_probs = predict_log_probs(model, x, batch_size, precision)
+    sums = torch.stack(
+        [
+            F.nll_loss(log_probs, y, reduction="sum").double(),
+            (log_probs.argmax(dim=1) == y).sum().double(),
+            torch.tensor(float(len(y)), dtype=torch.float64, device=y.device),
+        ]
+    )
+    loss_sum, correct, count = all_sum(sums, world).tolist()
+    return loss_sum / count, 100.0 * correct / count
+
+
 def loss_and_accuracy(log_probs: torch.Tensor, y: torch.Tensor) -> tuple[float, float]:
     """(mean NLL loss, accuracy in percent)."""
     loss = F.nll_loss(log_probs, y).item()
@@ -176,6 +198,23 @@ def make_optimizer(
     return optimizer, scheduler
 
 
+@dataclass
+class Augmentation:
+    """Random affine moves of each training batch, drawn from their own seeded generator."""
+
+    ranges: AffineRanges
+    generator: torch.Generator
+    background: float  # the normalised value of a blank pixel
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return random_affine(x, self.ranges, self.generator, self.background)
+
+
+def batch_per_process(batch_size: int, world: World) -> int:
+    """``train.batch_size`` is the global batch: N processes take a 1/N share of it each."""
+    return -(-batch_size // world.size)
+
+
 def train_epoch(
     model: nn.Module,
     optimizer: torch.optim.Optimizer,
@@ -186,21 +225,28 @@ def train_epoch(
     batch_scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
     scaler: torch.amp.GradScaler | None = None,
     progress: tqdm | None = None,
+    world: World = SINGLE,
+    augmentation: Augmentation | None = None,
+    ema: AveragedModel | None = None,
 ) -> tuple[float, float]:
     """One pass over ``data`` in a seeded random order; returns (mean train loss, accuracy %).
 
     Loss and correct counts accumulate on the device and are read once, so a GPU never waits on
-    the host inside the epoch.
+    the host inside the epoch. With several processes, each takes its shard of the same permutation.
     """
     model.train()
     device = data.x.device
     layout_of_batches = memory_format(device)
-    order = torch.randperm(len(data.y), generator=generator).to(device)
+    order = shard(torch.randperm(len(data.y), generator=generator), world).to(device)
+    batch_size = batch_per_process(cfg.batch_size, world)
     loss_sum = torch.zeros((), device=device)
     correct = torch.zeros((), device=device, dtype=torch.long)
-    for start in range(0, len(order), cfg.batch_size):
-        idx = order[start : start + cfg.batch_size]
-        x = data.x.index_select(0, idx).contiguous(memory_format=layout_of_batches)
+    for start in range(0, len(order), batch_size):
+        idx = order[start : start + batch_size]
+        x = data.x.index_select(0, idx)
+        if augmentation is not None:
+            x = augmentation(x)
+        x = x.contiguous(memory_format=layout_of_batches)
         y = data.y.index_select(0, idx)
         optimizer.zero_grad(set_to_none=True)
         with autocast(device, precision):
@@ -213,14 +259,17 @@ def train_epoch(
         else:
             loss.backward()
             optimizer.step()
+        if ema is not None:
+            ema.update_parameters(model)  # a DDP or compiled wrapper yields the net's parameters, in order
         if batch_scheduler is not None:
             batch_scheduler.step()
         loss_sum += loss.detach().float() * len(idx)
         correct += (output.detach().argmax(dim=1) == y).sum()
         if progress is not None:
             progress.update(1)
-    n = len(order)
-    return loss_sum.item() / n, 100.0 * correct.item() / n
+    count = torch.tensor(float(len(order)), device=device, dtype=torch.float64)
+    loss_sum, correct, count = all_sum(torch.stack([loss_sum.double(), correct.double(), count]), world).tolist()
+    return loss_sum / count, 100.0 * correct / count
 
 
 def _format_epoch(stats: EpochStats, epochs: int, improved: bool) -> str:
@@ -241,6 +290,8 @@ class _Loop:
     scaler: torch.amp.GradScaler | None
     generator: torch.Generator
     history: list[EpochStats]
+    augmentation: Augmentation | None = None
+    ema: AveragedModel | None = None
     best_loss: float = float("inf")
     best_epoch: int = 0
     best_state: dict[str, torch.Tensor] | None = None
@@ -257,6 +308,8 @@ class _Loop:
             "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
             "scaler": self.scaler.state_dict() if self.scaler is not None else None,
             "generator": self.generator.get_state(),
+            "augment_rng": self.augmentation.generator.get_state() if self.augmentation is not None else None,
+            "ema": self.ema.state_dict() if self.ema is not None else None,
             "torch_rng": torch.get_rng_state(),
             "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
             "python_rng": random.getstate(),
@@ -277,6 +330,10 @@ class _Loop:
         if self.scaler is not None and state["scaler"]:
             self.scaler.load_state_dict(state["scaler"])
         self.generator.set_state(state["generator"])
+        if self.augmentation is not None:
+            self.augmentation.generator.set_state(state["augment_rng"])
+        if self.ema is not None:
+            self.ema.load_state_dict(state["ema"])
         torch.set_rng_state(state["torch_rng"])
         if torch.cuda.is_available() and state["cuda_rng"]:
             torch.cuda.set_rng_state_all(state["cuda_rng"])
@@ -306,22 +363,40 @@ def fit(
     reporter: Reporter | None = None,
     show_progress: bool | None = None,
     checkpointing: Checkpointing | None = None,
+    world: World = SINGLE,
 ) -> tuple[nn.Module, TrainResult]:
     """Train until ``epochs`` or ``patience`` epochs without a better validation loss; restore the best.
 
     With ``checkpointing``, every epoch ends with a checkpoint, and ``checkpointing.state`` (one of the
     same training) is continued: the same epochs follow, to the last bit on the same machine.
+    With ``world`` of several processes (torchrun), the net is wrapped in DistributedDataParallel and
+    only rank 0 saves checkpoints.
     """
     cfg = params.train
     seed_everything(cfg.seed)
     net = prepare_model(Net(params.model), device)
-    model = net if cfg.compile == "none" else torch.compile(net, mode=cfg.compile)
-    steps = -(-len(train_data.y) // cfg.batch_size)
+    if world.distributed:
+        torch.manual_seed(cfg.seed + world.rank)  # same initial weights, but each rank its own dropout masks
+    trained = DistributedDataParallel(net) if world.distributed else net
+    model = trained if cfg.compile == "none" else torch.compile(trained, mode=cfg.compile)
+    steps = -(-len(shard(torch.arange(len(train_data.y)), world)) // batch_per_process(cfg.batch_size, world))
     optimizer, scheduler = make_optimizer(net, cfg, steps)
     per_batch = scheduler if cfg.scheduler == "onecycle" else None
     scaler = torch.amp.GradScaler(device.type) if precision == "fp16" else None
     generator = torch.Generator().manual_seed(cfg.seed)
-    loop = _Loop(net, optimizer, scheduler, scaler, generator, history=[])
+    ranges = AffineRanges(cfg.augment_shift, cfg.augment_rotate, cfg.augment_scale)
+    augmentation = None
+    if ranges.active:
+        augment_rng = torch.Generator(device=device).manual_seed(cfg.seed + 1_000_003 * world.rank)
+        augmentation = Augmentation(ranges, augment_rng, background=train_data.x.amin().item())
+    # The average follows the weights every step; validation, early stopping and the saved weights use it.
+    ema = (
+        AveragedModel(net, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema_decay), use_buffers=True)
+        if cfg.ema_decay
+        else None
+    )
+    scored = ema.module if ema is not None else net
+    loop = _Loop(net, optimizer, scheduler, scaler, generator, history=[], augmentation=augmentation, ema=ema)
     if checkpointing is not None and checkpointing.state is not None:
         loop.restore(checkpointing.state)
         log.info("resuming after epoch %d from %s", loop.history[-1].epoch, checkpointing.path)
@@ -335,13 +410,24 @@ def fit(
         lr = optimizer.param_groups[0]["lr"]
         # disable=None: tqdm shows the bar on a terminal only, so logs keep just the epoch lines.
         disable = None if show_progress is None else not show_progress
+        if not world.is_main:
+            disable = True
         with tqdm(total=steps, desc=f"epoch {epoch}/{cfg.epochs}", unit="batch", leave=False, disable=disable) as bar:
             train_loss, train_acc = train_epoch(
-                model, optimizer, train_data, cfg, precision, generator, per_batch, scaler, bar
+                model,
+                optimizer,
+                train_data,
+                cfg,
+                precision,
+                generator,
+                per_batch,
+                scaler,
+                bar,
+                world,
+                augmentation,
+                ema,
             )
-        val_loss, val_acc = loss_and_accuracy(
-            predict_log_probs(model, val_data.x, params.evaluate.batch_size, precision), val_data.y
-        )
+        val_loss, val_acc = validate(scored, val_data, params.evaluate.batch_size, precision, world)
         if cfg.scheduler == "plateau":
             scheduler.step(val_loss)
         elif scheduler is not None and per_batch is None:
@@ -351,22 +437,28 @@ def fit(
         improved = val_loss < loop.best_loss
         if improved:
             loop.best_loss, loop.best_epoch = val_loss, epoch
-            loop.best_state = copy.deepcopy(net.state_dict())
-        if checkpointing is not None:
+            loop.best_state = copy.deepcopy(scored.state_dict())
+        if checkpointing is not None and world.is_main:
             seconds = loop.seconds_before + time.perf_counter() - started
             state = loop.state(checkpointing.fingerprint, checkpointing.run_id, seconds)
             save_torch(checkpointing.path, state)
-        log.info(_format_epoch(stats, cfg.epochs, improved))
+        if world.is_main:
+            log.info(_format_epoch(stats, cfg.epochs, improved))
         if reporter is not None:
             reporter.log_epoch(stats)
         if _early_stop(epoch, loop.best_epoch, cfg.patience):
-            log.info("early stop: no better validation loss in %d epochs; best epoch %d", cfg.patience, loop.best_epoch)
+            log.log(
+                logging.INFO if world.is_main else logging.DEBUG,
+                "early stop: no better validation loss in %d epochs; best epoch %d",
+                cfg.patience,
+                loop.best_epoch,
+            )
             break
     if loop.best_state is None:
         raise RuntimeError(
             f"train.lr = {cfg.lr}: validation loss was never finite (training diverged); try a lower train.lr"
         )
-    net.load_state_dict(loop.best_state)
+    net.load_state_dict(loop.best_state)  # an EMA's state_dict has the net's keys
     result = TrainResult(
         best_epoch=loop.best_epoch,
         stopped_epoch=history[-1].epoch,
@@ -404,14 +496,15 @@ def train(
     reporter: Reporter | None = None,
     show_progress: bool | None = None,
     checkpointing: Checkpointing | None = None,
+    world: World = SINGLE,
 ) -> TrainResult:
     """Train on ``data_dir``; write the best weights (a state_dict) and the per-epoch history.
 
     The data files are checked against their expected MD5s first. With ``checkpointing``, the
-    checkpoint is removed once the weights are written.
+    checkpoint is removed once the weights are written. Of several processes, rank 0 writes.
     """
     verified_md5s(data_dir, params.data.dataset)
-    device = select_device(params.train.device)
+    device = device_for(world, select_device(params.train.device))
     precision = select_precision(params.train.precision, device)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
@@ -419,13 +512,19 @@ def train(
         data_dir, params.data.dataset, params.train.val_split, params.train.seed, device
     )
     log.info(
-        "training on %s (%s): %d train / %d validation samples",
+        "training on %s (%s): %d train / %d validation samples%s",
         device,
         precision,
         len(train_data.y),
         len(val_data.y),
+        f", rank {world.rank} of {world.size} processes" if world.distributed else "",
     )
-    net, result = fit(params, train_data, val_data, device, precision, reporter, show_progress, checkpointing)
+    with process_group(world, device):
+        net, result = fit(
+            params, train_data, val_data, device, precision, reporter, show_progress, checkpointing, world
+        )
+    if not world.is_main:
+        return result
     cpu_state = {k: v.detach().cpu() for k, v in net.state_dict().items()}
     save_torch(Path(model_dir) / layout.WEIGHTS.name, cpu_state)
     layout.write_text_atomic(Path(reports_dir) / layout.HISTORY.name, history_csv(result.history))

@@ -1,0 +1,118 @@
+"""Data-parallel training across processes: the world torchrun describes, and launching through it.
+
+torchrun (``torch.distributed.run``) starts the processes and sets RANK, WORLD_SIZE and LOCAL_RANK;
+this module only reads them, joins the process group and sums tensors across it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import subprocess
+import sys
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class World:
+    rank: int = 0
+    size: int = 1
+    local_rank: int = 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.size > 1
+
+    @property
+    def is_main(self) -> bool:
+        """Rank 0: the one process that logs to MLflow and writes models/ and reports/."""
+        return self.rank == 0
+
+
+SINGLE = World()
+
+
+def from_env() -> World:
+    """The world torchrun set up for this process (a single process when not under torchrun)."""
+    size = int(os.environ.get("WORLD_SIZE", "1"))
+    if size <= 1:
+        return SINGLE
+    return World(rank=int(os.environ["RANK"]), size=size, local_rank=int(os.environ.get("LOCAL_RANK", "0")))
+
+
+def under_torchrun() -> bool:
+    return from_env().distributed
+
+
+def device_for(world: World, device: torch.device) -> torch.device:
+    """One GPU per process: LOCAL_RANK picks it."""
+    if world.distributed and device.type == "cuda":
+        torch.cuda.set_device(world.local_rank)
+        return torch.device("cuda", world.local_rank)
+    return device
+
+
+@contextlib.contextmanager
+def process_group(world: World, device: torch.device) -> Iterator[None]:
+    """Join the group (NCCL on GPUs, Gloo on CPUs) for the block; nothing to do for one process."""
+    if not world.distributed:
+        yield
+        return
+    dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
+
+
+def all_sum(values: torch.Tensor, world: World) -> torch.Tensor:
+    """``values`` summed over every process (in place); unchanged for one process."""
+    if world.distributed:
+        dist.all_reduce(values, op=dist.ReduceOp.SUM)
+    return values
+
+
+def shard(order: torch.Tensor, world: World) -> torch.Tensor:
+    """This rank's share of an epoch's permutation: every ``size``-th index from ``rank``, cut to equal
+    lengths so that all ranks take the same number of steps (DDP hangs otherwise)."""
+    if not world.distributed:
+        return order
+    per_rank = len(order) // world.size
+    return order[world.rank : per_rank * world.size : world.size]
+
+
+class WorkerStopped(RuntimeError):
+    """torchrun stopped this worker: another rank failed (or the whole job was stopped)."""
+
+
+def stop_signal_error(signum: int) -> BaseException:
+    """What SIGTERM means here: under torchrun, that a peer failed and the agent is ending the rest
+    (the run ends FAILED); otherwise an interrupt like Ctrl-C (the run ends KILLED)."""
+    if under_torchrun():
+        return WorkerStopped(f"stopped by torchrun (signal {signum}): another rank of this training failed")
+    return KeyboardInterrupt(f"signal {signum}")
+
+
+def launch(processes: int, argv: Sequence[str]) -> int:
+    """Run ``python -m mnist_cnn ARGV`` as ``processes`` workers on this machine through torchrun
+    (``--standalone``: a local rendezvous on a free port); return torchrun's exit code.
+
+    The machine's cores are shared out (torchrun alone would give each worker one thread).
+    """
+    env = dict(os.environ)
+    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // processes)))
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc-per-node={processes}",
+        "-m",
+        "mnist_cnn",
+        *argv,
+    ]
+    return subprocess.run(command, env=env, check=False).returncode
