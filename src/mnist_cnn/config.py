@@ -162,11 +162,13 @@ class EvaluateConfig:
 class MlflowConfig:
     experiment: str
     registered_model: str
+    preset: str  # the tag `preset` on training runs (e.g. augmented); "" for none
 
     def __post_init__(self) -> None:
         for name in ("experiment", "registered_model"):
             value = getattr(self, name)
             _require(bool(value.strip()), f"mlflow.{name}", value, "a non-empty name")
+        _require(len(self.preset) <= 250, "mlflow.preset", self.preset, "a name of at most 250 characters")
 
 
 @dataclass(frozen=True)

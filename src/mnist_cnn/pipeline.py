@@ -78,12 +78,17 @@ def run_train(
         mlflow.set_tags(
             {
                 "dataset": params.data.dataset,
+                **({"preset": params.mlflow.preset} if params.mlflow.preset else {}),
                 **tracking.git_lineage(root),
                 **{f"data_md5.{name}": md5 for name, md5 in md5s.items()},
             }
         )
         tracking.log_params_once(
-            {**_section_params(params, TRAIN_SECTIONS), "mlflow.experiment": params.mlflow.experiment}
+            {
+                **_section_params(params, TRAIN_SECTIONS),
+                "mlflow.experiment": params.mlflow.experiment,
+                "mlflow.preset": params.mlflow.preset,
+            }
         )
         if paths.params_file.is_file():
             mlflow.log_artifact(str(paths.params_file))
