@@ -13,7 +13,9 @@ from pathlib import Path
 import mlflow
 import pytest
 import yaml
+from mlflow.tracking import MlflowClient
 
+from mnist_cnn import tracking
 from mnist_cnn.config import Params, parse_params
 from mnist_cnn.pipeline import Paths
 from tinydata import write_checksums, write_tiny_mnist
@@ -131,3 +133,34 @@ def run_queue(repo: Path, workers: int = 2, timeout: float = 900) -> str:
         time.sleep(3)
     dvc("queue", "stop", "--kill", cwd=repo)
     return status
+
+
+def stage(project, *args: str, env: dict | None = None) -> subprocess.Popen:
+    """``python -m mnist_cnn ARGS`` in the project directory, output merged and line-buffered."""
+    return subprocess.Popen(
+        [sys.executable, "-u", "-m", "mnist_cnn", *args, "--no-progress"],
+        cwd=project.root,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env={**os.environ, **(env or {})},
+    )
+
+
+def wait_for_line(proc: subprocess.Popen, needle: str, timeout: float = 120) -> list[str]:
+    lines, deadline = [], time.time() + timeout
+    while time.time() < deadline:
+        line = proc.stdout.readline()
+        if not line:
+            break
+        lines.append(line)
+        if needle in line:
+            return lines
+    proc.kill()
+    raise AssertionError(f"{needle!r} never printed:\n{''.join(lines)}")
+
+
+def the_runs(experiment="mnist-cnn"):
+    tracking.configure()
+    exp = mlflow.get_experiment_by_name(experiment)
+    return MlflowClient().search_runs([exp.experiment_id], order_by=["start_time ASC"]) if exp else []

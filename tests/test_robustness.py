@@ -19,7 +19,7 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
-from conftest import write_tiny_params
+from conftest import stage, the_runs, wait_for_line, write_tiny_params
 from mnist_cnn import pipeline, runs, tracking
 from mnist_cnn.cli import main
 from mnist_cnn.config import load_params
@@ -39,37 +39,6 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
-
-
-def stage(project, *args: str, env: dict | None = None) -> subprocess.Popen:
-    """``python -m mnist_cnn ARGS`` in the project directory, output merged and line-buffered."""
-    return subprocess.Popen(
-        [sys.executable, "-u", "-m", "mnist_cnn", *args, "--no-progress"],
-        cwd=project.root,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        env={**os.environ, **(env or {})},
-    )
-
-
-def wait_for_line(proc: subprocess.Popen, needle: str, timeout: float = 120) -> list[str]:
-    lines, deadline = [], time.time() + timeout
-    while time.time() < deadline:
-        line = proc.stdout.readline()
-        if not line:
-            break
-        lines.append(line)
-        if needle in line:
-            return lines
-    proc.kill()
-    raise AssertionError(f"{needle!r} never printed:\n{''.join(lines)}")
-
-
-def the_runs(experiment="mnist-cnn"):
-    tracking.configure()
-    exp = mlflow.get_experiment_by_name(experiment)
-    return MlflowClient().search_runs([exp.experiment_id], order_by=["start_time ASC"]) if exp else []
 
 
 # 1. Parallel runs on a new store
@@ -162,7 +131,16 @@ def tensors_equal(a: dict, b: dict) -> bool:
 
 
 def test_sigkill_after_epoch_2_of_4_resumes_in_the_same_run_to_identical_weights(tmp_path, project, tiny_mirror):
-    settings = {"train.epochs": 4, "train.patience": 10, "train.batch_size": 16}
+    # Augmentation, the weight average and BatchNorm carry state of their own: resume must restore it.
+    settings = {
+        "train.epochs": 4,
+        "train.patience": 10,
+        "train.batch_size": 16,
+        "train.augment_shift": 2,
+        "train.augment_rotate": 10,
+        "train.ema_decay": 0.9,
+        "model.batchnorm": True,
+    }
     write_tiny_params(project.params_file, **settings)
     proc = stage(project, "train")
     wait_for_line(proc, EPOCH_LINE.format(epoch=2))

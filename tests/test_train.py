@@ -1,12 +1,14 @@
 import dataclasses
 import json
+import re
 
 import pytest
 import torch
 
 from conftest import TINY_OVERRIDES, repo_params_raw
 from mnist_cnn import layout
-from mnist_cnn.config import parse_params
+from mnist_cnn.augment import AffineRanges, random_affine
+from mnist_cnn.config import ConfigError, parse_params
 from mnist_cnn.data import DataError
 from mnist_cnn.evaluate import evaluate
 from mnist_cnn.model import Net, load_weights
@@ -167,3 +169,64 @@ def test_diverging_training_is_a_clear_error_and_writes_nothing(project, tiny_pa
     with pytest.raises(RuntimeError, match=r"train.lr = 1000000.0: validation loss was never finite"):
         train(params, project.data, project.models, project.reports, show_progress=False)
     assert not project.models.exists() and not project.reports.exists()
+
+
+def test_defaults_keep_the_seed_pipeline_unaugmented(tiny_params):
+    cfg = tiny_params.train
+    assert (cfg.augment_shift, cfg.augment_rotate, cfg.augment_scale, cfg.ema_decay, cfg.processes) == (0, 0, 0, 0, 1)
+    net = Net(tiny_params.model)
+    assert isinstance(net.bn1, torch.nn.Identity) and isinstance(net.bn2, torch.nn.Identity)
+
+
+def test_random_affine_is_seeded_moves_the_ink_and_keeps_the_background(project):
+    train_data, _ = load_train_val(project.data, "mnist", 0.2, 1, torch.device("cpu"))
+    x = train_data.x[:32]
+    background = x.amin().item()
+    ranges = AffineRanges(shift=3, rotate=15, scale=0.1)
+    moved = random_affine(x, ranges, torch.Generator().manual_seed(7), background)
+    again = random_affine(x, ranges, torch.Generator().manual_seed(7), background)
+    assert torch.equal(moved, again)
+    assert not torch.equal(moved, random_affine(x, ranges, torch.Generator().manual_seed(8), background))
+    per_image_change = (moved - x).abs().flatten(1).amax(dim=1)
+    assert (per_image_change > 0.5).all()  # every image moved
+    corners = moved[:, :, :2, :2]  # the digits are centred: corners stay blank, not zero-padded ink
+    assert torch.allclose(corners, torch.full_like(corners, background), atol=1e-5)
+    assert moved.shape == x.shape and moved.dtype == x.dtype
+    # Nothing asked for, nothing moved: identity map.
+    still = random_affine(x, AffineRanges(), torch.Generator().manual_seed(7), background)
+    assert torch.allclose(still, x, atol=1e-5)
+
+
+def test_augmented_ema_batchnorm_training_repeats_and_saves_the_validated_average(project, tiny_params, tmp_path):
+    preset = dataclasses.replace(
+        tiny_params,
+        model=dataclasses.replace(tiny_params.model, batchnorm=True),
+        train=dataclasses.replace(
+            tiny_params.train, augment_shift=2, augment_rotate=10, augment_scale=0.1, ema_decay=0.9, epochs=2
+        ),
+    )
+    result = train(preset, project.data, project.models, project.reports, show_progress=False)
+    again = train(preset, project.data, tmp_path, tmp_path, show_progress=False)
+    assert [h.val_loss for h in result.history] == [h.val_loss for h in again.history]  # seeded: same numbers
+    plain = train(tiny_params, project.data, tmp_path, tmp_path, show_progress=False)
+    assert result.history[0].train_loss != plain.history[0].train_loss
+    net = load_weights(preset.model, project.models / "model.pt")
+    assert net.bn1.running_var.ne(1).any()  # BatchNorm statistics were learnt (and averaged)
+    _, val_data = load_train_val(project.data, "mnist", 0.2, 1, torch.device("cpu"))
+    val_loss, _ = loss_and_accuracy(predict_log_probs(net, val_data.x, 500), val_data.y)
+    assert val_loss == pytest.approx(result.best_val_loss, rel=1e-5)  # the saved weights are those validated
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "expected"),
+    [
+        ("train.augment_shift", -1.0, "pixels in [0, 14]"),
+        ("train.augment_scale", 1.5, "a number in [0, 1)"),
+        ("train.ema_decay", 1.0, "a number in [0, 1) (0: off)"),
+        ("train.processes", 0, "an integer >= 1"),
+        ("model.batchnorm", "maybe", "true or false"),
+    ],
+)
+def test_bad_augmentation_ema_and_process_values_name_key_and_expectation(key, value, expected):
+    with pytest.raises(ConfigError, match=re.escape(f"{key} = {value!r}: expected {expected}")):
+        parse_params(repo_params_raw(), {**TINY_OVERRIDES, key: value})

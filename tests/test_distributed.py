@@ -1,0 +1,77 @@
+"""DistributedDataParallel through torchrun: 2 CPU processes (Gloo) on the tiny data."""
+
+from __future__ import annotations
+
+import json
+import signal
+import time
+
+import psutil
+import pytest
+import torch
+from mlflow.tracking import MlflowClient
+
+from conftest import stage, the_runs, wait_for_line, write_tiny_params
+from mnist_cnn import distributed, layout
+from mnist_cnn.config import load_params
+from mnist_cnn.model import load_weights
+
+pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed is not built in")
+
+
+def processes_in(root) -> list[psutil.Process]:
+    """Processes working in ``root`` (the stage, torchrun and its workers)."""
+    found = []
+    for proc in psutil.process_iter(["cwd"]):
+        if proc.info["cwd"] and proc.info["cwd"] == str(root):
+            found.append(proc)
+    return found
+
+
+def test_shards_are_disjoint_equal_and_cover_the_permutation():
+    order = torch.randperm(101, generator=torch.Generator().manual_seed(0))
+    shards = [distributed.shard(order, distributed.World(rank, 2)) for rank in range(2)]
+    assert len(shards[0]) == len(shards[1]) == 50  # equal steps on every rank; one sample left for the next epoch
+    assert not set(shards[0].tolist()) & set(shards[1].tolist())
+    assert torch.equal(distributed.shard(order, distributed.SINGLE), order)
+
+
+def test_two_processes_make_one_finished_run_and_a_model_as_good(project):
+    write_tiny_params(project.params_file, **{"train.processes": 2})
+    proc = stage(project, "all")
+    output, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, output
+    assert "rank 1 of 2 processes" in output and "rank 0 of 2 processes" in output
+    (run,) = the_runs()
+    assert run.info.status == "FINISHED" and run.data.params["world_size"] == "2"
+    steps = [m.step for m in MlflowClient().get_metric_history(run.info.run_id, "val_loss")]
+    assert steps == [1, 2]  # rank 0 alone logged
+    two = json.loads((project.reports / "metrics.json").read_text())["test"]["accuracy"]
+    params = load_params(project.params_file)
+    load_weights(params.model, project.models / "model.pt")  # loads into the plain Net: no DDP prefixes
+    assert not processes_in(project.root)
+
+    write_tiny_params(project.params_file, **{"train.processes": 1})
+    single = stage(project, "all")
+    output, _ = single.communicate(timeout=300)
+    assert single.returncode == 0, output
+    one = json.loads((project.reports / "metrics.json").read_text())["test"]["accuracy"]
+    assert abs(two - one) < 6.0, (two, one)
+
+
+def test_a_rank_that_dies_ends_the_others_and_the_run_failed(project):
+    write_tiny_params(project.params_file, **{"train.processes": 2, "train.epochs": 500, "train.patience": 500})
+    proc = stage(project, "train")
+    wait_for_line(proc, "epoch   1/")
+    (rank_1,) = [p for p in processes_in(project.root) if p.environ().get("RANK") == "1"]
+    rank_1.send_signal(signal.SIGKILL)
+    started = time.time()
+    output, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 1, output
+    assert time.time() - started < 60
+    assert output.rstrip().splitlines()[-1] == "error: training with train.processes = 2 failed (torchrun exit 1)"
+    (run,) = the_runs()
+    assert run.info.status == "FAILED"
+    assert not (project.models / layout.WEIGHTS.name).exists()
+    time.sleep(1)
+    assert not processes_in(project.root)
