@@ -1,0 +1,79 @@
+"""What batch augmentation and the weight average cost per epoch, side by side with the plain trainer.
+
+One process, one go: rounds alternate (plain, augmented, augmented + EMA, plain, ...) over the same
+batches with the real ``train_epoch``; medians and ratios are printed.
+
+    python benchmarks/augment_cost.py                  # needs data/raw
+    python benchmarks/augment_cost.py --device cuda --batches 300
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import statistics
+import time
+
+import torch
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+from common import benchmark_parser
+from mnist_cnn.augment import AffineRanges
+from mnist_cnn.config import load_params
+from mnist_cnn.model import Net
+from mnist_cnn.runtime import select_device, select_precision
+from mnist_cnn.train import Augmentation, Tensors, load_train_val, make_optimizer, prepare_model, train_epoch
+
+# The augmented preset's settings (README: Accuracy presets).
+PRESET = {"shift": 2.0, "rotate": 10.0, "scale": 0.1, "ema_decay": 0.999}
+
+
+def main() -> None:
+    parser = benchmark_parser(__doc__)
+    parser.add_argument("--batches", type=int, default=150, help="timed batches per round")
+    parser.add_argument("--rounds", type=int, default=5)
+    args = parser.parse_args()
+    params = load_params(args.params, {"train.device": args.device, "train.precision": args.precision})
+    params = dataclasses.replace(params, model=dataclasses.replace(params.model, batchnorm=True))
+    cfg = params.train
+    device = select_device(cfg.device)
+    precision = select_precision(cfg.precision, device)
+    train_data, _ = load_train_val(args.data_dir, params.data.dataset, cfg.val_split, cfg.seed, device)
+    n = args.batches * cfg.batch_size
+    chunk = Tensors(train_data.x[:n], train_data.y[:n])
+    net = prepare_model(Net(params.model), device)
+    optimizer, _ = make_optimizer(net, cfg, args.batches)
+    generator = torch.Generator().manual_seed(0)
+    ranges = AffineRanges(PRESET["shift"], PRESET["rotate"], PRESET["scale"])
+    augmentation = Augmentation(ranges, torch.Generator(device=device).manual_seed(0), chunk.x.amin().item())
+    ema = AveragedModel(net, multi_avg_fn=get_ema_multi_avg_fn(PRESET["ema_decay"]), use_buffers=True)
+    variants = {
+        "plain": {},
+        "augmented": {"augmentation": augmentation},
+        "augmented + EMA": {"augmentation": augmentation, "ema": ema},
+    }
+
+    def samples_per_second(extra: dict) -> float:
+        start = time.perf_counter()
+        train_epoch(net, optimizer, chunk, cfg, precision, generator, **extra)
+        return n / (time.perf_counter() - start)
+
+    threads = torch.get_num_threads()
+    print(f"torch {torch.__version__} | {device} | {precision} | {threads} threads | batch {cfg.batch_size}")
+    for extra in variants.values():
+        samples_per_second(extra)  # warm-up
+    rates: dict[str, list[float]] = {name: [] for name in variants}
+    for i in range(args.rounds):
+        for name, extra in variants.items():
+            rates[name].append(samples_per_second(extra))
+        print(f"round {i + 1}: " + " | ".join(f"{name} {r[-1]:,.0f}" for name, r in rates.items()), flush=True)
+    plain = statistics.median(rates["plain"])
+    epoch = len(train_data.y)
+    print("\n| trainer | samples/s (median) | s per 48k epoch | time vs plain |")
+    print("|---|---:|---:|---:|")
+    for name, values in rates.items():
+        median = statistics.median(values)
+        print(f"| {name} | {median:,.0f} | {epoch / median:.1f} | {plain / median:.2f}x |")
+
+
+if __name__ == "__main__":
+    main()
