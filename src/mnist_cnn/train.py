@@ -377,7 +377,10 @@ def fit(
     net = prepare_model(Net(params.model), device)
     if world.distributed:
         torch.manual_seed(cfg.seed + world.rank)  # same initial weights, but each rank its own dropout masks
-    trained = DistributedDataParallel(net) if world.distributed else net
+    if world.distributed:
+        trained = DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda" else None)
+    else:
+        trained = net
     model = trained if cfg.compile == "none" else torch.compile(trained, mode=cfg.compile)
     steps = -(-len(shard(torch.arange(len(train_data.y)), world)) // batch_per_process(cfg.batch_size, world))
     optimizer, scheduler = make_optimizer(net, cfg, steps)
