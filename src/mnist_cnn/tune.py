@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import os
 import random
 import re
 import time
@@ -177,9 +178,14 @@ def _tune_params(cfg: TuneConfig) -> dict[str, str]:
 
 
 def _join(
-    storage: optuna.storages.BaseStorage, cfg: TuneConfig, params: Params, exp_id: str, root: Path
+    storage: optuna.storages.BaseStorage,
+    cfg: TuneConfig,
+    exp_id: str,
+    root: Path,
+    launcher: str | None = None,
 ) -> tuple[optuna.Study, str]:
-    """Create or load the study and its parent run (under the workers' lock: one parent per study)."""
+    """Create or load the study and its parent run (under the workers' lock: one parent per study).
+    ``launcher``: the run ``mlflow run`` made for this worker; the first worker's becomes the parent."""
     study = optuna.create_study(storage=storage, study_name=cfg.study_name, direction="minimize", load_if_exists=True)
     client = MlflowClient()
     parent = study.user_attrs.get(PARENT_ATTR)
@@ -190,13 +196,19 @@ def _join(
             "optuna.study_name": cfg.study_name,
             "mnist_cnn.stage": "tune",
         }
-        parent = client.create_run(exp_id, run_name=cfg.study_name, tags=tags).info.run_id
+        if launcher and tracking.run_exists(launcher, root):
+            parent = launcher
+            client.log_batch(parent, tags=_tags(tags))
+        else:
+            parent = client.create_run(exp_id, run_name=cfg.study_name, tags=tags).info.run_id
         client.log_batch(parent, params=[mlflow.entities.Param(k, v) for k, v in _tune_params(cfg).items()])
         study.set_user_attr(PARENT_ATTR, parent)
         log.info("study %r: new parent run %s", cfg.study_name, parent)
     else:
         _claim_parent(client, parent)
         log.info("study %r: joining, parent run %s", cfg.study_name, parent)
+        if launcher and launcher != parent:
+            client.set_tag(launcher, "mnist_cnn.tune_parent", parent)  # a later worker's `mlflow run`
     worker = study.user_attrs.get(WORKERS_ATTR, 0)
     study.set_user_attr(WORKERS_ATTR, worker + 1)
     # Workers with the same seed would sample the same first configurations: each its own.
@@ -361,8 +373,11 @@ def tune(params: Params, cfg: TuneConfig, root: Path = Path("."), show_progress:
     storage, lock = open_storage(cfg.storage, root)  # so does an unreachable study database
     data = _load_data(params, root / layout.DATA_DIR)
     exp_id = tracking.experiment_id(params.mlflow.experiment, store_root)
+    # Under `mlflow run`, MLflow made a run for this process; trials must not resume it (start_run
+    # reads the variable), so it is taken out of the environment and offered as the parent.
+    launcher = os.environ.pop("MLFLOW_RUN_ID", None)
     with lock:
-        study, parent = _join(storage, cfg, params, exp_id, store_root)
+        study, parent = _join(storage, cfg, exp_id, store_root, launcher)
     client = MlflowClient()
     deadline = None if cfg.timeout is None else time.monotonic() + cfg.timeout
     ran: list[int] = []
