@@ -17,7 +17,7 @@ import random
 import re
 import time
 import warnings
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -71,7 +71,9 @@ def is_url(storage: str) -> bool:
     return "://" in storage
 
 
-def open_storage(storage: str, root: Path) -> tuple[optuna.storages.BaseStorage, contextlib.AbstractContextManager]:
+def open_storage(
+    storage: str, root: Path, study_name: str
+) -> tuple[optuna.storages.BaseStorage, contextlib.AbstractContextManager]:
     """The study's storage and the lock its workers share: a journal file (path relative to ``root``)
     with a lock file beside it, or a database URL with a lock row in the database itself."""
     if not is_url(storage):
@@ -89,37 +91,51 @@ def open_storage(storage: str, root: Path) -> tuple[optuna.storages.BaseStorage,
         opened = optuna.storages.RDBStorage(storage, engine_kwargs=engine_kwargs)
     except Exception as exc:  # driver missing, host down, login refused: one line, before any trial
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        reason = re.sub(r"^\([\w.]+\) ", "", reason)  # SQLAlchemy's "(psycopg.OperationalError) " prefix
         raise TuneError(f"tune.storage = {masked(storage)!r}: cannot be reached ({reason})") from None
-    return opened, _database_lock(opened)
+    return opened, DatabaseLock(opened, f"{study_name}.workers-lock")
 
 
-@contextlib.contextmanager
-def _database_lock(storage: optuna.storages.BaseStorage, name: str = "mnist-cnn.tune-lock") -> Iterator[None]:
+class DatabaseLock:
     """A mutex for workers on several machines, in the study's database: study names are unique, so the
     worker that creates the study ``name`` holds the lock and deletes it to release. One older than
-    ``LOCK_STALE_S`` (its holder died) is broken."""
-    deadline = time.time() + LOCK_WAIT_S
-    while True:
+    ``LOCK_STALE_S`` (its holder died) is broken. Reusable, not reentrant."""
+
+    def __init__(self, storage: optuna.storages.BaseStorage, name: str) -> None:
+        self.storage, self.name = storage, name
+        self.study_id: int | None = None
+
+    def __enter__(self) -> None:
+        deadline = time.time() + LOCK_WAIT_S
+        verbosity = optuna.logging.get_verbosity()
+        optuna.logging.set_verbosity(optuna.logging.WARNING)  # not "A new study created" per trial
         try:
-            study_id = storage.create_new_study([optuna.study.StudyDirection.MINIMIZE], name)
-            storage.set_study_user_attr(study_id, "created", time.time())
-            break
+            while not self._try_acquire():
+                if time.time() > deadline:
+                    raise TuneError(f"study lock {self.name!r} held for over {LOCK_WAIT_S:.0f} s; delete it if stale")
+                time.sleep(0.1 + random.random() * 0.2)
+        finally:
+            optuna.logging.set_verbosity(verbosity)
+
+    def _try_acquire(self) -> bool:
+        try:
+            self.study_id = self.storage.create_new_study([optuna.study.StudyDirection.MINIMIZE], self.name)
+            self.storage.set_study_user_attr(self.study_id, "created", time.time())
+            return True
         except optuna.exceptions.DuplicatedStudyError:
-            with contextlib.suppress(KeyError):
-                held = storage.get_study_id_from_name(name)
-                created = storage.get_study_user_attrs(held).get("created")
-                if created is not None and time.time() - created > LOCK_STALE_S:
-                    log.warning("breaking the stale study lock %r (held for over %.0f s)", name, LOCK_STALE_S)
-                    storage.delete_study(held)
-                    continue
-        if time.time() > deadline:
-            raise TuneError(f"study lock {name!r} held for over {LOCK_WAIT_S:.0f} s; delete that study if stale")
-        time.sleep(0.1 + random.random() * 0.2)
-    try:
-        yield
-    finally:
+            pass
         with contextlib.suppress(KeyError):
-            storage.delete_study(study_id)
+            held = self.storage.get_study_id_from_name(self.name)
+            created = self.storage.get_study_user_attrs(held).get("created")
+            if created is not None and time.time() - created > LOCK_STALE_S:
+                log.warning("breaking the stale study lock %r (held for over %.0f s)", self.name, LOCK_STALE_S)
+                self.storage.delete_study(held)
+        return False
+
+    def __exit__(self, *exc_info: object) -> None:
+        with contextlib.suppress(KeyError):
+            self.storage.delete_study(self.study_id)
+        self.study_id = None
 
 
 def make_pruner(cfg: TuneConfig) -> optuna.pruners.BasePruner:
@@ -369,8 +385,8 @@ def tune(params: Params, cfg: TuneConfig, root: Path = Path("."), show_progress:
     or ``cfg.timeout`` seconds have passed; return what this worker did and the study's best."""
     root = Path(root)
     store_root = tracking.project_root(root.resolve())
-    tracking.configure(store_root)  # a dead tracking server fails here, in seconds
-    storage, lock = open_storage(cfg.storage, root)  # so does an unreachable study database
+    storage, lock = open_storage(cfg.storage, root, cfg.study_name)  # an unreachable database fails here
+    tracking.configure(store_root)  # so does a dead tracking server
     data = _load_data(params, root / layout.DATA_DIR)
     exp_id = tracking.experiment_id(params.mlflow.experiment, store_root)
     # Under `mlflow run`, MLflow made a run for this process; trials must not resume it (start_run
