@@ -125,10 +125,10 @@ def test_tune_runs_a_study_with_pruning_and_nested_runs(project):
 
 
 def test_two_workers_share_one_study_and_one_parent_run(project):
-    n_trials = 6
+    n_trials = 4
     write_tune_params(project.params_file, n_trials=n_trials, pruner="none")
     command = [sys.executable, "-m", "mnist_cnn", "tune", "--no-progress", "--params", str(project.params_file)]
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}  # two workers on two shared cores
     workers = [
         subprocess.Popen(command, cwd=project.root, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         for _ in range(2)
@@ -201,8 +201,7 @@ def test_unreachable_study_database_is_one_line_before_any_trial(project, capsys
     assert len(err.splitlines()) == 1, err
     assert err.startswith("error: tune.storage = 'postgresql+psycopg://bob:***@127.0.0.1:9/optuna': cannot be reached")
     assert "s3cret" not in err
-    parents, children = tune_runs(project.root) if mlflow.get_experiment_by_name("mnist-cnn") else ([], [])
-    assert parents == [] and children == []
+    assert not Path(os.environ["MLFLOW_TRACKING_URI"].removeprefix("sqlite:///")).exists()  # MLflow untouched
     assert not (project.root / "reports").exists()
 
 

@@ -162,10 +162,11 @@ class TrialReporter:
 
     def __init__(self, trial: optuna.Trial) -> None:
         self.trial = trial
-        self.epochs = tracking.EpochLogger()
 
     def log_epoch(self, stats: EpochStats) -> None:
-        self.epochs.log_epoch(stats)
+        # Synchronous: a trial's run is short, and MLflow's async queue costs about a second per run to
+        # shut down.
+        mlflow.log_metrics({k: v for k, v in vars(stats).items() if k != "epoch"}, step=stats.epoch, synchronous=True)
         self.trial.report(stats.val_loss, stats.epoch)
         if self.trial.should_prune():
             raise optuna.TrialPruned(f"trial {self.trial.number}: pruned after epoch {stats.epoch}")
