@@ -241,3 +241,15 @@ def test_plain_dvc_repro_never_runs_tune_but_its_own_pipeline_file_does(dvc_repo
     assert (dvc_repo / "reports" / "best_params.yaml").is_file() and (dvc_repo / "tune" / "dvc.lock").is_file()
     assert [t.state for t in journal(dvc_repo).get_trials()] == [TrialState.COMPLETE]
     assert "up to date" in dvc("status", "tune/dvc.yaml", cwd=dvc_repo)
+
+
+def test_a_diverging_trial_fails_and_the_study_goes_on(project):
+    write_tune_params(project.params_file, n_trials=1, epochs=1, pruner="none", space={"train.lr": {"choices": [1e12]}})
+    params = load_params(project.params_file)
+    result = tune(params, load_tune(project.params_file, params), project.root, show_progress=False)
+    assert result.trials_run == [0] and result.best_trial is None and not result.best_params_written
+    assert [t.state for t in journal(project.root).get_trials()] == [TrialState.FAIL]
+    (parent,), (child,) = tune_runs(project.root)
+    assert (child.info.status, child.data.tags["optuna.state"]) == ("FAILED", "fail")
+    assert parent.info.status == "FINISHED" and "best_value" not in parent.data.metrics
+    assert not (project.root / "reports" / "best_params.yaml").exists()

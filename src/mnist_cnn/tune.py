@@ -303,6 +303,7 @@ def _log_plots(client: MlflowClient, parent: str, study: optuna.Study) -> None:
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        warnings.simplefilter("ignore", UserWarning)  # "too few trials", "no artists with labels"
         for name, plot in (
             ("optimization_history.png", plots.plot_optimization_history),
             ("param_importances.png", plots.plot_param_importances),
@@ -363,7 +364,9 @@ def _leave(study: optuna.Study, parent: str, outcome: str, reports: Path) -> boo
         client.log_text(parent, text, "best_params.yaml")
         written = True
         log.info("best trial %d (validation loss %.4g) written to %s", best.number, best.value, layout.BEST_PARAMS)
-    _log_plots(client, parent, study)
+        _log_plots(client, parent, study)
+    else:
+        log.warning("study %r: no trial completed; %s not written", study.study_name, layout.BEST_PARAMS)
     client.set_terminated(parent, outcome)
     return written
 
