@@ -253,3 +253,35 @@ def test_a_diverging_trial_fails_and_the_study_goes_on(project):
     assert (child.info.status, child.data.tags["optuna.state"]) == ("FAILED", "fail")
     assert parent.info.status == "FINISHED" and "best_value" not in parent.data.metrics
     assert not (project.root / "reports" / "best_params.yaml").exists()
+
+
+def test_database_lock_is_exclusive_across_workers_and_a_stale_one_is_broken(tmp_path):
+    import threading
+    import time
+
+    from mnist_cnn.tune import DatabaseLock
+
+    url = f"sqlite:///{tmp_path / 'optuna.db'}"
+    optuna.storages.RDBStorage(url)  # the tables, once
+    order: list[str] = []
+
+    def hold(name: str) -> None:
+        with DatabaseLock(optuna.storages.RDBStorage(url), "s.workers-lock"):  # an engine each, as two machines
+            order.append(f"{name} in")
+            time.sleep(0.5)
+            order.append(f"{name} out")
+
+    threads = [threading.Thread(target=hold, args=(name,)) for name in "ab"]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
+    assert order in (["a in", "a out", "b in", "b out"], ["b in", "b out", "a in", "a out"])
+
+    storage = optuna.storages.RDBStorage(url)
+    dead = storage.create_new_study([optuna.study.StudyDirection.MINIMIZE], "s.workers-lock")
+    storage.set_study_user_attr(dead, "created", time.time() - 3600)  # its holder died an hour ago
+    started = time.monotonic()
+    with DatabaseLock(storage, "s.workers-lock"):
+        assert time.monotonic() - started < 30
+    assert optuna.get_all_study_summaries(url) == []
