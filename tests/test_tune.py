@@ -105,13 +105,29 @@ def check_study_and_runs(root: Path, n_trials: int, epochs: int) -> tuple[optuna
     return study, parent
 
 
-def test_tune_runs_a_study_with_pruning_and_nested_runs(project):
+def test_tune_runs_a_study_with_pruning_and_nested_runs(project, monkeypatch):
+    import mnist_cnn.tune as tune_module
+
+    calls = {"load_train_val": 0, "fit": 0}
+
+    def counted(name):
+        real = getattr(tune_module, name)
+
+        def wrapper(*args, **kwargs):
+            calls[name] += 1
+            return real(*args, **kwargs)
+
+        return wrapper
+
+    for name in calls:
+        monkeypatch.setattr(tune_module, name, counted(name))
     write_tune_params(project.params_file)
     params = load_params(project.params_file)
     cfg = load_tune(project.params_file, params)
     result = tune(params, cfg, project.root, show_progress=False)
 
     assert result.trials_run == [0, 1, 2, 3] and result.best_params_written
+    assert calls == {"load_train_val": 1, "fit": 4}  # the data once per worker; the train stage's own fit
     study, parent = check_study_and_runs(project.root, n_trials=4, epochs=2)
     states = [t.state for t in study.get_trials()]
     assert TrialState.PRUNED in states and TrialState.COMPLETE in states, states

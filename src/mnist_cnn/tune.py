@@ -215,6 +215,7 @@ def _join(
         }
         if launcher and tracking.run_exists(launcher, root):
             parent = launcher
+            client.update_run(parent, name=cfg.study_name)
             client.log_batch(parent, tags=_tags(tags))
         else:
             parent = client.create_run(exp_id, run_name=cfg.study_name, tags=tags).info.run_id
