@@ -161,7 +161,7 @@ def test_two_workers_share_one_study_and_one_parent_run(project):
 
     study, parent = check_study_and_runs(project.root, n_trials=n_trials, epochs=1)
     assert parent_ids == {parent.info.run_id}
-    assert study.user_attrs["mnist_cnn.workers"] == 2
+    assert study.user_attrs["mnist_cnn.workers"] == 2 and study.user_attrs["mnist_cnn.active_workers"] == []
     assert all(OWNER_ATTR in t.user_attrs for t in study.get_trials())
     writers = [err.count("written to reports/best_params.yaml") for _, err in outputs]
     assert sorted(writers) == [0, 1], "the best params are written once, by the worker that finishes last"

@@ -41,6 +41,7 @@ log = logging.getLogger(__name__)
 
 PARENT_ATTR = "mnist_cnn.parent_run_id"  # study user attr: the study's MLflow parent run
 WORKERS_ATTR = "mnist_cnn.workers"  # study user attr: workers that joined (each samples with seed + index)
+ACTIVE_ATTR = "mnist_cnn.active_workers"  # study user attr: owner tags of the workers still working
 OWNER_ATTR = "mnist_cnn.owner"  # trial user attr: host, pid and pid start of the worker running it
 RUN_ATTR = "mnist_cnn.run_id"  # trial user attr: the trial's MLflow child run
 STATE_TAG = "optuna.state"  # complete | pruned | fail, on every child run
@@ -229,6 +230,7 @@ def _join(
             client.set_tag(launcher, "mnist_cnn.tune_parent", parent)  # a later worker's `mlflow run`
     worker = study.user_attrs.get(WORKERS_ATTR, 0)
     study.set_user_attr(WORKERS_ATTR, worker + 1)
+    study.set_user_attr(ACTIVE_ATTR, [*_active_workers(study), tracking.owner_tags()])
     # Workers with the same seed would sample the same first configurations: each its own.
     study.sampler = optuna.samplers.TPESampler(seed=cfg.sampler_seed + worker)
     study.pruner = make_pruner(cfg)
@@ -272,14 +274,11 @@ def _run_trial(
     return result.best_val_loss
 
 
-def _live_trials(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
-    """RUNNING trials whose worker is alive (or on another host, where that cannot be told)."""
+def _active_workers(study: optuna.Study) -> list[dict[str, str]]:
+    """The workers of the study still working: alive, or on another host (where that cannot be told);
+    one killed (``kill -9``) drops out here."""
     local = tracking.is_local_store()
-    return [
-        t
-        for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
-        if tracking.run_is_stale(t.user_attrs.get(OWNER_ATTR, {}), local) is not True
-    ]
+    return [w for w in study.user_attrs.get(ACTIVE_ATTR, []) if tracking.run_is_stale(w, local) is not True]
 
 
 def best_params_yaml(study: optuna.Study) -> str:
@@ -347,16 +346,16 @@ def _summarise(client: MlflowClient, parent: str, study: optuna.Study) -> optuna
 
 
 def _leave(study: optuna.Study, parent: str, outcome: str, reports: Path) -> bool:
-    """Update the parent with the best so far. If trials of other workers still run, hand the parent to
-    one of them; else (the last worker) write the best params and plots, and end the parent."""
+    """Update the parent with the best so far. If other workers still work, hand the parent to one of
+    them; else (the last worker) write the best params and plots, and end the parent."""
     client = MlflowClient()
     best = _summarise(client, parent, study)
-    live = _live_trials(study)
-    if live:
-        owner = live[0].user_attrs.get(OWNER_ATTR)
-        if owner:
-            client.log_batch(parent, tags=_tags(owner))
-        log.info("%d trial(s) of other workers still running: the last worker ends run %s", len(live), parent)
+    me = tracking.owner_tags()
+    others = [w for w in _active_workers(study) if w != me]
+    study.set_user_attr(ACTIVE_ATTR, others)
+    if others:
+        client.log_batch(parent, tags=_tags(others[0]))  # the parent's owner must be a live worker
+        log.info("%d other worker(s) still working: the last one ends run %s", len(others), parent)
         return False
     written = False
     if best is not None:
