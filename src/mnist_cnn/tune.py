@@ -358,15 +358,19 @@ def _leave(study: optuna.Study, parent: str, outcome: str, reports: Path) -> boo
         log.info("%d other worker(s) still working: the last one ends run %s", len(others), parent)
         return False
     written = False
-    if best is not None:
-        text = best_params_yaml(study)
-        layout.write_text_atomic(reports / layout.BEST_PARAMS.name, text)
-        client.log_text(parent, text, "best_params.yaml")
-        written = True
-        log.info("best trial %d (validation loss %.4g) written to %s", best.number, best.value, layout.BEST_PARAMS)
-        _log_plots(client, parent, study)
-    else:
-        log.warning("study %r: no trial completed; %s not written", study.study_name, layout.BEST_PARAMS)
+    try:
+        if best is not None:
+            text = best_params_yaml(study)
+            layout.write_text_atomic(reports / layout.BEST_PARAMS.name, text)
+            written = True
+            log.info("best trial %d (validation loss %.4g) written to %s", best.number, best.value, layout.BEST_PARAMS)
+            client.log_text(parent, text, "best_params.yaml")
+            _log_plots(client, parent, study)
+        else:
+            log.warning("study %r: no trial completed; %s not written", study.study_name, layout.BEST_PARAMS)
+    except BaseException:  # reports/ read-only, a full disk: the parent is never left RUNNING
+        client.set_terminated(parent, "FAILED")
+        raise
     client.set_terminated(parent, outcome)
     return written
 
@@ -416,6 +420,9 @@ def tune(params: Params, cfg: TuneConfig, root: Path = Path("."), show_progress:
             except optuna.TrialPruned as exc:
                 study.tell(trial, state=TrialState.PRUNED)
                 log.info("%s", exc)
+            except tracking.TrackingError:  # the tracking server went away: no point in further trials
+                study.tell(trial, state=TrialState.FAIL)
+                raise
             except RuntimeError as exc:  # diverged, out of memory: this configuration fails, the study goes on
                 study.tell(trial, state=TrialState.FAIL)
                 log.warning("trial %d failed: %s", trial.number, str(exc).splitlines()[0] if str(exc) else exc)
