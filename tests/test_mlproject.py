@@ -75,13 +75,18 @@ def test_mlproject_parameters_are_params_yaml_keys():
     from mnist_cnn.config import resolve_key
 
     spec = yaml.safe_load((REPO / "MLproject").read_text())
-    assert set(spec["entry_points"]) == {"main", "download", "train", "evaluate"}
-    for entry in spec["entry_points"].values():
+    from mnist_cnn.config import TUNE_KEYS
+
+    assert set(spec["entry_points"]) == {"main", "download", "train", "evaluate", "tune"}
+    for entry_name, entry in spec["entry_points"].items():
         for name, declared in entry["parameters"].items():
             if name in ("params_file", "mirror"):
                 continue
             assert declared["default"] == "", f"{name}: defaults live in params.yaml, not MLproject"
-            resolve_key(name)  # raises for a name that maps to no params.yaml key
+            if entry_name == "tune":
+                assert name in TUNE_KEYS and f"--tune.{name} {{{name}}}" in entry["command"]
+            else:
+                resolve_key(name)  # raises for a name that maps to no params.yaml key
 
 
 def test_conda_yaml_pins_what_pyproject_pins():

@@ -1,8 +1,9 @@
-"""``python -m mnist_cnn download|train|evaluate|all [--params FILE] [--KEY VALUE ...]``.
+"""``python -m mnist_cnn download|train|evaluate|all|tune [--params FILE] [--KEY VALUE ...]``.
 
 Any ``--KEY VALUE`` (or ``KEY=VALUE``) pair overrides ``params.yaml`` for this call only: dotted keys
 (``--train.lr 0.2``) or the seed's short names (``--lr 0.2``). An empty value means "keep params.yaml's",
-which is how ``MLproject`` passes parameters the user did not set.
+which is how ``MLproject`` passes parameters the user did not set. ``tune`` also takes ``--tune.KEY VALUE``
+(``--tune.n_trials 10``, ``--tune.storage URL``).
 """
 
 from __future__ import annotations
@@ -15,9 +16,9 @@ import sys
 from pathlib import Path
 
 from . import distributed, layout
-from .config import ConfigError, Params, load_params, load_section
+from .config import ConfigError, Params, load_params, load_section, load_tune
 
-STAGES = ("download", "train", "evaluate", "all", "runs", "server")
+STAGES = ("download", "train", "evaluate", "all", "tune", "runs", "server")
 
 
 def parse_overrides(tokens: list[str]) -> dict[str, str]:
@@ -68,6 +69,9 @@ def run_stages(stage: str, args: argparse.Namespace, overrides: dict[str, str]) 
     if stage == "runs":
         show_runs(load_section(args.params, "mlflow", overrides).experiment, args)
         return
+    if stage == "tune":
+        run_tune(args, overrides)
+        return
     params = load_params(args.params, overrides)
     world = distributed.from_env()
     if world.distributed:
@@ -114,6 +118,16 @@ def _train_and_evaluate(stage: str, params: Params, args: argparse.Namespace) ->
         _, result = pipeline.run_evaluate(params, paths)
         for split, values in result.metrics.items():
             print(f"{split:>5}: loss {values['loss']:.4f}  accuracy {values['accuracy']:.2f}%")
+
+
+def run_tune(args: argparse.Namespace, overrides: dict[str, str]) -> None:
+    """Both the base params and the tune section are checked before any trial (or MLflow) starts."""
+    tune_overrides = {k: v for k, v in overrides.items() if k.startswith("tune.")}
+    params = load_params(args.params, {k: v for k, v in overrides.items() if k not in tune_overrides})
+    cfg = load_tune(args.params, params, tune_overrides)
+    from .tune import describe, tune
+
+    print(describe(tune(params, cfg, args.root, False if args.no_progress else None)))
 
 
 def show_runs(experiment: str, args: argparse.Namespace) -> None:

@@ -343,15 +343,26 @@ def _end(status: str) -> None:
 
 
 @contextlib.contextmanager
-def run(experiment: str, run_id: str | None = None, root: Path | None = None) -> Iterator[mlflow.ActiveRun]:
+def run(
+    experiment: str,
+    run_id: str | None = None,
+    root: Path | None = None,
+    *,
+    parent_run_id: str | None = None,
+    run_name: str | None = None,
+    tags: Mapping[str, str] | None = None,
+    ended_as: Mapping[type[BaseException], str] | None = None,
+) -> Iterator[mlflow.ActiveRun]:
     """Start (or, with ``run_id`` / ``$MLFLOW_RUN_ID``, reopen) a run; end it FINISHED, FAILED or KILLED.
 
     SIGTERM is turned into an interrupt for the duration, so a killed stage ends its run KILLED
     rather than leaving it RUNNING; interrupts that arrive while the run is being ended wait for it.
     Runs of this experiment left RUNNING by dead processes of this host are closed first.
+    A new run can be nested under ``parent_run_id``; ``ended_as`` maps exceptions that are not failures
+    (a pruned Optuna trial) to the status they end the run with (they are re-raised all the same).
     """
     configure(root)
-    run_id = os.environ.get("MLFLOW_RUN_ID") or run_id
+    run_id = (None if parent_run_id else os.environ.get("MLFLOW_RUN_ID")) or run_id
     exp_id = experiment_id(experiment, root)
     close_stale_runs([exp_id], keep=run_id)
     # `dvc exp run` (queued or not) names the experiment in DVC_EXP_NAME: the run takes the same name.
@@ -359,7 +370,12 @@ def run(experiment: str, run_id: str | None = None, root: Path | None = None) ->
     if run_id:
         kwargs = {"run_id": run_id}
     else:
-        kwargs = {"experiment_id": exp_id, "run_name": os.environ.get("DVC_EXP_NAME"), "tags": owner_tags()}
+        kwargs = {
+            "experiment_id": exp_id,
+            "run_name": run_name or os.environ.get("DVC_EXP_NAME"),
+            "tags": {**(tags or {}), **owner_tags()},
+            "parent_run_id": parent_run_id,
+        }
     with _sigterm_interrupts():
         active = mlflow.start_run(**kwargs)
         status = "FAILED"
@@ -370,6 +386,9 @@ def run(experiment: str, run_id: str | None = None, root: Path | None = None) ->
             status = "FINISHED"
         except KeyboardInterrupt:
             status = "KILLED"
+            raise
+        except BaseException as exc:
+            status = next((s for kind, s in (ended_as or {}).items() if isinstance(exc, kind)), "FAILED")
             raise
         finally:
             _end(status)

@@ -1,0 +1,303 @@
+"""The tune stage for real: Optuna on the tiny data, the real fit, a private MLflow store, the DVC CLI."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import mlflow
+import optuna
+import pytest
+import yaml
+from mlflow.tracking import MlflowClient
+from optuna.trial import TrialState
+
+from conftest import REPO, dvc, write_tiny_params
+from mnist_cnn import tracking
+from mnist_cnn.cli import main
+from mnist_cnn.config import load_params, load_tune, parse_params
+from mnist_cnn.tune import OWNER_ATTR, PARENT_ATTR, RUN_ATTR, tune
+
+# lr 1e-5 learns nothing in an epoch: once a trial with lr 1.0 has finished, the median pruner stops
+# every 1e-5 trial after its first epoch.
+TINY_SPACE = {
+    "train.lr": {"choices": [1.0, 0.00001]},
+    "model.hidden_3": {"low": 16, "high": 32, "log": True},
+}
+TINY_TUNE = {
+    "n_trials": 4,
+    "epochs": 2,
+    "pruner": "median",
+    "pruner_startup_trials": 1,
+    "pruner_warmup_epochs": 0,
+    "space": TINY_SPACE,
+}
+
+
+def write_tune_params(path: Path, **tune) -> Path:
+    write_tiny_params(path, **{"model.hidden_1": 8, "model.hidden_2": 8})
+    raw = yaml.safe_load(path.read_text())
+    raw["tune"].update({**TINY_TUNE, **tune})
+    path.write_text(yaml.safe_dump(raw, sort_keys=False))
+    return path
+
+
+def journal(root: Path, name: str = "mnist-cnn") -> optuna.Study:
+    backend = optuna.storages.journal.JournalFileBackend(str(root / "tune" / "study.journal"))
+    return optuna.load_study(study_name=name, storage=optuna.storages.JournalStorage(backend))
+
+
+def tune_runs(root: Path) -> tuple[list, list]:
+    """(parents, children) of the experiment mnist-cnn."""
+    tracking.configure(root)
+    experiment = mlflow.get_experiment_by_name("mnist-cnn")
+    runs = MlflowClient().search_runs([experiment.experiment_id], max_results=1000)
+    parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    return parents, [r for r in runs if "mlflow.parentRunId" in r.data.tags]
+
+
+def check_study_and_runs(root: Path, n_trials: int, epochs: int) -> tuple[optuna.Study, object]:
+    """Every trial once and finished, one child run each under the one FINISHED parent, best params file."""
+    study = journal(root)
+    trials = study.get_trials()
+    assert sorted(t.number for t in trials) == list(range(n_trials))
+    assert {t.state for t in trials} <= {TrialState.COMPLETE, TrialState.PRUNED}
+    parents, children = tune_runs(root)
+    assert len(parents) == 1
+    parent = parents[0]
+    assert parent.info.status == "FINISHED" and study.user_attrs[PARENT_ATTR] == parent.info.run_id
+    assert sorted(int(c.data.tags["optuna.trial_number"]) for c in children) == list(range(n_trials))
+    client = MlflowClient()
+    for trial in trials:
+        (child,) = [c for c in children if c.data.tags["optuna.trial_number"] == str(trial.number)]
+        assert child.data.tags["mlflow.parentRunId"] == parent.info.run_id
+        assert trial.user_attrs[RUN_ATTR] == child.info.run_id
+        assert {k: float(child.data.params[k]) for k in trial.params} == pytest.approx(trial.params)
+        assert child.data.params["train.epochs"] == str(epochs)
+        steps = [m.step for m in client.get_metric_history(child.info.run_id, "val_loss")]
+        if trial.state == TrialState.COMPLETE:
+            assert (child.info.status, child.data.tags["optuna.state"]) == ("FINISHED", "complete")
+            assert steps == list(range(1, epochs + 1))
+        else:
+            assert (child.info.status, child.data.tags["optuna.state"]) == ("KILLED", "pruned")
+            assert steps == sorted(trial.intermediate_values) and len(steps) < epochs
+
+    best = study.best_trial
+    assert parent.data.metrics["best_value"] == pytest.approx(best.value)
+    assert parent.data.tags["best.trial"] == str(best.number)
+    assert {k: parent.data.tags[f"best.{k}"] for k in best.params} == {k: str(v) for k, v in best.params.items()}
+    artifacts = {a.path for a in client.list_artifacts(parent.info.run_id)}
+    assert {"optimization_history.png", "param_importances.png", "best_params.yaml"} <= artifacts
+
+    written = yaml.safe_load((root / "reports" / "best_params.yaml").read_text())
+    assert {f"{s}.{k}": v for s, values in written.items() for k, v in values.items()} == best.params
+    assert not list((root / "reports").glob(".*.tmp"))
+    # A copy into params.yaml gives valid params with those values.
+    raw = yaml.safe_load((root / "params.yaml").read_text())
+    for section, values in written.items():
+        raw[section].update(values)
+    applied = parse_params(raw)
+    assert applied.train.lr == best.params["train.lr"] and applied.model.hidden_3 == best.params["model.hidden_3"]
+    return study, parent
+
+
+def test_tune_runs_a_study_with_pruning_and_nested_runs(project, monkeypatch):
+    import mnist_cnn.tune as tune_module
+
+    calls = {"load_train_val": 0, "fit": 0}
+
+    def counted(name):
+        real = getattr(tune_module, name)
+
+        def wrapper(*args, **kwargs):
+            calls[name] += 1
+            return real(*args, **kwargs)
+
+        return wrapper
+
+    for name in calls:
+        monkeypatch.setattr(tune_module, name, counted(name))
+    write_tune_params(project.params_file)
+    params = load_params(project.params_file)
+    cfg = load_tune(project.params_file, params)
+    result = tune(params, cfg, project.root, show_progress=False)
+
+    assert result.trials_run == [0, 1, 2, 3] and result.best_params_written
+    assert calls == {"load_train_val": 1, "fit": 4}  # the data once per worker; the train stage's own fit
+    study, parent = check_study_and_runs(project.root, n_trials=4, epochs=2)
+    states = [t.state for t in study.get_trials()]
+    assert TrialState.PRUNED in states and TrialState.COMPLETE in states, states
+    assert result.best_trial == study.best_trial.number and result.parent_run_id == parent.info.run_id
+    assert parent.data.params["tune.n_trials"] == "4" and parent.data.params["tune.pruner"] == "median"
+
+    # Run again: the study is complete, no trial is added, the same parent is reopened and ended.
+    again = tune(params, cfg, project.root, show_progress=False)
+    assert again.trials_run == [] and again.parent_run_id == parent.info.run_id
+    check_study_and_runs(project.root, n_trials=4, epochs=2)
+
+
+def test_two_workers_share_one_study_and_one_parent_run(project):
+    n_trials = 4
+    write_tune_params(project.params_file, n_trials=n_trials, epochs=1, pruner="none")
+    command = [sys.executable, "-m", "mnist_cnn", "tune", "--no-progress", "--params", str(project.params_file)]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}  # two workers on two shared cores
+    workers = [
+        subprocess.Popen(command, cwd=project.root, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for _ in range(2)
+    ]
+    outputs = [worker.communicate(timeout=300) for worker in workers]
+    assert [w.returncode for w in workers] == [0, 0], "\n".join(out + err for out, err in outputs)
+
+    ran = [re.search(r"ran trial\(s\) (\[.*\]|none)", out).group(1) for out, _ in outputs]
+    numbers = [yaml.safe_load(r) if r != "none" else [] for r in ran]
+    assert all(numbers), f"both workers must run trials: {ran}"
+    assert sorted(numbers[0] + numbers[1]) == list(range(n_trials))
+    parent_ids = {re.search(r"parent run (\w+)", out).group(1) for out, _ in outputs}
+    assert len(parent_ids) == 1
+
+    study, parent = check_study_and_runs(project.root, n_trials=n_trials, epochs=1)
+    assert parent_ids == {parent.info.run_id}
+    assert study.user_attrs["mnist_cnn.workers"] == 2 and study.user_attrs["mnist_cnn.active_workers"] == []
+    assert all(OWNER_ATTR in t.user_attrs for t in study.get_trials())
+    writers = [err.count("written to reports/best_params.yaml") for _, err in outputs]
+    assert sorted(writers) == [0, 1], "the best params are written once, by the worker that finishes last"
+
+
+@pytest.mark.parametrize(
+    ("tune", "message"),
+    [
+        (
+            {"space": {"train.lr": {"low": 0.5, "high": 0.1}}},
+            "tune.space.train.lr.high = 0.1: expected a number > low (0.5): an empty or inverted range",
+        ),
+        (
+            {"space": {"model.hidden_3": {"low": 32, "high": 32}}},
+            "tune.space.model.hidden_3.high = 32: expected a number > low (32): an empty or inverted range",
+        ),
+        (
+            {"space": {"model.dropout1": {"low": 0.0, "high": 0.5, "log": True}}},
+            "tune.space.model.dropout1.low = 0.0: expected a number > 0 with log: true",
+        ),
+        ({"space": {"train.learning_rate": {"low": 0.1, "high": 1.0}}}, "tune.space.train.learning_rate: unknown"),
+        ({"n_trials": 0}, "tune.n_trials = 0: expected an integer >= 1"),
+        ({"pruner": "asha"}, "tune.pruner = 'asha': expected median | hyperband | none"),
+        (
+            {"space": {"model.dropout2": {"low": 0.0, "high": 1.5}}},
+            "tune.space.model.dropout2.high: model.dropout2 = 1.5: expected a number in [0, 1)",
+        ),
+        ({"space": {"train.batch_size": {"choices": []}}}, "tune.space.train.batch_size.choices = []: expected"),
+    ],
+)
+def test_bad_tune_section_is_one_line_and_exit_2_before_any_trial(project, capsys, tune, message):
+    write_tune_params(project.params_file, **tune)
+    code = main(["tune", "--params", str(project.params_file), "--root", str(project.root)])
+    err = capsys.readouterr().err.strip()
+    assert code == 2
+    assert len(err.splitlines()) == 1 and err.startswith(f"error: {project.params_file}: {message}"), err
+    assert not (project.root / "tune").exists() and not (project.root / "reports").exists()
+
+
+def test_n_trials_from_the_command_line_is_checked_too(project, capsys):
+    write_tune_params(project.params_file)
+    code = main(["tune", "--params", str(project.params_file), "--root", str(project.root), "--tune.n_trials", "0"])
+    assert code == 2
+    expected = f"error: {project.params_file}: tune.n_trials = 0: expected an integer >= 1"
+    assert capsys.readouterr().err.strip() == expected
+
+
+def test_unreachable_study_database_is_one_line_before_any_trial(project, capsys):
+    write_tune_params(project.params_file, storage="postgresql+psycopg://bob:s3cret@127.0.0.1:9/optuna")
+    code = main(["tune", "--params", str(project.params_file), "--root", str(project.root)])
+    err = capsys.readouterr().err.strip()
+    assert code == 1
+    assert len(err.splitlines()) == 1, err
+    assert err.startswith("error: tune.storage = 'postgresql+psycopg://bob:***@127.0.0.1:9/optuna': cannot be reached")
+    assert "s3cret" not in err
+    assert not Path(os.environ["MLFLOW_TRACKING_URI"].removeprefix("sqlite:///")).exists()  # MLflow untouched
+    assert not (project.root / "reports").exists()
+
+
+def test_database_storage_url_runs_the_study(project, tmp_path):
+    """Any database URL works as the study's storage (SQLite here; PostgreSQL for the team)."""
+    url = f"sqlite:///{tmp_path / 'optuna.db'}"
+    write_tune_params(project.params_file, storage=url, n_trials=2, epochs=1, pruner="none")
+    params = load_params(project.params_file)
+    result = tune(params, load_tune(project.params_file, params), project.root, show_progress=False)
+    assert result.trials_run == [0, 1] and result.best_params_written
+    study = optuna.load_study(study_name="mnist-cnn", storage=url)
+    assert [t.state for t in study.get_trials()] == [TrialState.COMPLETE] * 2
+    assert [s.study_name for s in optuna.get_all_study_summaries(url)] == ["mnist-cnn"]  # the lock is gone
+    parents, children = tune_runs(project.root)
+    assert len(parents) == 1 and len(children) == 2
+
+
+def test_plain_dvc_repro_never_runs_tune_but_its_own_pipeline_file_does(dvc_repo):
+    (dvc_repo / "tune").mkdir()
+    shutil.copy2(REPO / "tune" / "dvc.yaml", dvc_repo / "tune" / "dvc.yaml")
+    shutil.copy2(REPO / ".gitignore", dvc_repo / ".gitignore")
+    write_tune_params(dvc_repo / "params.yaml", n_trials=1, epochs=1, pruner="none")
+    dvc("repro", "download", cwd=dvc_repo)
+
+    def planned(*args: str) -> str:
+        # --dry stops (exit 255) at evaluate, whose models/model.pt a dry train does not make
+        command = [sys.executable, "-m", "dvc", *args, "--dry"]
+        done = subprocess.run(command, cwd=dvc_repo, capture_output=True, text=True, timeout=300)
+        return done.stdout + done.stderr
+
+    repro, exp_run = planned("repro"), planned("exp", "run")  # exp run --dry: a workspace without data/raw
+    assert "Running stage 'train'" in repro and "tune" not in repro
+    assert "Running stage 'download'" in exp_run and "tune" not in exp_run
+
+    ran = dvc("repro", "tune/dvc.yaml", cwd=dvc_repo)
+    assert "Running stage 'tune/dvc.yaml:tune'" in ran and "'train'" not in ran
+    assert (dvc_repo / "reports" / "best_params.yaml").is_file() and (dvc_repo / "tune" / "dvc.lock").is_file()
+    assert [t.state for t in journal(dvc_repo).get_trials()] == [TrialState.COMPLETE]
+    assert "up to date" in dvc("status", "tune/dvc.yaml", cwd=dvc_repo)
+
+
+def test_a_diverging_trial_fails_and_the_study_goes_on(project):
+    write_tune_params(project.params_file, n_trials=1, epochs=1, pruner="none", space={"train.lr": {"choices": [1e12]}})
+    params = load_params(project.params_file)
+    result = tune(params, load_tune(project.params_file, params), project.root, show_progress=False)
+    assert result.trials_run == [0] and result.best_trial is None and not result.best_params_written
+    assert [t.state for t in journal(project.root).get_trials()] == [TrialState.FAIL]
+    (parent,), (child,) = tune_runs(project.root)
+    assert (child.info.status, child.data.tags["optuna.state"]) == ("FAILED", "fail")
+    assert parent.info.status == "FINISHED" and "best_value" not in parent.data.metrics
+    assert not (project.root / "reports" / "best_params.yaml").exists()
+
+
+def test_database_lock_is_exclusive_across_workers_and_a_stale_one_is_broken(tmp_path):
+    import threading
+    import time
+
+    from mnist_cnn.tune import DatabaseLock
+
+    url = f"sqlite:///{tmp_path / 'optuna.db'}"
+    optuna.storages.RDBStorage(url)  # the tables, once
+    order: list[str] = []
+
+    def hold(name: str) -> None:
+        with DatabaseLock(optuna.storages.RDBStorage(url), "s.workers-lock"):  # an engine each, as two machines
+            order.append(f"{name} in")
+            time.sleep(0.5)
+            order.append(f"{name} out")
+
+    threads = [threading.Thread(target=hold, args=(name,)) for name in "ab"]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
+    assert order in (["a in", "a out", "b in", "b out"], ["b in", "b out", "a in", "a out"])
+
+    storage = optuna.storages.RDBStorage(url)
+    dead = storage.create_new_study([optuna.study.StudyDirection.MINIMIZE], "s.workers-lock")
+    storage.set_study_user_attr(dead, "created", time.time() - 3600)  # its holder died an hour ago
+    started = time.monotonic()
+    with DatabaseLock(storage, "s.workers-lock"):
+        assert time.monotonic() - started < 30
+    assert optuna.get_all_study_summaries(url) == []
