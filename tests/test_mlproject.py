@@ -64,8 +64,8 @@ def test_mlflow_run_main_entry_point(tmp_path, tiny_mirror):
     assert version.run_id == run.info.run_id
     model = mlflow.pyfunc.load_model("models:/mnist-cnn@champion")
     pixels = load_split(project / "data" / "raw", train=False).images[:8].numpy().astype(np.float32)
-    digits = model.predict(pixels)
-    assert digits.shape == (8,) and set(np.asarray(digits).tolist()) <= set(range(10))
+    digits = model.predict(pixels)["digit"]
+    assert digits.shape == (8,) and set(digits.tolist()) <= set(range(10))
 
 
 def test_mlproject_parameters_are_params_yaml_keys():
