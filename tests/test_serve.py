@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 from types import SimpleNamespace
@@ -18,9 +17,6 @@ import pytest
 import requests
 from mlflow.exceptions import MlflowException
 
-from conftest import TINY_OVERRIDES, repo_params_raw, write_tiny_params
-from mnist_cnn import pipeline, tracking
-from mnist_cnn.config import parse_params
 from mnist_cnn.data import load_split
 from mnist_cnn.scoring import scoring_server
 from mnist_cnn.served import OUTPUT_COLUMNS, PROBABILITY_COLUMNS
@@ -29,34 +25,19 @@ CHAMPION = "models:/mnist-cnn@champion"
 
 
 @pytest.fixture(scope="module")
-def champion(tmp_path_factory, tiny_mirror):
-    """A tiny training evaluated into its own store, its champion loaded in-process, and its answer for the
-    tiny test split (digits the model did not train on)."""
-    root = tmp_path_factory.mktemp("served")
-    uri = f"sqlite:///{root / 'mlflow.db'}"
-    project = root / "project"
-    project.mkdir()
-    params_file = write_tiny_params(project / "params.yaml")
-    shutil.copytree(tiny_mirror, project / "data" / "raw")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("MLFLOW_TRACKING_URI", uri)
-        mp.setenv("MNIST_MD5S", str(tiny_mirror.parent / "md5s.json"))
-        params = parse_params(repo_params_raw(), TINY_OVERRIDES)
-        paths = pipeline.Paths(root=project, params_file=params_file)
-        pipeline.run_train(params, paths, show_progress=False)
-        pipeline.run_evaluate(params, paths)
-        tracking.configure()
-        local = mlflow.artifacts.download_artifacts(CHAMPION, dst_path=str(root / "champion"))
-    model = mlflow.pyfunc.load_model(local)
-    test = load_split(project / "data" / "raw", train=False)
+def champion(champion_store):
+    """The shared tiny champion loaded in-process, and its answer for the tiny test split (digits it did
+    not train on)."""
+    model = mlflow.pyfunc.load_model(str(champion_store.local))
+    test = load_split(champion_store.project / "data" / "raw", train=False)
     pixels = test.images.numpy()  # uint8, 0-255: what a client sends
     return SimpleNamespace(
-        uri=uri,
+        uri=champion_store.uri,
         pixels=pixels,
         labels=test.labels.numpy(),
         expected=model.predict(pixels.astype(np.float32)),
         model=model,
-        local=local,
+        local=str(champion_store.local),
     )
 
 
