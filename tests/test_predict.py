@@ -179,3 +179,23 @@ def test_blank_and_unreadable_raise_image_errors(tmp_path):
         mnist_like(np.full((30, 30), 7, np.float32))
     with pytest.raises(ImageError, match="no such file"):
         load_digit(tmp_path / "missing.png")
+
+
+def test_mlproject_predict_entry_point(digits, champion_env, tmp_path):
+    from conftest import copy_project_files
+
+    root, _ = digits
+    copy_project_files(tmp_path)
+    image = root / "big-inverted-rgb" / "000.png"
+    result = subprocess.run(
+        [sys.executable, "-m", "mlflow", "run", ".", "-e", "predict", "--env-manager", "local"]
+        + ["--experiment-name", "predictions", "-P", f"path={image}"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=champion_env,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    (row,) = [line.split() for line in result.stdout.splitlines() if line.startswith(str(image))]
+    assert int(row[1]) == predict([image])[0].digit
