@@ -164,3 +164,29 @@ def the_runs(experiment="mnist-cnn"):
     tracking.configure()
     exp = mlflow.get_experiment_by_name(experiment)
     return MlflowClient().search_runs([exp.experiment_id], order_by=["start_time ASC"]) if exp else []
+
+
+@pytest.fixture(scope="session")
+def champion_store(tmp_path_factory, tiny_mirror):
+    """One tiny training evaluated into a store of its own, shared by the tests that only read its
+    champion (serving, predict): its tracking URI, project directory and a local copy of the champion."""
+    from types import SimpleNamespace
+
+    from mnist_cnn import pipeline, tracking
+
+    root = tmp_path_factory.mktemp("champion")
+    uri = f"sqlite:///{root / 'mlflow.db'}"
+    project = root / "project"
+    project.mkdir()
+    params_file = write_tiny_params(project / "params.yaml")
+    shutil.copytree(tiny_mirror, project / "data" / "raw")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("MLFLOW_TRACKING_URI", uri)
+        mp.setenv("MNIST_MD5S", str(tiny_mirror.parent / "md5s.json"))
+        params = parse_params(repo_params_raw(), TINY_OVERRIDES)
+        paths = Paths(root=project, params_file=params_file)
+        pipeline.run_train(params, paths, show_progress=False)
+        pipeline.run_evaluate(params, paths)
+        tracking.configure()
+        local = mlflow.artifacts.download_artifacts("models:/mnist-cnn@champion", dst_path=str(root / "champion"))
+    return SimpleNamespace(uri=uri, project=project, local=Path(local))

@@ -64,8 +64,8 @@ def test_mlflow_run_main_entry_point(tmp_path, tiny_mirror):
     assert version.run_id == run.info.run_id
     model = mlflow.pyfunc.load_model("models:/mnist-cnn@champion")
     pixels = load_split(project / "data" / "raw", train=False).images[:8].numpy().astype(np.float32)
-    digits = model.predict(pixels)
-    assert digits.shape == (8,) and set(np.asarray(digits).tolist()) <= set(range(10))
+    digits = model.predict(pixels)["digit"]
+    assert digits.shape == (8,) and set(digits.tolist()) <= set(range(10))
 
 
 def test_mlproject_parameters_are_params_yaml_keys():
@@ -77,10 +77,10 @@ def test_mlproject_parameters_are_params_yaml_keys():
     spec = yaml.safe_load((REPO / "MLproject").read_text())
     from mnist_cnn.config import TUNE_KEYS
 
-    assert set(spec["entry_points"]) == {"main", "download", "train", "evaluate", "tune"}
+    assert set(spec["entry_points"]) == {"main", "download", "train", "evaluate", "tune", "predict"}
     for entry_name, entry in spec["entry_points"].items():
         for name, declared in entry["parameters"].items():
-            if name in ("params_file", "mirror"):
+            if name in ("params_file", "mirror", "path", "model_uri"):  # not params.yaml keys
                 continue
             assert declared["default"] == "", f"{name}: defaults live in params.yaml, not MLproject"
             if entry_name == "tune":

@@ -73,10 +73,16 @@ def test_registered_champion_predicts_digits_from_raw_pixels(project, tiny_param
     model = mlflow.pyfunc.load_model("models:/mnist-cnn@champion")
     pixels = load_split(project.data, train=False).images.numpy().astype(np.float32)  # 0-255, not normalised
     assert pixels.max() == 255.0
-    predicted = np.asarray(model.predict(pixels))
-    assert predicted.shape == (297,)
-    assert np.array_equal(predicted, evaluation.predicted)  # same digits as the evaluate stage
-    assert model.metadata.signature is not None
+    answer = model.predict(pixels)
+    assert list(answer.columns) == ["digit", "probability", *(f"p{k}" for k in range(10))]
+    assert len(answer) == 297
+    assert np.array_equal(answer["digit"].to_numpy(), evaluation.predicted)  # same digits as the evaluate stage
+    probabilities = answer[[f"p{k}" for k in range(10)]].to_numpy()
+    assert np.allclose(probabilities.sum(axis=1), 1, atol=1e-5)
+    assert np.array_equal(answer["probability"].to_numpy(), probabilities.max(axis=1))
+    signature = model.metadata.signature
+    assert signature.inputs.inputs[0].shape == (-1, 28, 28)
+    assert signature.outputs.input_names() == list(answer.columns)
 
 
 def test_champion_moves_only_to_a_better_version(tmp_path):

@@ -1,4 +1,5 @@
-"""``python -m mnist_cnn download|train|evaluate|all|tune [--params FILE] [--KEY VALUE ...]``.
+"""``python -m mnist_cnn download|train|evaluate|all|tune [--params FILE] [--KEY VALUE ...]``; ``predict``
+and ``server`` have their own options.
 
 Any ``--KEY VALUE`` (or ``KEY=VALUE``) pair overrides ``params.yaml`` for this call only: dotted keys
 (``--train.lr 0.2``) or the seed's short names (``--lr 0.2``). An empty value means "keep params.yaml's",
@@ -18,7 +19,7 @@ from pathlib import Path
 from . import distributed, layout
 from .config import ConfigError, Params, load_params, load_section, load_tune
 
-STAGES = ("download", "train", "evaluate", "all", "tune", "runs", "server")
+STAGES = ("download", "train", "evaluate", "all", "tune", "runs", "server", "predict")
 
 
 def parse_overrides(tokens: list[str]) -> dict[str, str]:
@@ -193,11 +194,55 @@ def server_main(argv: list[str]) -> int:
     return 0
 
 
+def predict_main(argv: list[str]) -> int:
+    """``mnist-cnn predict PATH... [--model-uri URI] [--json]``: the digit in each image file."""
+    import json
+
+    from .predict import DEFAULT_MODEL_URI, predict
+
+    parser = argparse.ArgumentParser(prog="mnist-cnn predict", description=predict_main.__doc__.split(": ", 1)[1])
+    parser.add_argument("paths", nargs="+", type=Path, metavar="PATH", help="PNG/JPEG files, or directories of them")
+    parser.add_argument("--model-uri", default="", help=f"an MLflow model URI (default: {DEFAULT_MODEL_URI})")
+    parser.add_argument("--json", action="store_true", help="one JSON list on stdout instead of a table")
+    args = parser.parse_args(argv)
+    try:
+        results = predict(args.paths, args.model_uri or DEFAULT_MODEL_URI)
+    except Exception as exc:
+        if not _is_expected(exc):
+            raise
+        print(f"error: {_one_line(exc)}", file=sys.stderr)
+        return 1
+    good = [r for r in results if r.error is None]
+    for result in results:
+        if result.error is not None:
+            print(f"error: {result.error}", file=sys.stderr)
+    if args.json:
+        rows = [
+            {"file": str(r.path), "digit": r.digit, "probability": round(r.probability, 6)}
+            | {f"p{k}": round(p, 6) for k, p in enumerate(r.probabilities)}
+            for r in good
+        ]
+        print("[" + ",\n ".join(json.dumps(row) for row in rows) + "]")
+    elif good:
+        width = max(len(str(r.path)) for r in good)
+        print(f"{'file':<{width}}  digit  probability")
+        for r in good:
+            print(f"{str(r.path):<{width}}  {r.digit:>5}  {r.probability:>11.4f}")
+    return 1 if len(good) < len(results) else 0
+
+
+def _one_line(exc: Exception) -> str:
+    text = str(getattr(exc, "message", exc)).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["server"]:
         return server_main(argv[1:])
+    if argv[:1] == ["predict"]:
+        return predict_main(argv[1:])
     args, extra = build_parser().parse_known_args(argv)
     # SIGTERM (kill, dvc queue kill, a scheduler) unwinds like Ctrl-C: temporary files are removed and
     # the MLflow run ends KILLED.

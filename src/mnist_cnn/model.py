@@ -47,7 +47,8 @@ class Net(nn.Module):
 
 
 class RawPixelClassifier(nn.Module):
-    """Served model: raw grayscale pixels (0-255), shape (N, 28, 28) or (N, 1, 28, 28) -> digit labels (N,).
+    """Served network: raw grayscale pixels (0-255), shape (N, 28, 28) or (N, 1, 28, 28) -> class
+    probabilities (N, 10).
 
     Normalisation lives here so that callers of the registered model send pixels as they are.
     """
@@ -60,7 +61,7 @@ class RawPixelClassifier(nn.Module):
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
         x = pixels.to(torch.float32).reshape(-1, 1, IMAGE_SIZE, IMAGE_SIZE)
         x = (x / 255.0 - self.mean) / self.std
-        return self.net(x).argmax(dim=1)
+        return self.net(x).exp()
 
 
 def load_weights(cfg: ModelConfig, path: Path, device: torch.device | str = "cpu") -> Net:

@@ -12,16 +12,13 @@ from pathlib import Path
 
 import mlflow
 import numpy as np
-import torch
-from mlflow.models import infer_signature
 from mlflow.tracking import MlflowClient
 
-from . import distributed, figures, layout, tracking
+from . import distributed, figures, layout, served, tracking
 from .config import Params, flatten
 from .data import DataError, load_split, md5sum, verified_md5s
 from .distributed import World
 from .evaluate import EvaluateResult, evaluate
-from .model import RawPixelClassifier
 from .train import Checkpointing, TrainResult, load_checkpoint, train, training_fingerprint, write_train_info
 
 log = logging.getLogger(__name__)
@@ -141,26 +138,17 @@ def _read_train_info(paths: Paths, params: Params) -> str:
 WEIGHTS_TAG = "weights_md5"
 
 
-def _log_model(net: torch.nn.Module, params: Params, paths: Paths, test_acc: float) -> str:
-    """Log the raw-pixel classifier with the PyTorch flavour and register it, once per trained weights:
-    evaluating the same weights again returns the version they already have."""
-    weights_md5 = md5sum(paths.models / layout.WEIGHTS.name)
+def _log_model(params: Params, paths: Paths, test_acc: float) -> str:
+    """Log the pyfunc serving ``models/model.pt`` and register it, once per trained weights: evaluating the
+    same weights again returns the version they already have."""
+    weights = paths.models / layout.WEIGHTS.name
+    weights_md5 = md5sum(weights)
     existing = tracking.version_with_tag(params.mlflow.registered_model, WEIGHTS_TAG, weights_md5)
     if existing is not None:
         log.info("%s v%s already holds these weights; not registered again", params.mlflow.registered_model, existing)
         return existing
-    served = RawPixelClassifier(net, params.data.dataset).eval()
     example = load_split(paths.data, train=False).images[:5].numpy().astype(np.float32)
-    with torch.no_grad():
-        signature = infer_signature(example, served(torch.from_numpy(example)).numpy())
-    info = mlflow.pytorch.log_model(
-        served,
-        name="model",
-        signature=signature,
-        input_example=example,
-        registered_model_name=params.mlflow.registered_model,
-        pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", f"numpy=={np.__version__}"],
-    )
+    info = served.log_model(weights, params.model, params.data.dataset, example, params.mlflow.registered_model)
     version = str(info.registered_model_version)
     MlflowClient().set_model_version_tag(params.mlflow.registered_model, version, WEIGHTS_TAG, weights_md5)
     tracking.promote_if_better(params.mlflow.registered_model, version, test_acc)
@@ -181,7 +169,7 @@ def run_evaluate(params: Params, paths: Paths) -> tuple[str, EvaluateResult]:
                 "mlflow.registered_model": params.mlflow.registered_model,
             }
         )
-        net, result = evaluate(params, paths.data, paths.models, paths.reports)
+        _, result = evaluate(params, paths.data, paths.models, paths.reports)
         final = {"test_loss": result.metrics["test"]["loss"], "test_acc": result.metrics["test"]["accuracy"]}
         for split in ("train", "val"):
             final[f"final_{split}_loss"] = result.metrics[split]["loss"]
@@ -203,6 +191,6 @@ def run_evaluate(params: Params, paths: Paths) -> tuple[str, EvaluateResult]:
         dvc_lock = paths.root / "dvc.lock"
         if dvc_lock.is_file():
             mlflow.log_artifact(str(dvc_lock))
-        _log_model(net, params, paths, final["test_acc"])
+        _log_model(params, paths, final["test_acc"])
         run_id = active.info.run_id
     return run_id, result

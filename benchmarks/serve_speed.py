@@ -1,0 +1,166 @@
+"""Serving speed: the registered pyfunc through MLflow's REST scoring server on loopback vs called in-process.
+
+Trains a 1-epoch model of the default architecture (params.yaml's model section) on the test suite's
+tiny data (scikit-learn's digits as MNIST files: no real data needed), registers it as the pipeline
+does, serves it with ``mlflow models serve --env-manager local``, and measures, side by side in one
+run, rounds alternating (REST, in-process, REST, ...) so drift hits both alike:
+
+- batch 1: requests per second and p50/p99 latency, one image per request, one request at a time;
+- batch 1,000: images per second.
+
+Request bodies are encoded before timing (a client's JSON encoding is not the server's cost); the
+server parses them as it would any request. Client and server share the machine's cores.
+
+    python benchmarks/serve_speed.py
+    python benchmarks/serve_speed.py --requests 500 --big-requests 10 --rounds 7
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import requests
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # the tiny data set's writer
+
+from common import benchmark_parser  # noqa: E402
+from mnist_cnn import pipeline  # noqa: E402
+from mnist_cnn.config import load_params  # noqa: E402
+from mnist_cnn.data import load_split  # noqa: E402
+from mnist_cnn.scoring import scoring_server  # noqa: E402
+from tinydata import write_checksums, write_tiny_mnist  # noqa: E402
+
+CHAMPION = "models:/mnist-cnn@champion"
+
+
+def train_tiny_champion(params_file: Path, root: Path) -> None:
+    """One epoch on the tiny data, evaluated and registered into a store under ``root``."""
+    data = root / "data" / "raw"
+    write_checksums(write_tiny_mnist(data), root / "md5s.json")
+    os.environ["MNIST_MD5S"] = str(root / "md5s.json")
+    os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{root / 'mlflow.db'}"
+    overrides = {"train.epochs": 1, "train.device": "cpu", "train.precision": "fp32", "train.resume": "never"}
+    params = load_params(params_file, overrides)
+    paths = pipeline.Paths(root=root, params_file=params_file)
+    pipeline.run_train(params, paths, show_progress=False)
+    pipeline.run_evaluate(params, paths)
+    print(f"model: hidden {params.model.hidden_1}/{params.model.hidden_2}/{params.model.hidden_3}, 1 epoch, tiny data")
+
+
+def rest_batch1(session: requests.Session, url: str, bodies: list[bytes]) -> list[float]:
+    latencies = []
+    for body in bodies:
+        start = time.perf_counter()
+        response = session.post(url, data=body, headers={"Content-Type": "application/json"})
+        latencies.append(time.perf_counter() - start)
+        response.raise_for_status()
+    return latencies
+
+
+def local_batch1(model, images: list[np.ndarray]) -> list[float]:
+    latencies = []
+    for image in images:
+        start = time.perf_counter()
+        model.predict(image)
+        latencies.append(time.perf_counter() - start)
+    return latencies
+
+
+def rest_big(session: requests.Session, url: str, body: bytes, n: int, repeats: int) -> float:
+    start = time.perf_counter()
+    for _ in range(repeats):
+        response = session.post(url, data=body, headers={"Content-Type": "application/json"})
+        response.raise_for_status()
+        assert len(response.json()["predictions"]) == n
+    return n * repeats / (time.perf_counter() - start)
+
+
+def local_big(model, batch: np.ndarray, repeats: int) -> float:
+    start = time.perf_counter()
+    for _ in range(repeats):
+        model.predict(batch)
+    return len(batch) * repeats / (time.perf_counter() - start)
+
+
+def ms(seconds: float) -> str:
+    return f"{1000 * seconds:.1f}"
+
+
+def main() -> None:
+    parser = benchmark_parser(__doc__)
+    parser.add_argument("--requests", type=int, default=300, help="batch-1 requests per round")
+    parser.add_argument("--big-batch", type=int, default=1000, help="images per request in the second part")
+    parser.add_argument("--big-requests", type=int, default=5, help="big requests per round")
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=0, help="torch threads, in-process and server (0: torch's own)")
+    args = parser.parse_args()
+    if args.threads:
+        # The server reads it when torch starts; in-process, set_num_threads does the same.
+        os.environ["OMP_NUM_THREADS"] = str(args.threads)
+        torch.set_num_threads(args.threads)
+    cpu = platform.processor() or platform.machine()
+    print(
+        f"torch {torch.__version__} | mlflow {mlflow.__version__} | {os.cpu_count()} CPUs | {cpu} | "
+        f"{torch.get_num_threads()} torch threads"
+    )
+
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        train_tiny_champion(args.params.resolve(), root)
+        model = mlflow.pyfunc.load_model(CHAMPION)
+        pixels = load_split(root / "data" / "raw", train=False).images.numpy().astype(np.float32)
+        singles = [pixels[i % len(pixels)][None] for i in range(args.requests)]
+        single_bodies = [json.dumps({"inputs": image.astype(np.uint8).tolist()}).encode() for image in singles]
+        batch = np.resize(pixels, (args.big_batch, 28, 28))
+        big_body = json.dumps({"inputs": batch.astype(np.uint8).tolist()}).encode()
+        print(f"bodies: {len(single_bodies[0]):,} bytes per image, {len(big_body):,} bytes per {args.big_batch}")
+
+        with scoring_server(CHAMPION, log=root / "scoring-server.log") as base, requests.Session() as session:
+            url = f"{base}/invocations"
+            rest_batch1(session, url, single_bodies[:20])  # warm-up: connection, first-call allocations
+            local_batch1(model, singles[:20])
+            rest_big(session, url, big_body, args.big_batch, 1)
+            local_big(model, batch, 1)
+            rest_lat, local_lat, rest_rps, local_rps, rest_ips, local_ips = [], [], [], [], [], []
+            for i in range(args.rounds):
+                rest = rest_batch1(session, url, single_bodies)
+                local = local_batch1(model, singles)
+                rest_lat += rest
+                local_lat += local
+                rest_rps.append(len(rest) / sum(rest))
+                local_rps.append(len(local) / sum(local))
+                rest_ips.append(rest_big(session, url, big_body, args.big_batch, args.big_requests))
+                local_ips.append(local_big(model, batch, args.big_requests))
+                print(
+                    f"round {i + 1}: batch 1 REST {rest_rps[-1]:7.1f} req/s, in-process {local_rps[-1]:7.1f} req/s | "
+                    f"batch {args.big_batch} REST {rest_ips[-1]:7.0f} img/s, in-process {local_ips[-1]:7.0f} img/s",
+                    flush=True,
+                )
+
+    def p(values: list[float], q: float) -> float:
+        return float(np.percentile(values, q))
+
+    rr, lr = statistics.median(rest_rps), statistics.median(local_rps)
+    ri, li = statistics.median(rest_ips), statistics.median(local_ips)
+    n = args.rounds * args.requests
+    print(f"\n{args.rounds} rounds; batch 1: {n} requests each way; latency percentiles over all of them")
+    print("\n| | REST (`mlflow models serve`, loopback) | in-process (`pyfunc.predict`) | in-process / REST |")
+    print("|---|---:|---:|---:|")
+    print(f"| batch 1: requests/s (median of rounds) | {rr:,.1f} | {lr:,.1f} | {lr / rr:.1f}x |")
+    print(f"| batch 1: p50 latency, ms | {ms(p(rest_lat, 50))} | {ms(p(local_lat, 50))} | |")
+    print(f"| batch 1: p99 latency, ms | {ms(p(rest_lat, 99))} | {ms(p(local_lat, 99))} | |")
+    print(f"| batch {args.big_batch:,}: images/s (median of rounds) | {ri:,.0f} | {li:,.0f} | {li / ri:.1f}x |")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,121 @@
+"""Image files of a handwritten digit (PNG, JPEG, any size and colours) -> 28x28 raw pixels, as MNIST
+itself was made: white ink on black, cropped to the ink, scaled into a 20x20 box keeping the aspect
+ratio (anti-aliased), centred by centre of mass in 28x28."""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+from scipy import ndimage
+
+from .model import IMAGE_SIZE
+
+BOX = 20  # MNIST's digits fit a 20x20 box inside the 28x28 field
+# Decompression-bomb guard: a 48-megapixel phone photo passes, a 20000x20000 PNG of a few hundred KB does
+# not. Pillow warns above this and raises above twice it; the warning is made an error below.
+MAX_PIXELS = 64_000_000
+# Ink is what stands out from the background by more than this share of the image's contrast: it
+# keeps paper grain and JPEG noise out of the crop.
+INK_THRESHOLD = 0.2
+# A contrast below this many grey levels (of 255) is a blank image, not a faint digit.
+MIN_CONTRAST = 24
+SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp")
+
+
+class ImageError(ValueError):
+    """An image file that cannot be read, or holds no digit."""
+
+
+def read_grayscale(path: Path) -> np.ndarray:
+    """The image at ``path`` as float32 grey levels 0-255 (transparency composited onto white)."""
+    path = Path(path)
+    if path.is_dir():
+        raise ImageError(f"{path}: a directory without image files ({' '.join(SUFFIXES)})")
+    try:
+        if path.stat().st_size == 0:
+            raise ImageError(f"{path}: empty file, expected a PNG or JPEG image")
+        Image.MAX_IMAGE_PIXELS = MAX_PIXELS
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as image:
+                image.load()
+                image = ImageOps.exif_transpose(image)
+                if image.mode in ("RGBA", "LA", "PA") or "transparency" in image.info:
+                    rgba = image.convert("RGBA")
+                    image = Image.alpha_composite(Image.new("RGBA", rgba.size, "white"), rgba)
+                return np.asarray(image.convert("L"), dtype=np.float32)
+    except ImageError:
+        raise
+    except FileNotFoundError:
+        raise ImageError(f"{path}: no such file") from None
+    except UnidentifiedImageError:
+        raise ImageError(f"{path}: not an image Pillow can read (expected PNG or JPEG)") from None
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        raise ImageError(
+            f"{path}: {_size(path)} pixels, more than the {MAX_PIXELS:,} allowed (decompression-bomb guard)"
+        ) from None
+    except (OSError, SyntaxError, EOFError, ValueError) as exc:
+        # Pillow reports a cut-off or damaged file from its decoders as any of these.
+        raise ImageError(f"{path}: truncated or corrupt image ({exc})") from None
+
+
+def _size(path: Path) -> str:
+    # Reading the header alone is safe: Pillow decodes nothing before load().
+    saved, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None
+    try:
+        with Image.open(path) as image:
+            return f"{image.width}x{image.height}"
+    finally:
+        Image.MAX_IMAGE_PIXELS = saved
+
+
+def mnist_like(gray: np.ndarray, name: str = "image") -> np.ndarray:
+    """Grey levels (H, W) in 0-255, either polarity -> float32 (28, 28) white-on-black, MNIST-style."""
+    gray = np.asarray(gray, dtype=np.float32)
+    border = np.concatenate([gray[0], gray[-1], gray[:, 0], gray[:, -1]])
+    background = float(np.median(border))
+    # Dark ink on light paper (the usual scan or photo) becomes MNIST's light ink on black.
+    ink = np.clip(background - gray if background > 127.5 else gray - background, 0, None)
+    contrast = float(ink.max())
+    if contrast < MIN_CONTRAST:
+        raise ImageError(f"{name}: blank image (contrast {contrast:.0f} of 255 grey levels), no digit found")
+    ink = (ink * (255.0 / contrast)).astype(np.float32)
+    rows, cols = np.nonzero(ink > INK_THRESHOLD * 255.0)
+    ink = ink[rows.min() : rows.max() + 1, cols.min() : cols.max() + 1]
+    # Every crop is first resampled to one working size (longer side 80 px: box averaging when shrinking a
+    # photo, pixel replication when enlarging a small image), so that the same digit drawn at another size
+    # gives the same 28x28.
+    height, width = ink.shape
+    work = BOX * 4
+    size = (max(1, round(width * work / max(height, width))), max(1, round(height * work / max(height, width))))
+    ink = np.asarray(Image.fromarray(ink).resize(size, Image.Resampling.BOX))
+    scale = BOX / work  # output pixels per working pixel: the crop's longer side becomes 20
+    cy, cx = ndimage.center_of_mass(ink)
+    # One resampling does the scaling into the 20x20 box and puts the centre of mass at the centre of
+    # the 28x28 field, to a fraction of a pixel: the source box that maps onto the field.
+    half = IMAGE_SIZE / 2 / scale
+    pad = int(np.ceil(2 * half)) + 2
+    padded = np.pad(ink, pad)
+    box = (cx + 0.5 + pad - half, cy + 0.5 + pad - half, cx + 0.5 + pad + half, cy + 0.5 + pad + half)
+    field = Image.fromarray(padded).resize((IMAGE_SIZE, IMAGE_SIZE), Image.Resampling.LANCZOS, box=box)
+    return np.clip(np.asarray(field, dtype=np.float32), 0, 255)
+
+
+def load_digit(path: Path) -> np.ndarray:
+    """An image file -> float32 (28, 28) raw pixels in 0-255, ready for the registered model."""
+    return mnist_like(read_grayscale(path), str(path))
+
+
+def image_files(paths: list[Path]) -> list[Path]:
+    """Files as given; a directory stands for the image files directly in it (by suffix, sorted)."""
+    files: list[Path] = []
+    for path in map(Path, paths):
+        if path.is_dir():
+            found = sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in SUFFIXES)
+            files += found or [path]  # an empty directory is reported as such, not skipped in silence
+        else:
+            files.append(path)
+    return files

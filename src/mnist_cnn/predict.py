@@ -1,0 +1,51 @@
+"""Predict the digit in image files (PNG, JPEG, any size and colours) with a registered model."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from . import tracking
+from .images import ImageError, image_files, load_digit
+
+DEFAULT_MODEL_URI = "models:/mnist-cnn@champion"
+
+
+@dataclass(frozen=True)
+class Prediction:
+    path: Path
+    digit: int | None = None
+    probability: float | None = None
+    probabilities: tuple[float, ...] = ()
+    error: str | None = None  # one line naming the file and the problem; the other fields are then empty
+
+
+def predict(paths: list[Path], model_uri: str = DEFAULT_MODEL_URI) -> list[Prediction]:
+    """One ``Prediction`` per image file (a directory: each image file in it), in order. A file that
+    cannot be read or holds no digit gets its ``error``; the others are still predicted."""
+    import mlflow
+
+    loaded: dict[Path, np.ndarray] = {}
+    failed: dict[Path, str] = {}
+    files = image_files(paths)
+    for path in files:
+        try:
+            loaded[path] = load_digit(path)
+        except ImageError as exc:
+            failed[path] = str(exc)
+    rows = {}
+    if loaded:
+        tracking.configure()
+        answer = mlflow.pyfunc.load_model(model_uri).predict(np.stack(list(loaded.values())))
+        rows = dict(zip(loaded, answer.itertuples(index=False), strict=True))
+    results = []
+    for path in files:
+        if path in failed:
+            results.append(Prediction(path, error=failed[path]))
+            continue
+        row = rows[path]
+        probabilities = tuple(float(getattr(row, f"p{k}")) for k in range(10))
+        results.append(Prediction(path, int(row.digit), float(row.probability), probabilities))
+    return results

@@ -1,0 +1,138 @@
+"""The registered model: a pyfunc taking raw 28x28 grayscale pixels (0-255) and answering, per image, the
+digit and the ten class probabilities.
+
+``mlflow models serve`` and ``mlflow.pyfunc.load_model`` both run ``DigitClassifier.predict``. The
+package's source is logged with the model (``code_paths``), so a version loads with the code it was
+logged with, wherever it is served from.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+import mlflow
+import numpy as np
+import pandas as pd
+import torch
+from mlflow.exceptions import MlflowException
+from mlflow.models import ModelSignature
+from mlflow.models.model import ModelInfo
+from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
+from mlflow.types import ColSpec, Schema, TensorSpec
+
+from .config import ModelConfig
+from .model import IMAGE_SIZE, NUM_CLASSES, RawPixelClassifier, load_weights
+from .runtime import memory_format
+
+PROBABILITY_COLUMNS = [f"p{k}" for k in range(NUM_CLASSES)]
+OUTPUT_COLUMNS = ["digit", "probability", *PROBABILITY_COLUMNS]
+# Images per forward pass: 10,000 images at once would need about 1.3 GB for the first conv's output.
+CHUNK = 500
+WEIGHTS_ARTIFACT = "weights"
+
+SIGNATURE = ModelSignature(
+    inputs=Schema([TensorSpec(np.dtype(np.float32), (-1, IMAGE_SIZE, IMAGE_SIZE))]),
+    outputs=Schema(
+        [ColSpec("long", "digit"), ColSpec("float", "probability")]
+        + [ColSpec("float", name) for name in PROBABILITY_COLUMNS]
+    ),
+)
+
+
+def _invalid(message: str) -> MlflowException:
+    # INVALID_PARAMETER_VALUE: the scoring server answers 400 with this message, not a 500.
+    return MlflowException(message, error_code=INVALID_PARAMETER_VALUE)
+
+
+def check_pixels(model_input: Any) -> np.ndarray:
+    """``model_input`` as float32 (N, 28, 28), or an ``MlflowException`` naming what is wrong with it."""
+    try:
+        pixels = np.asarray(model_input, dtype=np.float32)
+    except (TypeError, ValueError):
+        raise _invalid(
+            f"pixels: expected numbers in an array of shape (N, {IMAGE_SIZE}, {IMAGE_SIZE}), "
+            f"got {type(model_input).__name__}"
+        ) from None
+    if pixels.ndim == 4 and pixels.shape[1] == 1:
+        pixels = pixels[:, 0]
+    if pixels.ndim != 3 or pixels.shape[1:] != (IMAGE_SIZE, IMAGE_SIZE) or len(pixels) == 0:
+        raise _invalid(
+            f"pixels: shape {tuple(pixels.shape)}, expected (N, {IMAGE_SIZE}, {IMAGE_SIZE}) with N >= 1 "
+            "(raw grayscale images)"
+        )
+    finite = np.isfinite(pixels)
+    if not finite.all():
+        image = int(np.argwhere(~finite)[0][0])
+        raise _invalid(f"pixels: image {image} holds NaN or infinity, expected numbers in 0-255")
+    low, high = pixels.min(axis=(1, 2)), pixels.max(axis=(1, 2))
+    bad = np.flatnonzero((low < 0) | (high > 255))
+    if len(bad):
+        image = int(bad[0])
+        raise _invalid(
+            f"pixels: image {image} has values from {low[image]:g} to {high[image]:g}, expected raw pixels in 0-255"
+        )
+    return pixels
+
+
+def answer(probabilities: np.ndarray) -> pd.DataFrame:
+    """One row per image: ``digit``, its ``probability``, and ``p0``..``p9``."""
+    digits = probabilities.argmax(axis=1)
+    frame = pd.DataFrame(probabilities.astype(np.float32), columns=PROBABILITY_COLUMNS)
+    frame.insert(0, "probability", probabilities[np.arange(len(digits)), digits].astype(np.float32))
+    frame.insert(0, "digit", digits.astype(np.int64))
+    return frame
+
+
+class DigitClassifier(mlflow.pyfunc.PythonModel):
+    """The CNN behind a pyfunc: the weights are an artifact (the state_dict of ``models/model.pt``),
+    the architecture and the data set's normalisation are the constructor's arguments."""
+
+    def __init__(self, model: dict[str, Any], dataset: str) -> None:
+        self.architecture = model
+        self.dataset = dataset
+        self.classifier: RawPixelClassifier | None = None
+
+    def load_context(self, context: mlflow.pyfunc.PythonModelContext) -> None:
+        net = load_weights(ModelConfig(**self.architecture), Path(context.artifacts[WEIGHTS_ARTIFACT]))
+        self.classifier = RawPixelClassifier(net.to(memory_format=memory_format(torch.device("cpu"))), self.dataset)
+
+    def predict(
+        self, context: mlflow.pyfunc.PythonModelContext, model_input: np.ndarray, params: dict | None = None
+    ) -> pd.DataFrame:
+        pixels = torch.from_numpy(check_pixels(model_input))
+        fmt = memory_format(torch.device("cpu"))
+        outputs = []
+        with torch.inference_mode():
+            for start in range(0, len(pixels), CHUNK):
+                batch = pixels[start : start + CHUNK].reshape(-1, 1, IMAGE_SIZE, IMAGE_SIZE)
+                outputs.append(self.classifier(batch.contiguous(memory_format=fmt)))
+        return answer(torch.cat(outputs).numpy())
+
+
+def log_model(
+    weights: Path, model_cfg: ModelConfig, dataset: str, example: np.ndarray, registered_model_name: str
+) -> ModelInfo:
+    """Log the pyfunc into the active run and register it as a new version of ``registered_model_name``."""
+    return mlflow.pyfunc.log_model(
+        name="model",
+        python_model=DigitClassifier(dataclasses.asdict(model_cfg), dataset),
+        artifacts={WEIGHTS_ARTIFACT: str(weights)},
+        code_paths=[str(Path(__file__).resolve().parent)],
+        signature=SIGNATURE,
+        input_example=example,
+        registered_model_name=registered_model_name,
+        pip_requirements=[
+            f"torch=={torch.__version__.split('+')[0]}",
+            f"numpy=={np.__version__}",
+            f"pandas=={pd.__version__}",
+            f"pyyaml=={_version('pyyaml')}",
+        ],
+    )
+
+
+def _version(distribution: str) -> str:
+    from importlib.metadata import version
+
+    return version(distribution)
