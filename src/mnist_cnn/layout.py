@@ -25,6 +25,7 @@ HISTORY = REPORTS_DIR / "history.csv"
 METRICS = REPORTS_DIR / "metrics.json"
 PREDICTIONS = REPORTS_DIR / "predictions.csv"
 CLASSIFICATION_REPORT = REPORTS_DIR / "classification_report.txt"
+CONFIDENT_MISTAKES = REPORTS_DIR / "confident_mistakes.png"
 
 
 class OutputError(OSError):
