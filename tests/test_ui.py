@@ -3,12 +3,16 @@ a real ``mlflow server`` and read back from what headless Chromium shows. Screen
 
 from __future__ import annotations
 
+import importlib.util
 import re
 import struct
+from pathlib import Path
 
 import pytest
 from mlflow.tracking import MlflowClient
+from PIL import Image
 
+from conftest import REPO
 from mnist_cnn import pipeline, tracking, ui
 from mnist_cnn.config import load_params
 
@@ -99,9 +103,20 @@ def test_ui_shows_the_run_its_params_curve_artifact_and_champion(served_run, tmp
         page.screenshot(path=shots / "model.png")
     assert all((shots / f"{n}.png").stat().st_size > 10_000 for n in ("runs", "run", "val_loss", "artifacts", "model"))
 
+    # scripts/ui_screenshot.py on the same server: the latest run's page, 1280x800, palette PNG.
+    script = _load_script()
+    out = script.screenshot(url, shots / "script" / "run.png")
+    with Image.open(out) as image:
+        assert image.size == (1280, 800) and image.mode == "P"
+    assert out.stat().st_size < 300_000
+
+
+def _load_script():
+    spec = importlib.util.spec_from_file_location("ui_screenshot", REPO / "scripts" / "ui_screenshot.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
 
 def _artifact_bytes(store_uri: str, run_id: str, path: str) -> bytes:
-    from pathlib import Path
-
-    local = MlflowClient(store_uri).download_artifacts(run_id, path)
-    return Path(local).read_bytes()
+    return Path(MlflowClient(store_uri).download_artifacts(run_id, path)).read_bytes()
