@@ -386,9 +386,13 @@ def run(
         kwargs = {"experiment_id": exp_id, "run_name": name, "tags": tags}
     with _sigterm_interrupts():
         # None, not False, without system_metrics: MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING still applies.
-        active = mlflow.start_run(**kwargs, log_system_metrics=True if system_metrics else None)
+        # Started with SIGINT/SIGTERM held: the system-metrics thread inherits that mask, so signals go
+        # to the main thread, and `_signals_deferred` while the run ends is not bypassed through it.
+        # An interrupt held meanwhile is raised on leaving that block: inside the try, so the run ends KILLED.
         status = "FAILED"
         try:
+            with _signals_deferred():
+                active = mlflow.start_run(**kwargs, log_system_metrics=True if system_metrics else None)
             if run_id:  # a reopened run changes owner; a new one got its owner at creation
                 mlflow.set_tags(owner_tags())
             if project_run:
