@@ -34,10 +34,12 @@ def test_repro_then_noop_then_param_change_reruns_only_train_and_evaluate(dvc_re
     workspace = next(iter(shown.values()))["data"]["reports/metrics.json"]["data"]
     assert workspace == metrics
     plots = json.loads(dvc("plots", "show", "--json", "--split", cwd=dvc_repo))
-    assert {"Loss", "Accuracy", "Confusion matrix"} <= set(plots["data"])
+    assert {"Loss", "Accuracy", "Confusion matrix", "reports/confident_mistakes.png"} <= set(plots["data"])
 
     runs = runs_in(dvc_repo)
     assert len(runs) == 1 and runs[0].info.status == "FINISHED"
+    # DVC sets DVC_ROOT and DVC_STAGE for a stage's command: nothing differs from params.yaml.
+    assert runs[0].info.run_name == "train" and runs[0].data.tags["launched_by"] == "dvc repro"
     assert "test_acc" in runs[0].data.metrics
     train_info = json.loads((dvc_repo / "models" / "train.json").read_text())
     assert train_info["run_id"] == runs[0].info.run_id
@@ -53,6 +55,9 @@ def test_repro_then_noop_then_param_change_reruns_only_train_and_evaluate(dvc_re
     runs = runs_in(dvc_repo)
     assert len(runs) == 2
     assert runs[1].data.params["train.lr"] == "0.2"
+    # `dvc exp run` adds DVC_EXP_NAME: the run is called as `dvc exp list` names the experiment.
+    assert runs[1].data.tags["launched_by"] == "dvc exp run"
+    assert dvc("exp", "list", "--name-only", cwd=dvc_repo).split() == [runs[1].info.run_name]
     assert all(run.info.status == "FINISHED" for run in runs)
     versions = MlflowClient().search_model_versions("name='mnist-cnn'")
     assert len(versions) == 2

@@ -52,6 +52,9 @@ def test_mlflow_run_main_entry_point(tmp_path, tiny_mirror):
     assert len(runs) == 1, "mlflow run must not start a second run"
     run = runs[0]
     assert run.info.status == "FINISHED"
+    # MLflow made the run with a random name; the stage renamed it (params.yaml's order).
+    assert run.info.run_name == "all epochs=1 lr=0.2"
+    assert run.data.tags["launched_by"] == "mlflow run" and run.data.tags["mlflow.source.type"] == "PROJECT"
     params = run.data.params
     assert params["epochs"] == "1" and params["train.epochs"] == "1"  # -P overrides params.yaml's 3
     assert params["train.lr"] == "0.2" and params["model.hidden_3"] == "112"

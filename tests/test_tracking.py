@@ -182,3 +182,39 @@ def test_store_defaults_to_project_root_and_survives_dvc_temp_dirs(tmp_path, mon
 
 def test_tiny_overrides_are_what_the_tests_assume():
     assert TINY_OVERRIDES["train.epochs"] == 2
+
+
+def test_run_is_named_described_lists_its_datasets_and_samples_system_metrics(project, monkeypatch):
+    from mnist_cnn.config import load_params
+    from mnist_cnn.data import split_digests, verified_md5s
+
+    # MLflow samples every 10 s by default: longer than this whole tiny training.
+    monkeypatch.setenv("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", "0.2")
+    params = load_params(project.params_file, {"lr": "0.2"})
+    run_id, result = pipeline.run_train(params, project, show_progress=False)
+    client = MlflowClient()
+    trained = client.get_run(run_id)
+    assert trained.info.run_name == "train lr=0.2"
+    assert trained.data.tags["launched_by"] == "cli"
+    assert trained.data.tags["mlflow.note.content"].startswith("Test accuracy: not evaluated yet")
+    system = {key for key in trained.data.metrics if key.startswith("system/")}
+    assert {"system/cpu_utilization_percentage", "system/system_memory_usage_megabytes"} <= system
+
+    _, evaluation = pipeline.run_evaluate(params, project)
+    run = client.get_run(run_id)
+    description = run.data.tags["mlflow.note.content"]
+    assert description.startswith(f"**Test accuracy {evaluation.metrics['test']['accuracy']:.2f}%**")
+    assert f"stopped after epoch {result.stopped_epoch} of 2" in description and "on cpu in fp32" in description
+
+    digests = split_digests(verified_md5s(project.data, "mnist"), params.train.val_split, params.train.seed)
+    logged = {
+        next(t.value for t in i.tags if t.key == "mlflow.data.context"): i.dataset for i in run.inputs.dataset_inputs
+    }
+    assert set(logged) == {"training", "validation", "test"}
+    for context, dataset in logged.items():
+        assert dataset.name == "mnist" and dataset.digest == digests[context]
+        assert str(project.data.resolve()) in dataset.source
+    assert len(set(digests.values())) == 3  # the validation cut is another dataset than the training part
+
+    assert "confident_mistakes.png" in {a.path for a in client.list_artifacts(run_id)}
+    assert (project.reports / "confident_mistakes.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -114,7 +114,7 @@ def _train_and_evaluate(stage: str, params: Params, args: argparse.Namespace) ->
 
     paths = pipeline.Paths(root=args.root, params_file=args.params)
     if stage in ("train", "all"):
-        pipeline.run_train(params, paths, False if args.no_progress else None)
+        pipeline.run_train(params, paths, False if args.no_progress else None, stage=stage)
     if stage in ("evaluate", "all"):
         _, result = pipeline.run_evaluate(params, paths)
         for split, values in result.metrics.items():

@@ -10,6 +10,7 @@ import gzip
 import hashlib
 import json
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -111,6 +112,29 @@ def md5sum(path: Path, chunk: int = 1 << 20) -> str:
 def data_md5s(data_dir: Path) -> dict[str, str]:
     """MD5 of each data file, for lineage."""
     return {name: md5sum(Path(data_dir) / name) for name in FILES.values()}
+
+
+# MLflow's dataset contexts for the three splits the stages read.
+CONTEXTS = ("training", "validation", "test")
+
+
+def split_digests(md5s: Mapping[str, str], val_split: float, seed: int) -> dict[str, str]:
+    """``{context: digest}`` for MLflow's dataset tracking, from the files' MD5s (no data hashed again).
+
+    Training and validation come from the same two files: their digests also hold the cut (val_split,
+    seed), so another split is another dataset. Twelve hex digits: short in the UI, ample for a few
+    versions of one data set.
+    """
+
+    def digest(*parts: object) -> str:
+        return hashlib.md5("/".join(map(str, parts)).encode()).hexdigest()[:12]
+
+    train = (md5s[FILES["train_images"]], md5s[FILES["train_labels"]])
+    return {
+        "training": digest(*train, "training", val_split, seed),
+        "validation": digest(*train, "validation", val_split, seed),
+        "test": digest(md5s[FILES["test_images"]], md5s[FILES["test_labels"]]),
+    }
 
 
 def torchvision_dataset(dataset: str) -> type:

@@ -1,15 +1,16 @@
-"""Evaluate stage: train, validation and test loss and accuracy; confusion matrix; classification report."""
+"""Evaluate stage: train, validation and test loss and accuracy; confusion matrix; classification report;
+the grid of the most confidently wrong test digits."""
 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 from sklearn.metrics import classification_report, confusion_matrix
 
-from . import layout
+from . import figures, layout
 from .config import Params
 from .data import load_split, normalise, verified_md5s
 from .model import NUM_CLASSES, Net, load_weights
@@ -24,6 +25,8 @@ class EvaluateResult:
     report: str  # scikit-learn's classification report on the test set
     actual: np.ndarray
     predicted: np.ndarray
+    confidence: np.ndarray  # the probability each test prediction was given
+    data_md5s: dict[str, str] = field(default_factory=dict)  # {data file: MD5}, as verified
 
 
 def evaluate(
@@ -33,7 +36,7 @@ def evaluate(
     reports_dir: Path = layout.REPORTS_DIR,
 ) -> tuple[Net, EvaluateResult]:
     """Score the trained weights on the three splits and write the metrics, predictions and report."""
-    verified_md5s(data_dir, params.data.dataset)
+    md5s = verified_md5s(data_dir, params.data.dataset)
     device = select_device(params.train.device)
     precision = select_precision(params.train.precision, device)
     net = load_weights(params.model, Path(model_dir) / layout.WEIGHTS.name, device)
@@ -54,7 +57,9 @@ def evaluate(
         metrics[name] = {"loss": round(loss, 6), "accuracy": round(accuracy, 4)}
         test_log_probs = log_probs
     actual = test.labels.numpy()
-    predicted = test_log_probs.argmax(dim=1).cpu().numpy()
+    best = test_log_probs.argmax(dim=1)
+    predicted = best.cpu().numpy()
+    confidence = test_log_probs.gather(1, best.unsqueeze(1)).squeeze(1).exp().cpu().numpy()
     labels = list(range(NUM_CLASSES))
     result = EvaluateResult(
         metrics=metrics,
@@ -62,13 +67,15 @@ def evaluate(
         report=classification_report(actual, predicted, labels=labels, digits=4, zero_division=0),
         actual=actual,
         predicted=predicted,
+        confidence=confidence,
+        data_md5s=md5s,
     )
-    write_reports(result, Path(reports_dir))
+    write_reports(result, Path(reports_dir), test.images.numpy())
     return net.cpu().eval(), result
 
 
-def write_reports(result: EvaluateResult, reports_dir: Path) -> None:
-    """The three reports together: a full disk leaves none of them rather than a mixed set."""
+def write_reports(result: EvaluateResult, reports_dir: Path, test_images: np.ndarray) -> None:
+    """The reports together: a full disk leaves none of them rather than a mixed set."""
     pairs = zip(result.actual.tolist(), result.predicted.tolist(), strict=True)
     rows = "\n".join(f"{a},{p}" for a, p in pairs)
     texts = {
@@ -76,9 +83,14 @@ def write_reports(result: EvaluateResult, reports_dir: Path) -> None:
         layout.PREDICTIONS.name: f"actual,predicted\n{rows}\n",
         layout.CLASSIFICATION_REPORT.name: result.report,
     }
-    layout.write_all_atomic(
-        {reports_dir / name: (lambda tmp, text=text: tmp.write_text(text)) for name, text in texts.items()}
-    )
+    writers = {reports_dir / name: (lambda tmp, text=text: tmp.write_text(text)) for name, text in texts.items()}
+    mistakes = figures.confident_mistakes(test_images, result.actual, result.predicted, result.confidence)
+    # The temporary name ends in .tmp: the format is given, not guessed from it.
+    writers[reports_dir / layout.CONFIDENT_MISTAKES.name] = lambda tmp: mistakes.savefig(tmp, format="png", dpi=80)
+    try:
+        layout.write_all_atomic(writers)
+    finally:
+        figures.close(mistakes)
 
 
 __all__ = ["EvaluateResult", "evaluate"]

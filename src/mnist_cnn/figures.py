@@ -1,4 +1,4 @@
-"""Matplotlib figures logged to MLflow: learning curves and the confusion matrix."""
+"""Matplotlib figures logged to MLflow: learning curves, the confusion matrix, the confidently wrong digits."""
 
 from __future__ import annotations
 
@@ -49,6 +49,35 @@ def confusion_matrix_figure(counts: np.ndarray) -> Figure:
             )
         ticks = range(len(matrix))
         ax.set(xticks=ticks, yticks=ticks, xlabel="predicted", ylabel="actual", title=title)
+    return fig
+
+
+def confident_mistakes(
+    images: np.ndarray,
+    actual: np.ndarray,
+    predicted: np.ndarray,
+    confidence: np.ndarray,
+    limit: int = 24,
+    columns: int = 8,
+) -> Figure:
+    """The wrong predictions the model was surest of, surest first: each digit with its true and
+    predicted class and the probability given to the prediction. These are where mislabelled test
+    digits and the model's blind spots show up; a low-confidence mistake says little."""
+    wrong = np.flatnonzero(actual != predicted)
+    shown = wrong[np.argsort(-confidence[wrong], kind="stable")][:limit]
+    rows = max(1, -(-len(shown) // columns))
+    fig, axes = plt.subplots(rows, columns, figsize=(1.6 * columns, 1.9 * rows + 0.5), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for ax, i in zip(axes.flat, shown, strict=False):
+        ax.imshow(images[i], cmap="gray_r", vmin=0, vmax=255)
+        ax.set_title(f"true {actual[i]} → {predicted[i]}\n{confidence[i]:.1%}", fontsize=9)
+    total = len(actual)
+    heading = f"Most confidently wrong test digits ({len(wrong)} wrong of {total})"
+    if not len(wrong):
+        heading = f"No wrong test digits (of {total})"
+    fig.suptitle(heading + "\ntrue class → predicted class, probability of the prediction", fontsize=10)
+    fig.tight_layout()
     return fig
 
 

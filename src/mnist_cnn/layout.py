@@ -26,6 +26,7 @@ METRICS = REPORTS_DIR / "metrics.json"
 PREDICTIONS = REPORTS_DIR / "predictions.csv"
 CLASSIFICATION_REPORT = REPORTS_DIR / "classification_report.txt"
 BEST_PARAMS = REPORTS_DIR / "best_params.yaml"  # the tune stage's best trial, in params.yaml's shape
+CONFIDENT_MISTAKES = REPORTS_DIR / "confident_mistakes.png"
 
 
 class OutputError(OSError):

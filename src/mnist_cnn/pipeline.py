@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -14,9 +15,9 @@ import mlflow
 import numpy as np
 from mlflow.tracking import MlflowClient
 
-from . import distributed, figures, layout, served, tracking
-from .config import Params, flatten
-from .data import DataError, load_split, md5sum, verified_md5s
+from . import distributed, figures, layout, runmeta, served, tracking
+from .config import ConfigError, Params, flatten, load_params
+from .data import DataError, load_split, md5sum, split_digests, verified_md5s
 from .distributed import World
 from .evaluate import EvaluateResult, evaluate
 from .train import Checkpointing, TrainResult, load_checkpoint, train, training_fingerprint, write_train_info
@@ -51,11 +52,36 @@ def _section_params(params: Params, sections: tuple[str, ...]) -> dict:
     return {k: v for k, v in flatten(params).items() if k.split(".")[0] in sections}
 
 
+def _run_name(stage: str, params: Params, paths: Paths) -> str:
+    """``$DVC_EXP_NAME``, else the stage and the params that differ from the params file."""
+    try:
+        base = load_params(paths.params_file) if paths.params_file.is_file() else None
+    except ConfigError:
+        base = None
+    return runmeta.run_name(stage, runmeta.changed_params(params, base))
+
+
+DATASET_SOURCE_ENV = "MNIST_MIRROR"
+
+
+def _log_datasets(params: Params, paths: Paths, md5s: dict[str, str], contexts: tuple[str, ...]) -> None:
+    # The source is where the files came from when a mirror is named, else the directory read.
+    source = os.environ.get(DATASET_SOURCE_ENV) or str(paths.data.resolve())
+    digests = split_digests(md5s, params.train.val_split, params.train.seed)
+    tracking.log_datasets(params.data.dataset, source, {context: digests[context] for context in contexts})
+
+
 def run_train(
-    params: Params, paths: Paths, show_progress: bool | None = None, world: World | None = None
+    params: Params,
+    paths: Paths,
+    show_progress: bool | None = None,
+    stage: str = "train",
+    world: World | None = None,
 ) -> tuple[str | None, TrainResult]:
     """Train inside a new MLflow run (or the one ``mlflow run`` made); return (run id, result).
 
+    The run is named after ``stage`` (``train`` or ``all``) and what differs from the params file,
+    samples system metrics while it trains, and gets a description evaluate completes later.
     With ``train.resume: auto``, a checkpoint of this same training (left by a killed or crashed
     run) is continued, in the MLflow run it was started in. Under torchrun only rank 0 tracks and
     writes; the other ranks train their shards and return (None, result).
@@ -70,7 +96,10 @@ def run_train(
         checkpointing = Checkpointing(checkpoint_path, fingerprint, None, state)
         return None, train(params, paths.data, paths.models, paths.reports, None, False, checkpointing, world)
     resumed_run = state["run_id"] if state is not None and tracking.run_exists(state["run_id"], root) else None
-    with tracking.run(params.mlflow.experiment, run_id=resumed_run, root=root) as active:
+    name = _run_name(stage, params, paths)
+    with tracking.run(
+        params.mlflow.experiment, run_id=resumed_run, root=root, name=name, system_metrics=True
+    ) as active:
         run_id = active.info.run_id
         mlflow.set_tags(
             {
@@ -89,6 +118,8 @@ def run_train(
         )
         if paths.params_file.is_file():
             mlflow.log_artifact(str(paths.params_file))
+        if resumed_run is None:  # a resumed run logged them when it started
+            _log_datasets(params, paths, md5s, ("training", "validation"))
         if state is not None:
             # Epochs logged before the interruption stay; those it did not get to log are added.
             tracking.log_missing_epochs(state["history"])
@@ -109,6 +140,7 @@ def run_train(
         fig = figures.learning_curves(result.history)
         mlflow.log_figure(fig, "learning_curves.png")
         figures.close(fig)
+        tracking.describe_active_run()
         write_train_info(result, paths.models, run_id, params.train)
     return run_id, result
 
@@ -162,7 +194,7 @@ def run_evaluate(params: Params, paths: Paths) -> tuple[str, EvaluateResult]:
     """
     root = tracking.project_root(paths.root.resolve())
     run_id = _read_train_info(paths, params)
-    with tracking.reopen(run_id, "evaluate", root=root) as active:
+    with tracking.reopen(run_id, "evaluate", root=root, name=_run_name("evaluate", params, paths)) as active:
         tracking.log_params_once(
             {
                 **_section_params(params, EVALUATE_SECTIONS),
@@ -175,6 +207,8 @@ def run_evaluate(params: Params, paths: Paths) -> tuple[str, EvaluateResult]:
             final[f"final_{split}_loss"] = result.metrics[split]["loss"]
             final[f"final_{split}_acc"] = result.metrics[split]["accuracy"]
         mlflow.log_metrics(final)
+        _log_datasets(params, paths, result.data_md5s, ("test",))
+        tracking.describe_active_run()
         fig = figures.confusion_matrix_figure(result.confusion)
         mlflow.log_figure(fig, "confusion_matrix.png")
         figures.close(fig)
@@ -187,6 +221,7 @@ def run_evaluate(params: Params, paths: Paths) -> tuple[str, EvaluateResult]:
             "confusion_matrix.json",
         )
         mlflow.log_text(result.report, "classification_report.txt")
+        mlflow.log_artifact(str(paths.reports / layout.CONFIDENT_MISTAKES.name))
         mlflow.log_dict(result.metrics, "metrics.json")
         dvc_lock = paths.root / "dvc.lock"
         if dvc_lock.is_file():

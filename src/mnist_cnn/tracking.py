@@ -13,6 +13,7 @@ import signal
 import socket
 import subprocess
 import time
+import warnings
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from types import SimpleNamespace
@@ -25,7 +26,7 @@ from mlflow.entities import RunStatus
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
-from . import distributed
+from . import distributed, runmeta
 from .config import parse_value
 
 log = logging.getLogger(__name__)
@@ -342,18 +343,35 @@ def _end(status: str) -> None:
             mlflow.end_run(status)
 
 
+def _name_project_run(run_id: str, name: str | None) -> None:
+    """Name a run that ``mlflow run`` created (MLflow gave it a random name) and tag how it was
+    launched, once: the first stage to reach it names it, later stages and resumed runs keep that."""
+    client = MlflowClient()
+    tags = client.get_run(run_id).data.tags
+    if runmeta.LAUNCH_TAG in tags:
+        return
+    if name:
+        client.update_run(run_id, name=name)
+    client.set_tag(run_id, runmeta.LAUNCH_TAG, runmeta.launcher(source_type=tags.get("mlflow.source.type")))
+
+
 @contextlib.contextmanager
 def run(
     experiment: str,
     run_id: str | None = None,
     root: Path | None = None,
     *,
+    name: str | None = None,
+    system_metrics: bool = False,
     parent_run_id: str | None = None,
-    run_name: str | None = None,
     tags: Mapping[str, str] | None = None,
     ended_as: Mapping[type[BaseException], str] | None = None,
 ) -> Iterator[mlflow.ActiveRun]:
     """Start (or, with ``run_id`` / ``$MLFLOW_RUN_ID``, reopen) a run; end it FINISHED, FAILED or KILLED.
+
+    A new run is called ``name`` and tagged with how it was launched (``runmeta.launcher``); so is a
+    run ``mlflow run`` made. With ``system_metrics``, MLflow samples CPU, memory (and NVIDIA GPUs)
+    into ``system/*`` metrics while the run is open.
 
     SIGTERM is turned into an interrupt for the duration, so a killed stage ends its run KILLED
     rather than leaving it RUNNING; interrupts that arrive while the run is being ended wait for it.
@@ -362,26 +380,30 @@ def run(
     (a pruned Optuna trial) to the status they end the run with (they are re-raised all the same).
     """
     configure(root)
-    run_id = (None if parent_run_id else os.environ.get("MLFLOW_RUN_ID")) or run_id
+    # A trial nested under a study's parent is a run of its own, never the one `mlflow run` made.
+    project_run = None if parent_run_id else os.environ.get("MLFLOW_RUN_ID")
+    run_id = project_run or run_id
     exp_id = experiment_id(experiment, root)
     close_stale_runs([exp_id], keep=run_id)
-    # `dvc exp run` (queued or not) names the experiment in DVC_EXP_NAME: the run takes the same name.
     # A new run carries its owner from its first moment: an interrupt cannot leave it ownerless.
     if run_id:
         kwargs = {"run_id": run_id}
     else:
-        kwargs = {
-            "experiment_id": exp_id,
-            "run_name": run_name or os.environ.get("DVC_EXP_NAME"),
-            "tags": {**(tags or {}), **owner_tags()},
-            "parent_run_id": parent_run_id,
-        }
+        tags = {**(tags or {}), **owner_tags(), runmeta.LAUNCH_TAG: runmeta.launcher()}
+        kwargs = {"experiment_id": exp_id, "run_name": name, "tags": tags, "parent_run_id": parent_run_id}
     with _sigterm_interrupts():
-        active = mlflow.start_run(**kwargs)
+        # None, not False, without system_metrics: MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING still applies.
+        # Started with SIGINT/SIGTERM held: the system-metrics thread inherits that mask, so signals go
+        # to the main thread, and `_signals_deferred` while the run ends is not bypassed through it.
+        # An interrupt held meanwhile is raised on leaving that block: inside the try, so the run ends KILLED.
         status = "FAILED"
         try:
+            with _signals_deferred():
+                active = mlflow.start_run(**kwargs, log_system_metrics=True if system_metrics else None)
             if run_id:  # a reopened run changes owner; a new one got its owner at creation
                 mlflow.set_tags(owner_tags())
+            if project_run:
+                _name_project_run(project_run, name)
             yield active
             status = "FINISHED"
         except KeyboardInterrupt:
@@ -395,12 +417,13 @@ def run(
 
 
 @contextlib.contextmanager
-def reopen(run_id: str, stage: str, root: Path | None = None) -> Iterator[mlflow.ActiveRun]:
+def reopen(run_id: str, stage: str, root: Path | None = None, name: str | None = None) -> Iterator[mlflow.ActiveRun]:
     """Log into a finished run without rewriting its history: the run's status stays what training
     made it, and this stage's outcome is the tag ``<stage>.status`` (FINISHED, FAILED or KILLED, with
-    ``<stage>.error``)."""
+    ``<stage>.error``). A run ``mlflow run`` made for this stage alone is called ``name``."""
     configure(root)
-    run_id = os.environ.get("MLFLOW_RUN_ID") or run_id
+    project_run = os.environ.get("MLFLOW_RUN_ID")
+    run_id = project_run or run_id
     try:
         was = MlflowClient().get_run(run_id).info.status
     except MlflowException:
@@ -415,6 +438,8 @@ def reopen(run_id: str, stage: str, root: Path | None = None) -> Iterator[mlflow
         outcome, error = "FAILED", None
         try:
             mlflow.set_tag(f"{stage}.status", "RUNNING")
+            if project_run:
+                _name_project_run(project_run, name)
             yield active
             outcome = "FINISHED"
         except KeyboardInterrupt:
@@ -436,6 +461,36 @@ def run_exists(run_id: str, root: Path | None = None) -> bool:
         return MlflowClient().get_run(run_id).info.lifecycle_stage == "active"
     except MlflowException:
         return False
+
+
+def describe_active_run() -> None:
+    """Write the run's description (the paragraph the MLflow UI shows first) from what the run holds."""
+    run = MlflowClient().get_run(mlflow.active_run().info.run_id)
+    facts = {**run.data.params, **run.data.metrics, **run.data.tags}
+    mlflow.set_tag(runmeta.DESCRIPTION_TAG, runmeta.description(facts))
+
+
+# What every split holds: the IDX arrays as read (uint8 images, uint8 labels).
+DATASET_SCHEMA_SPECS = (("images", "uint8", (-1, 28, 28)), ("labels", "uint8", (-1,)))
+
+
+def log_datasets(name: str, source: str, digests: Mapping[str, str]) -> None:
+    """Record the data in MLflow's dataset tracking (the runs table's Datasets column): one entry per
+    ``{context: digest}``, e.g. ``training``. Metadata only: the digests come from the files' MD5s,
+    which the stage computed anyway, so nothing is hashed or copied again."""
+    import numpy as np
+    from mlflow.data.dataset_source_registry import resolve_dataset_source
+    from mlflow.data.meta_dataset import MetaDataset
+    from mlflow.types import Schema, TensorSpec
+
+    schema = Schema([TensorSpec(np.dtype(dtype), shape, spec) for spec, dtype, shape in DATASET_SCHEMA_SPECS])
+    with warnings.catch_warnings():
+        # MLflow registers its local-file source twice and warns that a path "can be interpreted in
+        # multiple ways", both of them the same class.
+        warnings.filterwarnings("ignore", "The specified dataset source can be interpreted", UserWarning)
+        found = resolve_dataset_source(source)
+    datasets = [MetaDataset(found, name=name, digest=digest, schema=schema) for digest in digests.values()]
+    mlflow.log_inputs(datasets, contexts=list(digests), tags_list=[None] * len(datasets))
 
 
 def log_missing_epochs(history: list[Mapping[str, Any]]) -> None:

@@ -254,7 +254,7 @@ def _run_trial(
         params.mlflow.experiment,
         root=root,
         parent_run_id=parent,
-        run_name=f"trial-{trial.number}",
+        name=f"trial-{trial.number}",
         tags=tags,
         ended_as={optuna.TrialPruned: "KILLED"},
     ) as active:
