@@ -7,7 +7,7 @@ import torch
 
 from conftest import TINY_OVERRIDES, repo_params_raw
 from mnist_cnn import layout
-from mnist_cnn.augment import AffineRanges, random_affine
+from mnist_cnn.augment import AffineRanges, random_affine, shift
 from mnist_cnn.config import ConfigError, parse_params
 from mnist_cnn.data import DataError
 from mnist_cnn.evaluate import evaluate
@@ -230,3 +230,24 @@ def test_augmented_ema_batchnorm_training_repeats_and_saves_the_validated_averag
 def test_bad_augmentation_ema_and_process_values_name_key_and_expectation(key, value, expected):
     with pytest.raises(ConfigError, match=re.escape(f"{key} = {value!r}: expected {expected}")):
         parse_params(repo_params_raw(), {**TINY_OVERRIDES, key: value})
+
+
+def test_tta_shift_moves_one_pixel_and_fills_the_background():
+    x = torch.zeros(1, 1, 4, 4)
+    x[0, 0, 1, 1] = 5.0
+    right = shift(x, 1, 0, background=-1.0)
+    assert right[0, 0, 1, 2] == 5.0 and right[0, 0, 1, 1] == 0.0
+    assert torch.equal(right[0, 0, :, 0], torch.full((4,), -1.0))  # the uncovered column is blank
+    up = shift(x, 0, -1, background=-1.0)
+    assert up[0, 0, 0, 1] == 5.0 and torch.equal(up[0, 0, 3], torch.full((4,), -1.0))
+    assert shift(x, 0, 0, -1.0) is x
+
+
+def test_evaluate_with_tta_scores_the_averaged_shifts(project, tiny_params, tmp_path):
+    train(tiny_params, project.data, project.models, project.reports, show_progress=False)
+    _, plain = evaluate(tiny_params, project.data, project.models, tmp_path)
+    tta = dataclasses.replace(tiny_params, evaluate=dataclasses.replace(tiny_params.evaluate, tta=True))
+    _, averaged = evaluate(tta, project.data, project.models, project.reports)
+    assert averaged.metrics["test"]["loss"] != plain.metrics["test"]["loss"]
+    assert abs(averaged.metrics["test"]["accuracy"] - plain.metrics["test"]["accuracy"]) < 10
+    assert json.loads((project.reports / "metrics.json").read_text()) == averaged.metrics

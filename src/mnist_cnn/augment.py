@@ -45,3 +45,17 @@ def random_affine(x: torch.Tensor, ranges: AffineRanges, generator: torch.Genera
     grid = F.affine_grid(theta.to(x.dtype), list(x.shape), align_corners=False)
     moved = F.grid_sample(x - background, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
     return moved + background
+
+
+# Test-time augmentation: the image and its four one-pixel shifts.
+TTA_SHIFTS = ((0, 0), (1, 0), (-1, 0), (0, 1), (0, -1))
+
+
+def shift(x: torch.Tensor, dx: int, dy: int, background: float) -> torch.Tensor:
+    """``x`` (N, C, H, W) moved ``dx`` pixels right and ``dy`` down; uncovered pixels take ``background``."""
+    if dx == 0 and dy == 0:
+        return x
+    height, width = x.shape[-2:]
+    padded = F.pad(x, (max(dx, 0), max(-dx, 0), max(dy, 0), max(-dy, 0)), value=background)
+    top, left = max(-dy, 0), max(-dx, 0)
+    return padded[..., top : top + height, left : left + width]

@@ -153,6 +153,7 @@ class TrainConfig:
 @dataclass(frozen=True)
 class EvaluateConfig:
     batch_size: int
+    tta: bool  # test-time augmentation: average the image's and its four one-pixel shifts' probabilities
 
     def __post_init__(self) -> None:
         _require(self.batch_size >= 1, "evaluate.batch_size", self.batch_size, "an integer >= 1")

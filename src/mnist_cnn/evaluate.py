@@ -8,10 +8,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import torch
 from sklearn.metrics import classification_report, confusion_matrix
 
 from . import figures, layout
-from .config import Params
+from .augment import TTA_SHIFTS, shift
+from .config import EvaluateConfig, Params
 from .data import load_split, normalise, verified_md5s
 from .model import NUM_CLASSES, Net, load_weights
 from .runtime import select_device, select_precision
@@ -50,9 +52,10 @@ def evaluate(
         "val": (val_data.x, val_data.y),
         "test": (normalise(test.images, params.data.dataset).to(device), test.labels.to(device)),
     }
+    background = train_data.x.amin().item()  # the normalised value of a blank pixel
     metrics, test_log_probs = {}, None
     for name, (x, y) in splits.items():
-        log_probs = predict_log_probs(model, x, params.evaluate.batch_size, precision)
+        log_probs = score(model, x, params.evaluate, precision, background)
         loss, accuracy = loss_and_accuracy(log_probs, y)
         metrics[name] = {"loss": round(loss, 6), "accuracy": round(accuracy, 4)}
         test_log_probs = log_probs
@@ -72,6 +75,19 @@ def evaluate(
     )
     write_reports(result, Path(reports_dir), test.images.numpy())
     return net.cpu().eval(), result
+
+
+def score(
+    model: torch.nn.Module, x: torch.Tensor, cfg: EvaluateConfig, precision: str, background: float
+) -> torch.Tensor:
+    """Log-probabilities (N, 10); with ``cfg.tta``, of the probabilities averaged over the image and its four
+    one-pixel shifts (test-time augmentation)."""
+    if not cfg.tta:
+        return predict_log_probs(model, x, cfg.batch_size, precision)
+    probs = sum(
+        predict_log_probs(model, shift(x, dx, dy, background), cfg.batch_size, precision).exp() for dx, dy in TTA_SHIFTS
+    )
+    return (probs / len(TTA_SHIFTS)).log()
 
 
 def write_reports(result: EvaluateResult, reports_dir: Path, test_images: np.ndarray) -> None:
