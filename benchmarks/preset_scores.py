@@ -1,0 +1,68 @@
+"""Test accuracy of a preset's runs, mean ± std over seeds, with and without test-time augmentation.
+
+Reads the runs tagged ``preset=NAME`` in the project's MLflow store, loads each run's registered model
+(the same pyfunc that is served) and scores the real test set both ways; prints the README's rows.
+
+    python benchmarks/preset_scores.py --preset augmented     # after the preset's dvc exp runs
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import statistics
+
+import mlflow
+import torch
+from mlflow.tracking import MlflowClient
+
+from common import benchmark_parser
+from mnist_cnn import tracking
+from mnist_cnn.config import load_params
+from mnist_cnn.data import load_split, normalise
+from mnist_cnn.evaluate import score
+from mnist_cnn.runtime import select_precision
+from mnist_cnn.train import loss_and_accuracy
+
+
+def main() -> None:
+    parser = benchmark_parser(__doc__)
+    parser.add_argument("--preset", default="augmented")
+    args = parser.parse_args()
+    params = load_params(args.params)
+    tracking.configure()
+    client = MlflowClient()
+    experiment = client.get_experiment_by_name(params.mlflow.experiment)
+    runs = client.search_runs(
+        [experiment.experiment_id], f"tags.preset = '{args.preset}' and attributes.status = 'FINISHED'"
+    )
+    test = load_split(args.data_dir, train=False)
+    x, y = normalise(test.images, params.data.dataset), test.labels
+    background = x.amin().item()
+    precision = select_precision(args.precision, torch.device("cpu"))  # as evaluate scored: auto = bf16 on AVX512-BF16
+    rows = []
+    for run in sorted(runs, key=lambda r: int(r.data.params["train.seed"])):
+        (version,) = client.search_model_versions(f"run_id = '{run.info.run_id}'")
+        model = mlflow.pyfunc.load_model(f"models:/{version.name}/{version.version}")
+        net = model.unwrap_python_model().classifier.net.eval()
+        accuracies = {}
+        for tta in (False, True):
+            cfg = dataclasses.replace(params.evaluate, tta=tta)
+            with torch.inference_mode():
+                accuracies[tta] = loss_and_accuracy(score(net, x, cfg, precision, background), y)[1]
+        seconds = float(run.data.metrics["train_seconds"])
+        rows.append((int(run.data.params["train.seed"]), run.info.run_name, version.version, seconds, accuracies))
+        print(
+            f"seed {rows[-1][0]} ({run.info.run_name}, v{version.version}): {seconds:.0f} s training, "
+            f"test {accuracies[False]:.2f}% | with TTA {accuracies[True]:.2f}% "
+            f"| logged by evaluate {run.data.metrics['test_acc']:.2f}%"
+        )
+    for tta in (False, True):
+        values = [r[4][tta] for r in rows]
+        spread = statistics.stdev(values) if len(values) > 1 else 0.0
+        print(
+            f"{'with' if tta else 'without'} TTA: mean {statistics.mean(values):.3f}% ± {spread:.3f} over {len(values)}"
+        )
+
+
+if __name__ == "__main__":
+    main()
