@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, get_type_hints
@@ -196,17 +196,22 @@ def _check_type(key: str, value: Any, kind: type) -> Any:
     return value
 
 
-def _build_section(cls: type, section: str, raw: Any) -> Any:
-    if not isinstance(raw, Mapping):
-        raise ConfigError(f"{section}: expected a mapping of keys, got {raw!r}")
-    hints = get_type_hints(cls)
-    names = [f.name for f in fields(cls)]
+def _check_keys(section: str, raw: Mapping[str, Any], names: Sequence[str]) -> None:
+    """Every key of ``names`` present in ``raw``, and nothing else."""
     unknown = sorted(set(raw) - set(names))
     if unknown:
         raise ConfigError(f"{section}.{unknown[0]}: unknown key (expected one of {', '.join(names)})")
     missing = [n for n in names if n not in raw]
     if missing:
         raise ConfigError(f"{section}.{missing[0]}: missing key")
+
+
+def _build_section(cls: type, section: str, raw: Any) -> Any:
+    if not isinstance(raw, Mapping):
+        raise ConfigError(f"{section}: expected a mapping of keys, got {raw!r}")
+    hints = get_type_hints(cls)
+    names = [f.name for f in fields(cls)]
+    _check_keys(section, raw, names)
     values = {n: _check_type(f"{section}.{n}", raw[n], hints[n]) for n in names}
     return cls(**values)
 
@@ -421,12 +426,7 @@ def parse_tune(raw: Any, params: Params, overrides: Mapping[str, Any] | None = N
         if name not in TUNE_KEYS or name == "space":
             raise ConfigError(f"{key}: unknown parameter (expected one of tune.{', tune.'.join(TUNE_KEYS[:-1])})")
         raw[name] = parse_value(value)
-    unknown = sorted(set(raw) - set(TUNE_KEYS))
-    if unknown:
-        raise ConfigError(f"tune.{unknown[0]}: unknown key (expected one of {', '.join(TUNE_KEYS)})")
-    missing = [n for n in TUNE_KEYS if n not in raw]
-    if missing:
-        raise ConfigError(f"tune.{missing[0]}: missing key")
+    _check_keys("tune", raw, TUNE_KEYS)
     space = raw["space"]
     if not isinstance(space, Mapping):
         raise ConfigError(f"tune.space = {space!r}: expected a mapping of params.yaml keys to ranges")
