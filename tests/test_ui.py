@@ -32,8 +32,10 @@ def png_width(data: bytes) -> int:
 
 
 @pytest.fixture
-def served_run(project, tmp_path):
+def served_run(project, tmp_path, monkeypatch):
     """A finished, evaluated and registered run (champion) and a server on its store; (url, run)."""
+    # A tiny training lasts a few seconds: sample system metrics often enough to record some.
+    monkeypatch.setenv("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", "0.2")
     params = load_params(project.params_file, {"lr": "0.2"})
     run_id, _ = pipeline.run_train(params, project, show_progress=False)
     pipeline.run_evaluate(params, project)
