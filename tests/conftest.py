@@ -44,6 +44,9 @@ def tiny_mirror(tmp_path_factory) -> Path:
 def isolated_env(tmp_path, monkeypatch, tiny_mirror):
     """Each test: its own MLflow store, the tiny data's checksums, no mirror or run inherited from outside."""
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    # mlflow.set_registry_uri (tracking.configure) exports MLFLOW_REGISTRY_URI: never let one test's leak
+    # into the next one's subprocesses.
+    monkeypatch.setenv("MLFLOW_REGISTRY_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
     monkeypatch.setenv("MNIST_MD5S", str(tiny_mirror.parent / "md5s.json"))
     monkeypatch.delenv("MNIST_MIRROR", raising=False)
     monkeypatch.delenv("MLFLOW_RUN_ID", raising=False)
@@ -182,6 +185,7 @@ def champion_store(tmp_path_factory, tiny_mirror):
     shutil.copytree(tiny_mirror, project / "data" / "raw")
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("MLFLOW_TRACKING_URI", uri)
+        mp.setenv("MLFLOW_REGISTRY_URI", uri)
         mp.setenv("MNIST_MD5S", str(tiny_mirror.parent / "md5s.json"))
         params = parse_params(repo_params_raw(), TINY_OVERRIDES)
         paths = Paths(root=project, params_file=params_file)

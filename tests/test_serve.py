@@ -44,7 +44,9 @@ def champion(champion_store):
 @pytest.fixture(scope="module")
 def server(champion, tmp_path_factory):
     log = tmp_path_factory.mktemp("serve-log") / "scoring-server.log"
-    with scoring_server(CHAMPION, env={**os.environ, "MLFLOW_TRACKING_URI": champion.uri}, log=log) as url:
+    with scoring_server(
+        CHAMPION, env={**os.environ, "MLFLOW_TRACKING_URI": champion.uri, "MLFLOW_REGISTRY_URI": champion.uri}, log=log
+    ) as url:
         yield url
     port = url.rsplit(":", 1)[1]
     left = [p.info for p in psutil.process_iter(["pid", "cmdline"]) if port in " ".join(p.info["cmdline"] or [])]

@@ -324,15 +324,26 @@ def _sigterm_interrupts() -> Iterator[None]:
         signal.signal(signal.SIGTERM, previous)
 
 
+_STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
 @contextlib.contextmanager
 def _signals_deferred() -> Iterator[None]:
-    """Hold SIGINT and SIGTERM until the block is done: a second Ctrl-C must not break off ending a run."""
-    deferred = {signal.SIGINT, signal.SIGTERM}
-    signal.pthread_sigmask(signal.SIG_BLOCK, deferred)
+    """Hold SIGINT and SIGTERM until the block is done: a second Ctrl-C must not break off ending a run.
+
+    Held by a handler that notes them, not by blocking them (``pthread_sigmask``): a main thread that
+    blocks them makes the kernel hand them to MLflow's logging threads instead, and ending the run then
+    hung at times joining its async-logging thread. The first one held is raised again on leaving.
+    """
+    held: list[int] = []
+    previous = {sig: signal.signal(sig, lambda signum, frame: held.append(signum)) for sig in _STOP_SIGNALS}
     try:
         yield
     finally:
-        signal.pthread_sigmask(signal.SIG_UNBLOCK, deferred)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        if held:
+            signal.raise_signal(held[0])
 
 
 def _end(status: str) -> None:
@@ -393,9 +404,9 @@ def run(
         kwargs = {"experiment_id": exp_id, "run_name": name, "tags": tags, "parent_run_id": parent_run_id}
     with _sigterm_interrupts():
         # None, not False, without system_metrics: MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING still applies.
-        # Started with SIGINT/SIGTERM held: the system-metrics thread inherits that mask, so signals go
-        # to the main thread, and `_signals_deferred` while the run ends is not bypassed through it.
-        # An interrupt held meanwhile is raised on leaving that block: inside the try, so the run ends KILLED.
+        # Started with SIGINT/SIGTERM held, so that a run is never left half-started (its system-metrics
+        # thread running): an interrupt held meanwhile is raised on leaving that block, inside the try,
+        # so the run ends KILLED.
         status = "FAILED"
         try:
             with _signals_deferred():
