@@ -16,12 +16,10 @@ import time
 import torch
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
-from common import benchmark_parser
+from common import benchmark_parser, trainer_bench
 from mnist_cnn.augment import AffineRanges
 from mnist_cnn.config import load_params
-from mnist_cnn.model import Net
-from mnist_cnn.runtime import select_device, select_precision
-from mnist_cnn.train import Augmentation, Tensors, load_train_val, make_optimizer, prepare_model, train_epoch
+from mnist_cnn.train import Augmentation, train_epoch
 
 # The augmented preset's settings (README: Accuracy presets).
 PRESET = {"shift": 2.0, "rotate": 10.0, "scale": 0.1, "ema_decay": 0.999}
@@ -35,14 +33,9 @@ def main() -> None:
     params = load_params(args.params, {"train.device": args.device, "train.precision": args.precision})
     params = dataclasses.replace(params, model=dataclasses.replace(params.model, batchnorm=True))
     cfg = params.train
-    device = select_device(cfg.device)
-    precision = select_precision(cfg.precision, device)
-    train_data, _ = load_train_val(args.data_dir, params.data.dataset, cfg.val_split, cfg.seed, device)
-    n = args.batches * cfg.batch_size
-    chunk = Tensors(train_data.x[:n], train_data.y[:n])
-    net = prepare_model(Net(params.model), device)
-    optimizer, _ = make_optimizer(net, cfg, args.batches)
-    generator = torch.Generator().manual_seed(0)
+    bench = trainer_bench(params, args.data_dir, args.batches)
+    device, precision, chunk, net = bench.device, bench.precision, bench.chunk, bench.net
+    n = len(chunk.y)
     ranges = AffineRanges(PRESET["shift"], PRESET["rotate"], PRESET["scale"])
     augmentation = Augmentation(ranges, torch.Generator(device=device).manual_seed(0), chunk.x.amin().item())
     ema = AveragedModel(net, multi_avg_fn=get_ema_multi_avg_fn(PRESET["ema_decay"]), use_buffers=True)
@@ -54,7 +47,7 @@ def main() -> None:
 
     def samples_per_second(extra: dict) -> float:
         start = time.perf_counter()
-        train_epoch(net, optimizer, chunk, cfg, precision, generator, **extra)
+        train_epoch(net, bench.optimizer, chunk, cfg, precision, bench.generator, **extra)
         return n / (time.perf_counter() - start)
 
     threads = torch.get_num_threads()
@@ -67,7 +60,7 @@ def main() -> None:
             rates[name].append(samples_per_second(extra))
         print(f"round {i + 1}: " + " | ".join(f"{name} {r[-1]:,.0f}" for name, r in rates.items()), flush=True)
     plain = statistics.median(rates["plain"])
-    epoch = len(train_data.y)
+    epoch = bench.epoch_samples
     print("\n| trainer | samples/s (median) | s per 48k epoch | time vs plain |")
     print("|---|---:|---:|---:|")
     for name, values in rates.items():

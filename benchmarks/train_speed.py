@@ -25,13 +25,11 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms
 from tqdm import tqdm
 
-from common import benchmark_parser
+from common import benchmark_parser, trainer_bench
 from mnist_cnn import tracking
 from mnist_cnn.config import load_params
 from mnist_cnn.data import NORMALISATION, load_split
-from mnist_cnn.model import Net
-from mnist_cnn.runtime import select_device, select_precision
-from mnist_cnn.train import EpochStats, Tensors, load_train_val, make_optimizer, prepare_model, train_epoch
+from mnist_cnn.train import EpochStats, Tensors, train_epoch
 
 
 class ReferenceNet(nn.Module):
@@ -114,8 +112,8 @@ def main() -> None:
         overrides["train.batch_size"] = args.batch_size
     params = load_params(args.params, overrides)
     cfg = params.train
-    device = select_device(cfg.device)
-    precision = select_precision(cfg.precision, device)
+    bench = trainer_bench(params, args.data_dir, args.batches)
+    device, precision, chunk, model, optimizer = bench.device, bench.precision, bench.chunk, bench.net, bench.optimizer
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
     cpu = platform.processor() or platform.machine()
@@ -138,13 +136,6 @@ def main() -> None:
     )
     ref_iter = infinite(loader)
 
-    train_data, _ = load_train_val(args.data_dir, params.data.dataset, cfg.val_split, cfg.seed, device)
-    n = args.batches * cfg.batch_size
-    chunk = Tensors(train_data.x[:n], train_data.y[:n])
-    model = prepare_model(Net(params.model), device)
-    optimizer, _ = make_optimizer(model, cfg, args.batches)
-    generator = torch.Generator().manual_seed(0)
-
     reference_round(ref_model, ref_opt, ref_iter, device, 10)  # warm-up: allocator, kernels, workers
     trainer_round(
         model,
@@ -152,15 +143,15 @@ def main() -> None:
         Tensors(chunk.x[: 10 * cfg.batch_size], chunk.y[: 10 * cfg.batch_size]),
         cfg,
         precision,
-        generator,
+        bench.generator,
     )
     ref_rates, trainer_rates = [], []
     for i in range(args.rounds):
         ref_rates.append(reference_round(ref_model, ref_opt, ref_iter, device, args.batches))
-        trainer_rates.append(trainer_round(model, optimizer, chunk, cfg, precision, generator))
+        trainer_rates.append(trainer_round(model, optimizer, chunk, cfg, precision, bench.generator))
         print(f"round {i + 1}: reference {ref_rates[-1]:8.0f} samples/s | trainer {trainer_rates[-1]:8.0f} samples/s")
     ref, ours = statistics.median(ref_rates), statistics.median(trainer_rates)
-    epoch = len(train_data.y)
+    epoch = bench.epoch_samples
     print("\n| loop | samples/s (median) | s per 48k epoch | ratio |")
     print("|---|---:|---:|---:|")
     print(f"| pytorch/examples-style (DataLoader, fp32, NCHW) | {ref:,.0f} | {epoch / ref:.1f} | 1.00x |")

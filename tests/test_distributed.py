@@ -32,6 +32,8 @@ def test_shards_are_disjoint_equal_and_cover_the_permutation():
     order = torch.randperm(101, generator=torch.Generator().manual_seed(0))
     shards = [distributed.shard(order, distributed.World(rank, 2)) for rank in range(2)]
     assert len(shards[0]) == len(shards[1]) == 50  # equal steps on every rank; one sample left for the next epoch
+    assert distributed.shard_size(101, distributed.World(1, 2)) == 50  # what fit counts its steps by
+    assert distributed.shard_size(101, distributed.SINGLE) == 101
     assert not set(shards[0].tolist()) & set(shards[1].tolist())
     assert torch.equal(distributed.shard(order, distributed.SINGLE), order)
 

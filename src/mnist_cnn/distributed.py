@@ -76,13 +76,17 @@ def all_sum(values: torch.Tensor, world: World) -> torch.Tensor:
     return values
 
 
+def shard_size(n: int, world: World) -> int:
+    """How many of ``n`` samples each rank takes: the same number on every rank (DDP hangs otherwise)."""
+    return n // world.size
+
+
 def shard(order: torch.Tensor, world: World) -> torch.Tensor:
-    """This rank's share of an epoch's permutation: every ``size``-th index from ``rank``, cut to equal
-    lengths so that all ranks take the same number of steps (DDP hangs otherwise)."""
+    """This rank's share of an epoch's permutation: every ``size``-th index from ``rank``, cut to
+    ``shard_size`` so that all ranks take the same number of steps."""
     if not world.distributed:
         return order
-    per_rank = len(order) // world.size
-    return order[world.rank : per_rank * world.size : world.size]
+    return order[world.rank : shard_size(len(order), world) * world.size : world.size]
 
 
 class WorkerStopped(RuntimeError):

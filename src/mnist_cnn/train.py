@@ -27,7 +27,7 @@ from . import layout
 from .augment import AffineRanges, random_affine
 from .config import Params, TrainConfig, flatten
 from .data import load_split, normalise, split_indices, verified_md5s
-from .distributed import SINGLE, World, all_sum, device_for, process_group, shard
+from .distributed import SINGLE, World, all_sum, device_for, process_group, shard, shard_size
 from .model import Net
 from .runtime import autocast, memory_format, seed_everything, select_device, select_precision
 
@@ -382,7 +382,7 @@ def fit(
     else:
         trained = net
     model = trained if cfg.compile == "none" else torch.compile(trained, mode=cfg.compile)
-    steps = -(-len(shard(torch.arange(len(train_data.y)), world)) // batch_per_process(cfg.batch_size, world))
+    steps = -(-shard_size(len(train_data.y), world) // batch_per_process(cfg.batch_size, world))
     optimizer, scheduler = make_optimizer(net, cfg, steps)
     per_batch = scheduler if cfg.scheduler == "onecycle" else None
     scaler = torch.amp.GradScaler(device.type) if precision == "fp16" else None
