@@ -17,7 +17,7 @@ import torch
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from common import benchmark_parser, trainer_bench
-from mnist_cnn.augment import AffineRanges
+from mnist_cnn.augment import Distortions
 from mnist_cnn.config import load_params
 from mnist_cnn.train import Augmentation, train_epoch
 
@@ -36,7 +36,7 @@ def main() -> None:
     bench = trainer_bench(params, args.data_dir, args.batches)
     device, precision, chunk, net = bench.device, bench.precision, bench.chunk, bench.net
     n = len(chunk.y)
-    ranges = AffineRanges(PRESET["shift"], PRESET["rotate"], PRESET["scale"])
+    ranges = Distortions(PRESET["shift"], PRESET["rotate"], PRESET["scale"])
     augmentation = Augmentation(ranges, torch.Generator(device=device).manual_seed(0), chunk.x.amin().item())
     ema = AveragedModel(net, multi_avg_fn=get_ema_multi_avg_fn(PRESET["ema_decay"]), use_buffers=True)
     variants = {

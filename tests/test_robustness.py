@@ -138,6 +138,7 @@ def test_sigkill_after_epoch_2_of_4_resumes_in_the_same_run_to_identical_weights
         "train.batch_size": 16,
         "train.augment_shift": 2,
         "train.augment_rotate": 10,
+        "train.augment_elastic": 34,
         "train.ema_decay": 0.9,
         "model.batchnorm": True,
     }

@@ -7,7 +7,7 @@ import torch
 
 from conftest import TINY_OVERRIDES, repo_params_raw
 from mnist_cnn import layout
-from mnist_cnn.augment import AffineRanges, random_affine, shift
+from mnist_cnn.augment import Distortions, _elastic_field, random_distort, shift
 from mnist_cnn.config import ConfigError, parse_params
 from mnist_cnn.data import DataError
 from mnist_cnn.evaluate import evaluate
@@ -173,28 +173,53 @@ def test_diverging_training_is_a_clear_error_and_writes_nothing(project, tiny_pa
 
 def test_defaults_keep_the_seed_pipeline_unaugmented(tiny_params):
     cfg = tiny_params.train
-    assert (cfg.augment_shift, cfg.augment_rotate, cfg.augment_scale, cfg.ema_decay, cfg.processes) == (0, 0, 0, 0, 1)
+    assert (cfg.augment_shift, cfg.augment_rotate, cfg.augment_scale, cfg.augment_elastic) == (0, 0, 0, 0)
+    assert (cfg.ema_decay, cfg.processes) == (0, 1)
     net = Net(tiny_params.model)
     assert isinstance(net.bn1, torch.nn.Identity) and isinstance(net.bn2, torch.nn.Identity)
 
 
-def test_random_affine_is_seeded_moves_the_ink_and_keeps_the_background(project):
+def test_random_distort_is_seeded_moves_the_ink_and_keeps_the_background(project):
     train_data, _ = load_train_val(project.data, "mnist", 0.2, 1, torch.device("cpu"))
     x = train_data.x[:32]
     background = x.amin().item()
-    ranges = AffineRanges(shift=3, rotate=15, scale=0.1)
-    moved = random_affine(x, ranges, torch.Generator().manual_seed(7), background)
-    again = random_affine(x, ranges, torch.Generator().manual_seed(7), background)
+    ranges = Distortions(shift=3, rotate=15, scale=0.1)
+    moved = random_distort(x, ranges, torch.Generator().manual_seed(7), background)
+    again = random_distort(x, ranges, torch.Generator().manual_seed(7), background)
     assert torch.equal(moved, again)
-    assert not torch.equal(moved, random_affine(x, ranges, torch.Generator().manual_seed(8), background))
+    assert not torch.equal(moved, random_distort(x, ranges, torch.Generator().manual_seed(8), background))
     per_image_change = (moved - x).abs().flatten(1).amax(dim=1)
     assert (per_image_change > 0.5).all()  # every image moved
     corners = moved[:, :, :2, :2]  # the digits are centred: corners stay blank, not zero-padded ink
     assert torch.allclose(corners, torch.full_like(corners, background), atol=1e-5)
     assert moved.shape == x.shape and moved.dtype == x.dtype
     # Nothing asked for, nothing moved: identity map.
-    still = random_affine(x, AffineRanges(), torch.Generator().manual_seed(7), background)
+    still = random_distort(x, Distortions(), torch.Generator().manual_seed(7), background)
     assert torch.allclose(still, x, atol=1e-5)
+
+
+def test_elastic_field_is_smooth_and_as_strong_as_alpha_says():
+    d = Distortions(elastic_alpha=34, elastic_sigma=4)
+    field = _elastic_field(256, 28, 28, d, torch.Generator().manual_seed(0), torch.device("cpu"))
+    pixels = field * 14  # grid units -> pixels (28 pixels span 2 units)
+    assert field.shape == (256, 28, 28, 2)
+    # Uniform noise smoothed by a unit-sum Gaussian of sigma 4: std about alpha * 0.577 / (2 sqrt(pi) 4) = 1.4 px.
+    assert 0.9 < pixels.std().item() < 2.2
+    neighbour_step = (pixels[:, 1:] - pixels[:, :-1]).abs().mean()
+    assert neighbour_step < 0.25 * pixels.abs().mean()  # smooth: neighbours move together, not pixel noise
+    weaker = _elastic_field(256, 28, 28, Distortions(elastic_alpha=17), torch.Generator().manual_seed(0), "cpu")
+    assert torch.allclose(weaker * 2, field, atol=1e-6)  # alpha scales the same field
+
+
+def test_elastic_warp_is_seeded_and_bends_every_digit(project):
+    train_data, _ = load_train_val(project.data, "mnist", 0.2, 1, torch.device("cpu"))
+    x = train_data.x[:32]
+    background = x.amin().item()
+    d = Distortions(elastic_alpha=34, elastic_sigma=4)
+    warped = random_distort(x, d, torch.Generator().manual_seed(3), background)
+    assert torch.equal(warped, random_distort(x, d, torch.Generator().manual_seed(3), background))
+    assert ((warped - x).abs().flatten(1).amax(dim=1) > 0.5).all()
+    assert Distortions(elastic_alpha=1).active and not Distortions(elastic_sigma=2).active
 
 
 def test_augmented_ema_batchnorm_training_repeats_and_saves_the_validated_average(project, tiny_params, tmp_path):
@@ -202,7 +227,13 @@ def test_augmented_ema_batchnorm_training_repeats_and_saves_the_validated_averag
         tiny_params,
         model=dataclasses.replace(tiny_params.model, batchnorm=True),
         train=dataclasses.replace(
-            tiny_params.train, augment_shift=2, augment_rotate=10, augment_scale=0.1, ema_decay=0.9, epochs=2
+            tiny_params.train,
+            augment_shift=2,
+            augment_rotate=10,
+            augment_scale=0.1,
+            augment_elastic=34,
+            ema_decay=0.9,
+            epochs=2,
         ),
     )
     result = train(preset, project.data, project.models, project.reports, show_progress=False)
@@ -222,6 +253,8 @@ def test_augmented_ema_batchnorm_training_repeats_and_saves_the_validated_averag
     [
         ("train.augment_shift", -1.0, "pixels in [0, 14]"),
         ("train.augment_scale", 1.5, "a number in [0, 1)"),
+        ("train.augment_elastic", -3.0, "pixels in [0, 100]"),
+        ("train.augment_elastic_sigma", 0.0, "pixels in (0, 14]"),
         ("train.ema_decay", 1.0, "a number in [0, 1) (0: off)"),
         ("train.processes", 0, "an integer >= 1"),
         ("model.batchnorm", "maybe", "true or false"),

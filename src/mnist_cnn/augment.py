@@ -1,7 +1,8 @@
-"""Random affine augmentation of a whole batch on its own device: shift, rotation and scale.
+"""Random distortion of a whole batch on its own device: shift, rotation, scale and elastic warp.
 
-One ``affine_grid``/``grid_sample`` call per batch, so it runs where training runs (GPU or CPU) and
-costs a small fraction of a step; per-sample PIL transforms would starve a GPU.
+One ``affine_grid``/``grid_sample`` call per batch (the elastic field is added to the affine grid), so
+it runs where training runs (GPU or CPU) and costs a small fraction of a step;
+per-sample PIL transforms would starve a GPU.
 """
 
 from __future__ import annotations
@@ -14,35 +15,64 @@ import torch.nn.functional as F
 
 
 @dataclass(frozen=True)
-class AffineRanges:
-    """Uniform ranges: shifts up to ``shift`` pixels, rotations up to ``rotate`` degrees, scale 1 ± ``scale``."""
+class Distortions:
+    """Uniform ranges: shifts up to ``shift`` pixels, rotations up to ``rotate`` degrees, scale 1 ± ``scale``;
+    and an elastic warp (Simard et al., 2003): a uniform [-1, 1] displacement field per image, smoothed by a
+    Gaussian of ``elastic_sigma`` pixels and multiplied by ``elastic_alpha`` pixels (0: off)."""
 
     shift: float = 0.0
     rotate: float = 0.0
     scale: float = 0.0
+    elastic_alpha: float = 0.0
+    elastic_sigma: float = 4.0
 
     @property
     def active(self) -> bool:
-        return self.shift > 0 or self.rotate > 0 or self.scale > 0
+        return self.shift > 0 or self.rotate > 0 or self.scale > 0 or self.elastic_alpha > 0
 
 
 def _uniform(n: int, half_width: float, generator: torch.Generator, device: torch.device) -> torch.Tensor:
     return (torch.rand(n, generator=generator, device=device) * 2 - 1) * half_width
 
 
-def random_affine(x: torch.Tensor, ranges: AffineRanges, generator: torch.Generator, background: float) -> torch.Tensor:
-    """``x`` (N, C, H, W) moved by one random affine map per image; uncovered pixels take ``background``
-    (the normalised value of a blank pixel, not 0, which normalised data would read as ink)."""
+def _smooth(field: torch.Tensor, sigma: float) -> torch.Tensor:
+    """Gaussian blur of (N, C, H, W), as two 1-D passes: a 25×25 kernel in one 2-D pass (torchvision's
+    ``gaussian_blur``) took 3.8 ms per batch of 64 on a CPU, these two take 0.8 ms (a step is about 17 ms)."""
+    n, c, height, width = field.shape
+    # Three sigmas each side, but reflect padding must stay inside the image.
+    radius = min(math.ceil(3 * sigma), min(height, width) - 1)
+    offsets = torch.arange(-radius, radius + 1, device=field.device, dtype=field.dtype)
+    kernel = torch.exp(-(offsets**2) / (2 * sigma**2))
+    kernel = kernel / kernel.sum()
+    flat = field.reshape(n * c, 1, height, width)
+    flat = F.conv2d(F.pad(flat, (radius, radius, 0, 0), mode="reflect"), kernel.view(1, 1, 1, -1))
+    flat = F.conv2d(F.pad(flat, (0, 0, radius, radius), mode="reflect"), kernel.view(1, 1, -1, 1))
+    return flat.view(n, c, height, width)
+
+
+def _elastic_field(n: int, height: int, width: int, d: Distortions, generator: torch.Generator, device) -> torch.Tensor:
+    """(N, H, W, 2) displacements in ``affine_grid``'s [-1, 1] units, smooth over ``elastic_sigma`` pixels."""
+    noise = torch.rand(n, 2, height, width, generator=generator, device=device) * 2 - 1
+    field = _smooth(noise, d.elastic_sigma) * d.elastic_alpha
+    field = field * torch.tensor([2 / width, 2 / height], device=device).view(1, 2, 1, 1)  # pixels -> grid units
+    return field.permute(0, 2, 3, 1)
+
+
+def random_distort(x: torch.Tensor, d: Distortions, generator: torch.Generator, background: float) -> torch.Tensor:
+    """``x`` (N, C, H, W) moved by one random affine map (and elastic warp) per image; uncovered pixels take
+    ``background`` (the normalised value of a blank pixel, not 0, which normalised data would read as ink)."""
     n, _, height, width = x.shape
     device = x.device
-    angle = _uniform(n, math.radians(ranges.rotate), generator, device)
-    scale = 1 + _uniform(n, ranges.scale, generator, device)
+    angle = _uniform(n, math.radians(d.rotate), generator, device)
+    scale = 1 + _uniform(n, d.scale, generator, device)
     # affine_grid maps output to input coordinates in [-1, 1]: one pixel is 2 / size.
-    shift_x = _uniform(n, ranges.shift * 2 / width, generator, device)
-    shift_y = _uniform(n, ranges.shift * 2 / height, generator, device)
+    shift_x = _uniform(n, d.shift * 2 / width, generator, device)
+    shift_y = _uniform(n, d.shift * 2 / height, generator, device)
     cos, sin = torch.cos(angle) / scale, torch.sin(angle) / scale
     theta = torch.stack([torch.stack([cos, -sin, shift_x], 1), torch.stack([sin, cos, shift_y], 1)], 1)
     grid = F.affine_grid(theta.to(x.dtype), list(x.shape), align_corners=False)
+    if d.elastic_alpha > 0:
+        grid = grid + _elastic_field(n, height, width, d, generator, device).to(x.dtype)
     moved = F.grid_sample(x - background, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
     return moved + background
 

@@ -124,6 +124,8 @@ class TrainConfig:
     augment_shift: float
     augment_rotate: float
     augment_scale: float
+    augment_elastic: float
+    augment_elastic_sigma: float
     ema_decay: float
     processes: int
 
@@ -146,6 +148,13 @@ class TrainConfig:
         _require(0 <= self.augment_shift <= 14, "train.augment_shift", self.augment_shift, "pixels in [0, 14]")
         _require(0 <= self.augment_rotate <= 180, "train.augment_rotate", self.augment_rotate, "degrees in [0, 180]")
         _require(0 <= self.augment_scale < 1, "train.augment_scale", self.augment_scale, "a number in [0, 1)")
+        _require(0 <= self.augment_elastic <= 100, "train.augment_elastic", self.augment_elastic, "pixels in [0, 100]")
+        _require(
+            0 < self.augment_elastic_sigma <= 14,
+            "train.augment_elastic_sigma",
+            self.augment_elastic_sigma,
+            "pixels in (0, 14]",
+        )
         _require(0 <= self.ema_decay < 1, "train.ema_decay", self.ema_decay, "a number in [0, 1) (0: off)")
         _require(self.processes >= 1, "train.processes", self.processes, "an integer >= 1")
 

@@ -24,7 +24,7 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from tqdm import tqdm
 
 from . import layout
-from .augment import AffineRanges, random_affine
+from .augment import Distortions, random_distort
 from .config import Params, TrainConfig, flatten
 from .data import load_split, normalise, split_indices, verified_md5s
 from .distributed import SINGLE, World, all_sum, device_for, process_group, shard, shard_size
@@ -200,14 +200,14 @@ def make_optimizer(
 
 @dataclass
 class Augmentation:
-    """Random affine moves of each training batch, drawn from their own seeded generator."""
+    """Random distortions of each training batch, drawn from their own seeded generator."""
 
-    ranges: AffineRanges
+    ranges: Distortions
     generator: torch.Generator
     background: float  # the normalised value of a blank pixel
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        return random_affine(x, self.ranges, self.generator, self.background)
+        return random_distort(x, self.ranges, self.generator, self.background)
 
 
 def batch_per_process(batch_size: int, world: World) -> int:
@@ -387,7 +387,9 @@ def fit(
     per_batch = scheduler if cfg.scheduler == "onecycle" else None
     scaler = torch.amp.GradScaler(device.type) if precision == "fp16" else None
     generator = torch.Generator().manual_seed(cfg.seed)
-    ranges = AffineRanges(cfg.augment_shift, cfg.augment_rotate, cfg.augment_scale)
+    ranges = Distortions(
+        cfg.augment_shift, cfg.augment_rotate, cfg.augment_scale, cfg.augment_elastic, cfg.augment_elastic_sigma
+    )
     augmentation = None
     if ranges.active:
         augment_rng = torch.Generator(device=device).manual_seed(cfg.seed + 1_000_003 * world.rank)
