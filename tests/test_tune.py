@@ -190,6 +190,22 @@ def test_two_workers_share_one_study_and_one_parent_run(project):
             "tune.space.model.dropout2.high: model.dropout2 = 1.5: expected a number in [0, 1)",
         ),
         ({"space": {"train.batch_size": {"choices": []}}}, "tune.space.train.batch_size.choices = []: expected"),
+        # Keys a trial does not take from its sampled values (or whose search is a mistake): never searched
+        (
+            {"space": {"train.device": {"choices": ["cpu", "cuda"]}}},
+            "tune.space.train.device: not searchable (every trial trains on the worker's device; set it with"
+            " --train.device)",
+        ),
+        ({"space": {"train.precision": {"choices": ["fp32", "bf16"]}}}, "tune.space.train.precision: not searchable"),
+        ({"space": {"train.processes": {"low": 1, "high": 4}}}, "tune.space.train.processes: not searchable"),
+        ({"space": {"train.compile": {"choices": ["none", "default"]}}}, "tune.space.train.compile: not searchable"),
+        ({"space": {"train.resume": {"choices": ["auto", "never"]}}}, "tune.space.train.resume: not searchable"),
+        ({"space": {"train.val_split": {"low": 0.1, "high": 0.2}}}, "tune.space.train.val_split: not searchable"),
+        (
+            {"space": {"seed": {"low": 0, "high": 100}}},
+            "tune.space.seed: not searchable (a seed that happens to score well is luck, not a better configuration)",
+        ),
+        ({"space": {"train.epochs": {"low": 1, "high": 9}}}, "tune.space.train.epochs: not searchable (trial epochs"),
     ],
 )
 def test_bad_tune_section_is_one_line_and_exit_2_before_any_trial(project, capsys, tune, message):
@@ -207,6 +223,18 @@ def test_n_trials_from_the_command_line_is_checked_too(project, capsys):
     assert code == 2
     expected = f"error: {project.params_file}: tune.n_trials = 0: expected an integer >= 1"
     assert capsys.readouterr().err.strip() == expected
+
+
+def test_train_processes_above_1_is_refused_for_tune(project, capsys):
+    """Trials train in this process, one after another: torchrun is never started for them."""
+    write_tune_params(project.params_file)
+    code = main(["tune", "--params", str(project.params_file), "--root", str(project.root), "--train.processes", "2"])
+    assert code == 2
+    assert capsys.readouterr().err.strip() == (
+        f"error: {project.params_file}: train.processes = 2: expected 1 for tune (each trial trains in one"
+        " process; start several tune workers to use more)"
+    )
+    assert not (project.root / "tune").exists()
 
 
 def test_unreachable_study_database_is_one_line_before_any_trial(project, capsys):

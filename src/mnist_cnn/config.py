@@ -342,6 +342,20 @@ TUNE_KEYS = (
 )
 
 
+# Keys a trial takes from the worker, not from its sampled values, or whose search is a mistake: searched,
+# they would be logged and recommended while every trial trained the same way.
+NOT_SEARCHABLE = {
+    "train.epochs": "trial epochs are tune.epochs",
+    "train.device": "every trial trains on the worker's device; set it with --train.device",
+    "train.precision": "every trial trains in the worker's precision; set it with --train.precision",
+    "train.processes": "each trial trains in one process; start several tune workers instead",
+    "train.compile": "it changes the speed, not the validation loss",
+    "train.resume": "trials never resume from a checkpoint",
+    "train.val_split": "every trial is scored on the same validation split, made once per worker",
+    "train.seed": "a seed that happens to score well is luck, not a better configuration",
+}
+
+
 @dataclass(frozen=True)
 class SearchParam:
     """One searched key: a range (``low``..``high``, ``log`` scale or not) or a list of ``choices``."""
@@ -388,10 +402,11 @@ def _search_param(key: str, raw: Any, params: Params) -> SearchParam:
         dotted = key
     section, _, name = dotted.partition(".")
     tunable = [f"{s}.{f.name}" for s in TUNABLE_SECTIONS for f in fields(getattr(params, s))]
-    if dotted not in tunable or dotted == "train.epochs":
+    if dotted in NOT_SEARCHABLE:
+        raise ConfigError(f"{where}: not searchable ({NOT_SEARCHABLE[dotted]})")
+    if dotted not in tunable:
         raise ConfigError(
-            f"{where}: unknown parameter (expected a model.* or train.* key of params.yaml, e.g. train.lr;"
-            " trial epochs are tune.epochs)"
+            f"{where}: unknown parameter (expected a model.* or train.* key of params.yaml, e.g. train.lr)"
         )
     kind = get_type_hints(type(getattr(params, section)))[name]
     if not isinstance(raw, Mapping):
@@ -436,6 +451,14 @@ def parse_tune(raw: Any, params: Params, overrides: Mapping[str, Any] | None = N
             raise ConfigError(f"{key}: unknown parameter (expected one of tune.{', tune.'.join(TUNE_KEYS[:-1])})")
         raw[name] = parse_value(value)
     _check_keys("tune", raw, TUNE_KEYS)
+    # Trials train one after another in this process: torchrun is never started, so N would be ignored.
+    processes = params.train.processes
+    _require(
+        processes == 1,
+        "train.processes",
+        processes,
+        "1 for tune (each trial trains in one process; start several tune workers to use more)",
+    )
     space = raw["space"]
     if not isinstance(space, Mapping):
         raise ConfigError(f"tune.space = {space!r}: expected a mapping of params.yaml keys to ranges")
