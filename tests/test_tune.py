@@ -329,3 +329,60 @@ def test_database_lock_is_exclusive_across_workers_and_a_stale_one_is_broken(tmp
     with DatabaseLock(storage, "s.workers-lock"):
         assert time.monotonic() - started < 30
     assert optuna.get_all_study_summaries(url) == []
+
+
+def finished_study(project, **tune_values):
+    """A study of one one-epoch trial, ended: its parent run FINISHED."""
+    write_tune_params(project.params_file, **{"n_trials": 1, "epochs": 1, "pruner": "none", **tune_values})
+    params = load_params(project.params_file)
+    tune(params, load_tune(project.params_file, params), project.root, show_progress=False)
+    (parent,), _ = tune_runs(project.root)
+    assert parent.info.status == "FINISHED"
+    return parent
+
+
+def run_tune_cli(project, capsys, *args: str) -> tuple[int, str]:
+    capsys.readouterr()  # not what earlier calls logged
+    code = main(["tune", "--no-progress", "--params", str(project.params_file), "--root", str(project.root), *args])
+    return code, capsys.readouterr().err.strip()
+
+
+def assert_untouched(project, parent, journal_bytes: bytes) -> None:
+    """The study's parent run as it was (not reopened), the journal byte for byte, no trial added."""
+    (now,), children = tune_runs(project.root)
+    assert (now.info.status, now.info.end_time) == (parent.info.status, parent.info.end_time)
+    assert len(children) == 1
+    assert (project.root / "tune" / "study.journal").read_bytes() == journal_bytes
+    assert not (project.root / "tune" / "study.journal.lock").exists()  # Optuna's append lock is released
+
+
+def test_a_damaged_journal_is_one_line_and_exit_1_and_nothing_is_touched(project, capsys):
+    parent = finished_study(project)
+    path = project.root / "tune" / "study.journal"
+    good = path.read_bytes()
+    params_yaml = project.params_file.read_bytes()
+    lines = good.count(b"\n")
+    damaged = {
+        good[:-40]: f"line {lines}: cut off, no end of line",
+        good + b"garbage\n": f"line {lines + 1}: Expecting value at column 1",
+        good.replace(b"\n", b"\n[1, 2]\n", 1): "line 2: JSON, but not an Optuna journal entry",
+        b"\xff\xfe\n" + good: "line 1: not UTF-8 text",
+    }
+    for content, reason in damaged.items():
+        path.write_bytes(content)
+        code, err = run_tune_cli(project, capsys)
+        assert code == 1
+        assert err == f"error: tune.storage = 'tune/study.journal': not a readable Optuna journal ({reason})"
+        assert_untouched(project, parent, content)
+
+    code, err = run_tune_cli(project, capsys, "--tune.storage", "params.yaml")  # a slip of the tongue
+    assert code == 1
+    assert (
+        err
+        == "error: tune.storage = 'params.yaml': not a readable Optuna journal (line 1: Expecting value at column 1)"
+    )
+    assert project.params_file.read_bytes() == params_yaml
+
+    path.write_bytes(good)  # the journal as Optuna wrote it passes: the study is complete, no trial is added
+    code, _ = run_tune_cli(project, capsys)
+    assert code == 0 and len(journal(project.root).get_trials()) == 1

@@ -81,11 +81,18 @@ def open_storage(
         path = Path(storage) if Path(storage).is_absolute() else root / storage
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
-            backend = optuna.storages.journal.JournalFileBackend(str(path))
+            journal_lock = optuna.storages.journal.JournalFileSymlinkLock(str(path))
+            backend = optuna.storages.journal.JournalFileBackend(str(path), lock_obj=journal_lock)
+            _check_journal(path, journal_lock)
             opened = optuna.storages.JournalStorage(backend)
         except OSError as exc:
             reason = exc.strerror or exc
             raise TuneError(f"tune.storage = {storage!r}: cannot open the journal file ({reason})") from None
+        except JournalError as exc:
+            raise TuneError(f"tune.storage = {storage!r}: not a readable Optuna journal ({exc})") from None
+        except Exception as exc:  # well-formed entries Optuna cannot replay
+            reason = str(exc).splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise TuneError(f"tune.storage = {storage!r}: not a readable Optuna journal ({reason})") from None
         return opened, FileLock(str(path) + ".workers.lock", timeout=LOCK_WAIT_S)
     engine_kwargs = {"connect_args": {"connect_timeout": 5}} if storage.startswith("postgresql") else {}
     try:
@@ -95,6 +102,32 @@ def open_storage(
         reason = re.sub(r"^\([\w.]+\) ", "", reason)  # SQLAlchemy's "(psycopg.OperationalError) " prefix
         raise TuneError(f"tune.storage = {masked(storage)!r}: cannot be reached ({reason})") from None
     return opened, DatabaseLock(opened, f"{study_name}.workers-lock")
+
+
+class JournalError(ValueError):
+    """A line of the journal file that is not an Optuna journal entry."""
+
+
+def _check_journal(path: Path, journal_lock: optuna.storages.journal.BaseJournalFileLock) -> None:
+    """Every line of the journal a JSON entry ending with a newline, or ``JournalError`` naming the first
+    that is not. Optuna skips a cut-off last line when reading (a writer may be at it) and then appends to
+    it, which breaks the journal for good; read under Optuna's own append lock, a cut-off line is damage."""
+    journal_lock.acquire()  # blocks; breaks a lock left for 30 s by a dead worker
+    try:
+        with open(path, "rb") as journal:
+            for number, line in enumerate(journal, start=1):
+                if not line.endswith(b"\n"):
+                    raise JournalError(f"line {number}: cut off, no end of line")
+                try:
+                    entry = json.loads(line)
+                except UnicodeDecodeError:
+                    raise JournalError(f"line {number}: not UTF-8 text") from None
+                except json.JSONDecodeError as exc:
+                    raise JournalError(f"line {number}: {exc.msg} at column {exc.colno}") from None
+                if not isinstance(entry, dict) or not isinstance(entry.get("op_code"), int):
+                    raise JournalError(f"line {number}: JSON, but not an Optuna journal entry")
+    finally:
+        journal_lock.release()
 
 
 class DatabaseLock:
