@@ -386,3 +386,29 @@ def test_a_damaged_journal_is_one_line_and_exit_1_and_nothing_is_touched(project
     path.write_bytes(good)  # the journal as Optuna wrote it passes: the study is complete, no trial is added
     code, _ = run_tune_cli(project, capsys)
     assert code == 0 and len(journal(project.root).get_trials()) == 1
+
+
+def test_another_search_space_for_an_existing_study_is_one_line_before_any_change(project, capsys):
+    parent = finished_study(project, space=TINY_SPACE)
+    journal_bytes = (project.root / "tune" / "study.journal").read_bytes()
+    hidden_3 = TINY_SPACE["model.hidden_3"]
+    for key, (searched, how) in [
+        ("train.lr", ({"choices": [0.5, 1.0]}, "choices [1.0, 1e-05], now choices [0.5, 1.0]")),
+        ("train.lr", ({"low": 0.1, "high": 1.0}, "choices [1.0, 1e-05], now numbers [0.1, 1.0]")),
+        ("model.hidden_3", ({**hidden_3, "log": False}, "integers [16, 32] log, now integers [16, 32]")),
+    ]:
+        write_tune_params(project.params_file, n_trials=2, epochs=1, pruner="none", space={**TINY_SPACE, key: searched})
+        code, err = run_tune_cli(project, capsys)
+        assert code == 2
+        assert err == (
+            f"error: tune.space.{key}: the study 'mnist-cnn' was made with another search space ({how});"
+            " use a new tune.study_name"
+        )
+        assert_untouched(project, parent, journal_bytes)
+
+    # A moved range is what Optuna allows: the study goes on with it.
+    moved = {**TINY_SPACE, "model.hidden_3": {**hidden_3, "low": 8, "high": 64}}
+    write_tune_params(project.params_file, n_trials=2, epochs=1, pruner="none", space=moved)
+    code, err = run_tune_cli(project, capsys)
+    assert code == 0, err
+    assert [t.state for t in journal(project.root).get_trials()] == [TrialState.COMPLETE] * 2

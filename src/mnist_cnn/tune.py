@@ -32,7 +32,7 @@ from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
 
 from . import figures, layout, tracking
-from .config import TUNABLE_SECTIONS, Params, SearchParam, TuneConfig, flatten, with_values
+from .config import TUNABLE_SECTIONS, ConfigError, Params, SearchParam, TuneConfig, flatten, with_values
 from .data import verified_md5s
 from .runtime import select_device, select_precision
 from .train import EpochStats, Tensors, fit, load_train_val
@@ -182,6 +182,42 @@ def make_pruner(cfg: TuneConfig) -> optuna.pruners.BasePruner:
     return optuna.pruners.NopPruner()
 
 
+def distribution(param: SearchParam) -> optuna.distributions.BaseDistribution:
+    """What ``suggest`` asks Optuna for, as the study records it."""
+    if param.choices:
+        return optuna.distributions.CategoricalDistribution(list(param.choices))
+    if param.kind is int:
+        return optuna.distributions.IntDistribution(int(param.low), int(param.high), log=param.log)
+    return optuna.distributions.FloatDistribution(param.low, param.high, log=param.log)
+
+
+def _described(dist: optuna.distributions.BaseDistribution) -> str:
+    if isinstance(dist, optuna.distributions.CategoricalDistribution):
+        return f"choices {list(dist.choices)}"
+    kind = "integers" if isinstance(dist, optuna.distributions.IntDistribution) else "numbers"
+    return f"{kind} [{dist.low}, {dist.high}]{' log' if dist.log else ''}"
+
+
+def _check_space(study: optuna.Study, cfg: TuneConfig) -> None:
+    """``cfg.space`` against the distributions the study's trials recorded, before anything is touched:
+    Optuna refuses other choices, another kind or scale for a key only when a trial samples it, in the
+    middle of the study. Ranges may move (Optuna allows it)."""
+    recorded: dict[str, optuna.distributions.BaseDistribution] = {}
+    for trial in study.get_trials(deepcopy=False):
+        recorded.update(trial.distributions)
+    for param in cfg.space:
+        old, new = recorded.get(param.key), distribution(param)
+        if old is None:
+            continue
+        try:
+            optuna.distributions.check_distribution_compatibility(old, new)
+        except ValueError:
+            raise ConfigError(
+                f"tune.space.{param.key}: the study {cfg.study_name!r} was made with another search space"
+                f" ({_described(old)}, now {_described(new)}); use a new tune.study_name"
+            ) from None
+
+
 def suggest(trial: optuna.Trial, param: SearchParam) -> Any:
     if param.choices:
         return trial.suggest_categorical(param.key, list(param.choices))
@@ -237,7 +273,13 @@ def _join(
 ) -> tuple[optuna.Study, str]:
     """Create or load the study and its parent run (under the workers' lock: one parent per study).
     ``launcher``: the run ``mlflow run`` made for this worker; the first worker's becomes the parent."""
-    study = optuna.create_study(storage=storage, study_name=cfg.study_name, direction="minimize", load_if_exists=True)
+    try:  # loaded, not create_study(load_if_exists): that appends a create entry to the journal each time
+        study = optuna.load_study(study_name=cfg.study_name, storage=storage)
+    except KeyError:
+        study = optuna.create_study(
+            storage=storage, study_name=cfg.study_name, direction="minimize", load_if_exists=True
+        )
+    _check_space(study, cfg)
     client = MlflowClient()
     parent = study.user_attrs.get(PARENT_ATTR)
     if parent is None or not tracking.run_exists(parent, root):
