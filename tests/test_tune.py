@@ -412,3 +412,36 @@ def test_another_search_space_for_an_existing_study_is_one_line_before_any_chang
     code, err = run_tune_cli(project, capsys)
     assert code == 0, err
     assert [t.state for t in journal(project.root).get_trials()] == [TrialState.COMPLETE] * 2
+
+
+def test_a_second_ctrl_c_while_the_parent_ends_waits_and_the_parent_ends_killed(project, capsys, monkeypatch):
+    import signal
+
+    import mnist_cnn.tune as tune_module
+
+    real_fit, real_plots = tune_module.fit, tune_module._log_plots
+    fits = []
+
+    def fit(*args, **kwargs):
+        fits.append(1)
+        if len(fits) == 2:
+            signal.raise_signal(signal.SIGINT)  # Ctrl-C in the second trial
+        return real_fit(*args, **kwargs)
+
+    def log_plots(*args):
+        signal.raise_signal(signal.SIGINT)  # and again while the parent is being ended
+        real_plots(*args)
+
+    monkeypatch.setattr(tune_module, "fit", fit)
+    monkeypatch.setattr(tune_module, "_log_plots", log_plots)
+    write_tune_params(project.params_file, n_trials=3, epochs=1, pruner="none")
+    code, err = run_tune_cli(project, capsys)
+
+    assert code == 130 and err.splitlines()[-1] == "interrupted"
+    (parent,), children = tune_runs(project.root)
+    assert parent.info.status == "KILLED"
+    assert sorted(c.info.status for c in children) == ["FINISHED", "KILLED"]
+    assert [t.state for t in journal(project.root).get_trials()] == [TrialState.COMPLETE, TrialState.FAIL]
+    artifacts = {a.path for a in MlflowClient().list_artifacts(parent.info.run_id)}
+    assert "optimization_history.png" in artifacts  # the second Ctrl-C waited for the end of the parent
+    assert (project.root / "reports" / "best_params.yaml").is_file()

@@ -328,7 +328,7 @@ _STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
 @contextlib.contextmanager
-def _signals_deferred() -> Iterator[None]:
+def signals_deferred() -> Iterator[None]:
     """Hold SIGINT and SIGTERM until the block is done: a second Ctrl-C must not break off ending a run.
 
     Held by a handler that notes them, not by blocking them (``pthread_sigmask``): a main thread that
@@ -347,7 +347,7 @@ def _signals_deferred() -> Iterator[None]:
 
 
 def _end(status: str) -> None:
-    with _signals_deferred():
+    with signals_deferred():
         try:
             mlflow.flush_async_logging()
         finally:
@@ -409,7 +409,7 @@ def run(
         # so the run ends KILLED.
         status = "FAILED"
         try:
-            with _signals_deferred():
+            with signals_deferred():
                 active = mlflow.start_run(**kwargs, log_system_metrics=True if system_metrics else None)
             if run_id:  # a reopened run changes owner; a new one got its owner at creation
                 mlflow.set_tags(owner_tags())
@@ -460,7 +460,7 @@ def reopen(run_id: str, stage: str, root: Path | None = None, name: str | None =
             error = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
             raise
         finally:
-            with _signals_deferred():
+            with signals_deferred():
                 mlflow.set_tags({f"{stage}.status": outcome, **({f"{stage}.error": error[:5000]} if error else {})})
             _end(final or outcome)
 

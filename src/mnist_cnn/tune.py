@@ -475,13 +475,14 @@ def tune(params: Params, cfg: TuneConfig, root: Path = Path("."), show_progress:
     # Under `mlflow run`, MLflow made a run for this process; trials must not resume it (start_run
     # reads the variable), so it is taken out of the environment and offered as the parent.
     launcher = os.environ.pop("MLFLOW_RUN_ID", None)
-    with lock:
-        study, parent = _join(storage, cfg, exp_id, store_root, launcher)
     client = MlflowClient()
     deadline = None if cfg.timeout is None else time.monotonic() + cfg.timeout
     ran: list[int] = []
-    outcome = "FAILED"
+    outcome, parent = "FAILED", None
     try:
+        # Ctrl-C while the parent is claimed would leave it RUNNING: it waits, then ends the parent KILLED.
+        with lock, tracking.signals_deferred():
+            study, parent = _join(storage, cfg, exp_id, store_root, launcher)
         while deadline is None or time.monotonic() < deadline:
             with lock:  # count and ask together: the study gets exactly n_trials, whatever the workers
                 if len(study.get_trials(deepcopy=False)) >= cfg.n_trials:
@@ -502,7 +503,8 @@ def tune(params: Params, cfg: TuneConfig, root: Path = Path("."), show_progress:
                 study.tell(trial, state=TrialState.FAIL)
                 log.warning("trial %d failed: %s", trial.number, str(exc).splitlines()[0] if str(exc) else exc)
             except BaseException:
-                study.tell(trial, state=TrialState.FAIL)
+                with tracking.signals_deferred():  # a second Ctrl-C must not leave the trial RUNNING
+                    study.tell(trial, state=TrialState.FAIL)
                 raise
             else:
                 study.tell(trial, value)
@@ -512,8 +514,10 @@ def tune(params: Params, cfg: TuneConfig, root: Path = Path("."), show_progress:
         outcome = "KILLED"
         raise
     finally:
-        with lock:
-            written = _leave(study, parent, outcome, root / layout.REPORTS_DIR)
+        if parent is not None:
+            # A second Ctrl-C (or SIGTERM) waits until the parent has ended, then interrupts.
+            with tracking.signals_deferred(), lock:
+                written = _leave(study, parent, outcome, root / layout.REPORTS_DIR)
     try:
         best = study.best_trial
     except ValueError:
