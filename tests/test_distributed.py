@@ -15,6 +15,7 @@ from conftest import stage, the_runs, wait_for_line, write_tiny_params
 from mnist_cnn import distributed, layout
 from mnist_cnn.config import load_params
 from mnist_cnn.model import load_weights
+from mnist_cnn.train import predict_log_probs
 
 pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed is not built in")
 
@@ -77,3 +78,53 @@ def test_a_rank_that_dies_ends_the_others_and_the_run_failed(project):
     assert not (project.models / layout.WEIGHTS.name).exists()
     time.sleep(1)
     assert not processes_in(project.root)
+
+
+def test_sigterm_to_the_launcher_stops_every_worker_and_a_rerun_resumes_to_the_same_bits(project):
+    settings = {"train.processes": 2, "train.epochs": 6, "train.patience": 10, "train.batch_size": 16}
+    write_tiny_params(project.params_file, **settings, **{"train.augment_shift": 2, "model.dropout1": 0.2})
+    straight = stage(project, "train")
+    output, _ = straight.communicate(timeout=300)
+    assert straight.returncode == 0, output
+    expected = torch.load(project.models / layout.WEIGHTS.name, weights_only=True)
+    (project.models / layout.WEIGHTS.name).unlink()
+
+    interrupted = stage(project, "train")
+    wait_for_line(interrupted, "epoch   2/")
+    interrupted.send_signal(signal.SIGTERM)  # the launcher alone, as kill or a scheduler sends it
+    output, _ = interrupted.communicate(timeout=120)
+    assert interrupted.returncode == 130, output
+    assert not processes_in(project.root)  # torchrun and both ranks ended with the stage
+    assert the_runs()[-1].info.status == "KILLED"
+    assert not (project.models / layout.WEIGHTS.name).exists()
+    checkpoint = torch.load(project.models / layout.CHECKPOINT.name, weights_only=True)
+    assert 2 <= checkpoint["epoch"] < 6 and len(checkpoint["random_streams"]) == 2
+
+    resumed = stage(project, "train")
+    output, _ = resumed.communicate(timeout=300)
+    assert resumed.returncode == 0, output
+    assert output.count("resuming after epoch") == 2  # both ranks, from rank 0's copy of the checkpoint
+    weights = torch.load(project.models / layout.WEIGHTS.name, weights_only=True)
+    # Each rank's own dropout and augmentation streams came back: the same bits as never stopped.
+    assert weights.keys() == expected.keys() and all(torch.equal(weights[k], expected[k]) for k in weights)
+
+
+@pytest.mark.parametrize(
+    ("settings", "code", "message"),
+    [
+        ({"train.processes": 1000}, 2, "train.processes = 1000: expected at most "),
+        ({"train.processes": 2, "train.device": "mps"}, 1, "train.device = 'mps': no such device on this machine"),
+    ],
+)
+def test_impossible_process_counts_and_devices_are_refused_before_torchrun_starts(project, settings, code, message):
+    write_tiny_params(project.params_file, **settings)
+    proc = stage(project, "train")
+    output, _ = proc.communicate(timeout=120)
+    assert proc.returncode == code, output
+    assert output.strip().splitlines() == [output.strip().splitlines()[0]] and message in output
+    assert "torch.distributed.run" not in output and not the_runs()
+
+
+def test_an_empty_share_of_the_validation_set_scores_as_nothing():
+    net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(784, 10), torch.nn.LogSoftmax(dim=1))
+    assert predict_log_probs(net, torch.zeros((0, 1, 28, 28)), 100).shape == (0, 10)

@@ -77,7 +77,10 @@ def run_stages(stage: str, args: argparse.Namespace, overrides: dict[str, str]) 
     world = distributed.from_env()
     if world.distributed:
         if stage != "train":
-            raise ConfigError(f"{stage}: under torchrun, run the train stage (python -m mnist_cnn {stage} starts it)")
+            raise ConfigError(
+                f"{stage}: under torchrun only the train stage runs "
+                f"(run `python -m mnist_cnn {stage}` without torchrun)"
+            )
         # Rank 0 alone writes models/: it alone takes the directory's lock.
         with layout.stage_lock(args.root / layout.MODEL_DIR) if world.is_main else contextlib.nullcontext():
             _train_and_evaluate(stage, params, args)
@@ -93,6 +96,7 @@ def _launch_training(stage: str, params: Params, args: argparse.Namespace, overr
     """``train.processes: N``: the train stage runs as N torchrun workers; evaluate follows here."""
     from .download import download
 
+    _check_processes(params.train.processes, params.train.device)
     if stage == "all":
         download(params.data, args.root / layout.DATA_DIR, args.mirror or None)
     argv = ["train", "--params", str(args.params), "--root", str(args.root)]
@@ -103,6 +107,19 @@ def _launch_training(stage: str, params: Params, args: argparse.Namespace, overr
     if stage == "all":
         with layout.stage_lock(args.root / layout.MODEL_DIR):
             _train_and_evaluate("evaluate", params, args)
+
+
+def _check_processes(processes: int, device_name: str) -> None:
+    """Said once, here, before torchrun starts workers that would each fail with a traceback."""
+    from .runtime import select_device
+
+    device = select_device(device_name)
+    limit = distributed.process_limit(device)
+    if processes > limit:
+        raise ConfigError(
+            f"train.processes = {processes}: expected at most {limit} on {device.type} here "
+            f"({distributed.PROCESS_LIMIT_REASON[device.type]})"
+        )
 
 
 def _train_and_evaluate(stage: str, params: Params, args: argparse.Namespace) -> None:

@@ -1,17 +1,20 @@
 """Data-parallel training across processes: the world torchrun describes, and launching through it.
 
 torchrun (``torch.distributed.run``) starts the processes and sets RANK, WORLD_SIZE and LOCAL_RANK;
-this module only reads them, joins the process group and sums tensors across it.
+this module only reads them, joins the process group and sums (or shares) values across it.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import signal
 import subprocess
 import sys
+import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -76,6 +79,24 @@ def all_sum(values: torch.Tensor, world: World) -> torch.Tensor:
     return values
 
 
+def from_main(value: Any, world: World) -> Any:
+    """Rank 0's ``value``, on every rank (a picklable object); unchanged for one process."""
+    if not world.distributed:
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def gathered(value: Any, world: World) -> list[Any]:
+    """Every rank's ``value``, in rank order, on every rank (a picklable object)."""
+    if not world.distributed:
+        return [value]
+    values: list[Any] = [None] * world.size
+    dist.all_gather_object(values, value)
+    return values
+
+
 def shard_size(n: int, world: World) -> int:
     """How many of ``n`` samples each rank takes: the same number on every rank (DDP hangs otherwise)."""
     return n // world.size
@@ -87,6 +108,22 @@ def shard(order: torch.Tensor, world: World) -> torch.Tensor:
     if not world.distributed:
         return order
     return order[world.rank : shard_size(len(order), world) * world.size : world.size]
+
+
+PROCESS_LIMIT_REASON = {
+    "cuda": "one process per GPU",
+    "cpu": "one process per CPU core; more only contend for the same cores",
+    "mps": "DistributedDataParallel runs on CUDA or CPU",
+}
+
+
+def process_limit(device: torch.device) -> int:
+    """The most training processes this machine can give ``device``'s kind of work."""
+    if device.type == "cuda":
+        return torch.cuda.device_count()
+    if device.type == "cpu":
+        return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return 1
 
 
 class WorkerStopped(RuntimeError):
@@ -105,7 +142,10 @@ def launch(processes: int, argv: Sequence[str]) -> int:
     """Run ``python -m mnist_cnn ARGV`` as ``processes`` workers on this machine through torchrun
     (``--standalone``: a local rendezvous on a free port); return torchrun's exit code.
 
-    The machine's cores are shared out (torchrun alone would give each worker one thread).
+    The machine's cores are shared out (torchrun alone would give each worker one thread). torchrun
+    runs in a session of its own, so an interrupt reaches it once, from here: on Ctrl-C or SIGTERM
+    it is told to stop (SIGINT, which it hands to every worker: the run ends KILLED) and awaited, so
+    no worker outlives the stage.
     """
     env = dict(os.environ)
     env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // processes)))
@@ -119,4 +159,28 @@ def launch(processes: int, argv: Sequence[str]) -> int:
         "mnist_cnn",
         *argv,
     ]
-    return subprocess.run(command, env=env, check=False).returncode
+    torchrun = subprocess.Popen(command, env=env, start_new_session=True)
+    try:
+        return torchrun.wait()
+    except BaseException:
+        _stop(torchrun)
+        raise
+
+
+# torchrun gives its workers 30 s to end after a signal before it kills them.
+STOP_GRACE_S = 60.0
+
+
+def _stop(torchrun: subprocess.Popen) -> None:
+    """Stop torchrun and its workers; wait for them (a second interrupt does not cut the wait short)."""
+    if torchrun.poll() is None:
+        torchrun.send_signal(signal.SIGINT)
+    deadline = time.monotonic() + STOP_GRACE_S
+    while torchrun.poll() is None:
+        try:
+            torchrun.wait(timeout=max(0.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            os.killpg(torchrun.pid, signal.SIGKILL)  # the whole session: torchrun and its workers
+            torchrun.wait()
+        except KeyboardInterrupt:
+            continue

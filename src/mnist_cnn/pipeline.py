@@ -89,12 +89,12 @@ def run_train(
     world = world or distributed.from_env()
     root = tracking.project_root(paths.root.resolve())
     md5s = verified_md5s(paths.data, params.data.dataset)
-    fingerprint = training_fingerprint(params, md5s)
+    fingerprint = training_fingerprint(params, md5s, world.size)
     checkpoint_path = paths.models / layout.CHECKPOINT.name
-    state = load_checkpoint(checkpoint_path, fingerprint) if params.train.resume == "auto" else None
-    if not world.is_main:
-        checkpointing = Checkpointing(checkpoint_path, fingerprint, None, state)
+    if not world.is_main:  # rank 0 alone holds the lock and reads the checkpoint; fit hands it on
+        checkpointing = Checkpointing(checkpoint_path, fingerprint)
         return None, train(params, paths.data, paths.models, paths.reports, None, False, checkpointing, world)
+    state = load_checkpoint(checkpoint_path, fingerprint) if params.train.resume == "auto" else None
     resumed_run = state["run_id"] if state is not None and tracking.run_exists(state["run_id"], root) else None
     name = _run_name(stage, params, paths)
     with tracking.run(

@@ -27,7 +27,7 @@ from . import layout
 from .augment import Distortions, random_distort
 from .config import Params, TrainConfig, flatten
 from .data import load_split, normalise, split_indices, verified_md5s
-from .distributed import SINGLE, World, all_sum, device_for, process_group, shard, shard_size
+from .distributed import SINGLE, World, all_sum, device_for, from_main, gathered, process_group, shard, shard_size
 from .model import Net
 from .runtime import autocast, memory_format, seed_everything, select_device, select_precision
 
@@ -62,7 +62,7 @@ class Reporter(Protocol):
     def log_epoch(self, stats: EpochStats) -> None: ...
 
 
-CHECKPOINT_FORMAT = 2
+CHECKPOINT_FORMAT = 3
 
 
 @dataclass(frozen=True)
@@ -76,14 +76,17 @@ class Checkpointing:
     state: dict[str, Any] | None = None
 
 
-def training_fingerprint(params: Params, data_md5s: Mapping[str, str]) -> str:
-    """What a checkpoint must match to be continued: every data/model/train value and the data's MD5s."""
+def training_fingerprint(params: Params, data_md5s: Mapping[str, str], processes: int = 1) -> str:
+    """What a checkpoint must match to be continued: every data/model/train value, the data's MD5s and
+    the number of processes (each keeps random streams of its own)."""
     values = {
         k: v
         for k, v in flatten(params).items()
         if k.split(".")[0] in ("data", "model", "train") and k != "train.resume"
     }
-    blob = json.dumps({"params": values, "data": dict(sorted(data_md5s.items()))}, sort_keys=True)
+    blob = json.dumps(
+        {"params": values, "data": dict(sorted(data_md5s.items())), "processes": processes}, sort_keys=True
+    )
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
@@ -141,6 +144,8 @@ def predict_log_probs(model: nn.Module, x: torch.Tensor, batch_size: int, precis
             batch = x[start : start + batch_size].contiguous(memory_format=layout_of_batches)
             outputs.append(model(batch).float())
     model.train(was_training)
+    if not outputs:  # a rank's share of a tiny validation set can be empty
+        return torch.empty((0, 10), device=x.device)
     return torch.cat(outputs)
 
 
@@ -297,7 +302,29 @@ class _Loop:
     best_state: dict[str, torch.Tensor] | None = None
     seconds_before: float = 0.0  # training time of the epochs a resumed run had done
 
-    def state(self, fingerprint: str, run_id: str | None, seconds: float) -> dict[str, Any]:
+    def random_streams(self) -> dict[str, Any]:
+        """This process's random state: each rank has its own dropout masks and augmentation draws."""
+        return {
+            "augment_rng": self.augmentation.generator.get_state() if self.augmentation is not None else None,
+            "torch_rng": torch.get_rng_state(),
+            "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            "python_rng": random.getstate(),
+            # as a list: torch.load(weights_only=True) refuses numpy arrays
+            "numpy_rng": [v.tolist() if isinstance(v, np.ndarray) else v for v in np.random.get_state()],
+        }
+
+    def restore_random_streams(self, streams: dict[str, Any]) -> None:
+        if self.augmentation is not None:
+            self.augmentation.generator.set_state(streams["augment_rng"])
+        torch.set_rng_state(streams["torch_rng"])
+        if torch.cuda.is_available() and streams["cuda_rng"]:
+            torch.cuda.set_rng_state_all(streams["cuda_rng"])
+        random.setstate(_as_tuple(streams["python_rng"]))
+        kind, keys, pos, has_gauss, gauss = streams["numpy_rng"]
+        np.random.set_state((kind, np.asarray(keys, dtype=np.uint32), pos, has_gauss, gauss))
+
+    def state(self, fingerprint: str, run_id: str | None, seconds: float, streams: list[dict]) -> dict[str, Any]:
+        """The checkpoint; ``streams``: every rank's ``random_streams``, in rank order."""
         return {
             "format": CHECKPOINT_FORMAT,
             "fingerprint": fingerprint,
@@ -308,13 +335,8 @@ class _Loop:
             "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
             "scaler": self.scaler.state_dict() if self.scaler is not None else None,
             "generator": self.generator.get_state(),
-            "augment_rng": self.augmentation.generator.get_state() if self.augmentation is not None else None,
             "ema": self.ema.state_dict() if self.ema is not None else None,
-            "torch_rng": torch.get_rng_state(),
-            "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-            "python_rng": random.getstate(),
-            # as a list: torch.load(weights_only=True) refuses numpy arrays
-            "numpy_rng": [v.tolist() if isinstance(v, np.ndarray) else v for v in np.random.get_state()],
+            "random_streams": streams,
             "history": [asdict(h) for h in self.history],
             "best_loss": self.best_loss,
             "best_epoch": self.best_epoch,
@@ -322,7 +344,7 @@ class _Loop:
             "train_seconds": seconds,
         }
 
-    def restore(self, state: dict[str, Any]) -> None:
+    def restore(self, state: dict[str, Any], rank: int = 0) -> None:
         self.net.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         if self.scheduler is not None:
@@ -330,16 +352,9 @@ class _Loop:
         if self.scaler is not None and state["scaler"]:
             self.scaler.load_state_dict(state["scaler"])
         self.generator.set_state(state["generator"])
-        if self.augmentation is not None:
-            self.augmentation.generator.set_state(state["augment_rng"])
         if self.ema is not None:
             self.ema.load_state_dict(state["ema"])
-        torch.set_rng_state(state["torch_rng"])
-        if torch.cuda.is_available() and state["cuda_rng"]:
-            torch.cuda.set_rng_state_all(state["cuda_rng"])
-        random.setstate(_as_tuple(state["python_rng"]))
-        kind, keys, pos, has_gauss, gauss = state["numpy_rng"]
-        np.random.set_state((kind, np.asarray(keys, dtype=np.uint32), pos, has_gauss, gauss))
+        self.restore_random_streams(state["random_streams"][rank])
         self.history = [EpochStats(**h) for h in state["history"]]
         self.best_loss, self.best_epoch = state["best_loss"], state["best_epoch"]
         self.best_state = state["best_state"]
@@ -402,8 +417,11 @@ def fit(
     )
     scored = ema.module if ema is not None else net
     loop = _Loop(net, optimizer, scheduler, scaler, generator, history=[], augmentation=augmentation, ema=ema)
-    if checkpointing is not None and checkpointing.state is not None:
-        loop.restore(checkpointing.state)
+    # Rank 0 read the checkpoint under the stage lock; the other ranks take its copy rather than race a
+    # concurrent training's file.
+    resume = from_main(checkpointing.state, world) if checkpointing is not None else None
+    if resume is not None:
+        loop.restore(resume, world.rank)
         log.info("resuming after epoch %d from %s", loop.history[-1].epoch, checkpointing.path)
     history = loop.history
     first = history[-1].epoch + 1 if history else 1
@@ -443,10 +461,13 @@ def fit(
         if improved:
             loop.best_loss, loop.best_epoch = val_loss, epoch
             loop.best_state = copy.deepcopy(scored.state_dict())
-        if checkpointing is not None and world.is_main:
-            seconds = loop.seconds_before + time.perf_counter() - started
-            state = loop.state(checkpointing.fingerprint, checkpointing.run_id, seconds)
-            save_torch(checkpointing.path, state)
+        if checkpointing is not None:
+            streams = gathered(loop.random_streams(), world)
+            if world.is_main:
+                seconds = loop.seconds_before + time.perf_counter() - started
+                save_torch(
+                    checkpointing.path, loop.state(checkpointing.fingerprint, checkpointing.run_id, seconds, streams)
+                )
         if world.is_main:
             log.info(_format_epoch(stats, cfg.epochs, improved))
         if reporter is not None:
