@@ -199,3 +199,52 @@ def test_mlproject_predict_entry_point(digits, champion_env, tmp_path):
     assert result.returncode == 0, result.stderr[-2000:]
     (row,) = [line.split() for line in result.stdout.splitlines() if line.startswith(str(image))]
     assert int(row[1]) == predict([image])[0].digit
+
+
+def test_json_lists_every_file_and_odd_names_cannot_break_the_table(digits, champion_env, tmp_path):
+    root, _ = digits
+    odd = tmp_path / "seven\n\x1b[31mred.png"  # a newline and an ANSI escape in the name
+    odd.write_bytes((root / "raw" / "000.png").read_bytes())
+    empty = tmp_path / "empty.png"
+    empty.write_bytes(b"")
+
+    table = run_cli(odd, empty, env=champion_env)
+    assert table.returncode == 1 and "\x1b" not in table.stdout + table.stderr
+    header, row = table.stdout.splitlines()  # the name stays on its row
+    assert row.startswith(str(tmp_path / "seven\\n\\x1b[31mred.png"))
+
+    listed = run_cli("--json", odd, empty, env=champion_env)
+    assert listed.returncode == 1
+    rows = json.loads(listed.stdout)
+    assert [row["file"] for row in rows] == [str(odd), str(empty)]
+    assert "digit" in rows[0] and rows[1] == {
+        "file": str(empty),
+        "error": f"{empty}: empty file, expected a PNG or JPEG image",
+    }
+
+
+def test_no_store_here_is_said_without_creating_one(digits, tmp_path):
+    root, _ = digits
+    env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")}
+    result = subprocess.run(
+        [sys.executable, "-m", "mnist_cnn", "predict", str(root / "raw" / "000.png")],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+        cwd=tmp_path,
+    )
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert result.stderr.strip() == (
+        f"error: models:/mnist-cnn@champion: no MLflow store at {tmp_path / 'mlflow.db'}; "
+        "run in the project directory or set MLFLOW_TRACKING_URI"
+    )
+    assert not list(tmp_path.iterdir())
+
+
+def test_a_model_uri_that_is_no_model_is_one_line(digits, champion_env):
+    root, _ = digits
+    result = run_cli(root / "raw" / "000.png", "--model-uri", "http://127.0.0.1:1/x", env=champion_env)
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    (line,) = result.stderr.strip().splitlines()
+    assert line.startswith("error: --model-uri http://127.0.0.1:1/x: ")

@@ -232,20 +232,30 @@ def predict_main(argv: list[str]) -> int:
     good = [r for r in results if r.error is None]
     for result in results:
         if result.error is not None:
-            print(f"error: {result.error}", file=sys.stderr)
+            print(f"error: {_printable(result.error)}", file=sys.stderr)
     if args.json:
+        # One entry per file, in order; a file that failed has its error and no digit.
         rows = [
-            {"file": str(r.path), "digit": r.digit, "probability": round(r.probability, 6)}
+            {"file": str(r.path), "error": r.error}
+            if r.error is not None
+            else {"file": str(r.path), "digit": r.digit, "probability": round(r.probability, 6)}
             | {f"p{k}": round(p, 6) for k, p in enumerate(r.probabilities)}
-            for r in good
+            for r in results
         ]
         print("[" + ",\n ".join(json.dumps(row) for row in rows) + "]")
     elif good:
-        width = max(len(str(r.path)) for r in good)
+        names = [_printable(str(r.path)) for r in good]
+        width = max(map(len, names))
         print(f"{'file':<{width}}  digit  probability")
-        for r in good:
-            print(f"{str(r.path):<{width}}  {r.digit:>5}  {r.probability:>11.4f}")
+        for name, r in zip(names, good, strict=True):
+            print(f"{name:<{width}}  {r.digit:>5}  {r.probability:>11.4f}")
     return 1 if len(good) < len(results) else 0
+
+
+def _printable(text: str) -> str:
+    """``text`` with control characters (a newline or an escape sequence in a file name) and undecodable
+    bytes written as escapes, so that a name can neither break the table nor drive the terminal."""
+    return "".join(c if c.isprintable() else c.encode("unicode_escape", "backslashreplace").decode() for c in text)
 
 
 def _one_line(exc: Exception) -> str:

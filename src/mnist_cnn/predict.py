@@ -22,11 +22,35 @@ class Prediction:
     error: str | None = None  # one line naming the file and the problem; the other fields are then empty
 
 
+# URIs that name a model through the tracking store; any other URI (a path, s3://...) is loaded as is.
+STORE_SCHEMES = ("models:", "runs:")
+
+
+def load_model(model_uri: str):
+    """The pyfunc model at ``model_uri``; errors name the URI and, for a registry URI, the store."""
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    where = ""
+    if model_uri.startswith(STORE_SCHEMES):
+        uri = tracking.tracking_uri()
+        store = tracking.sqlite_path(uri)
+        if store is not None and not store.is_file():  # opening it would create an empty store here
+            raise RuntimeError(
+                f"{model_uri}: no MLflow store at {store}; run in the project directory or set MLFLOW_TRACKING_URI"
+            )
+        tracking.configure()
+        where = f" (store {uri})"
+    try:
+        return mlflow.pyfunc.load_model(model_uri)
+    except (MlflowException, ValueError, OSError) as exc:
+        message = str(getattr(exc, "message", exc)).strip().splitlines() or [type(exc).__name__]
+        raise RuntimeError(f"--model-uri {model_uri}{where}: {message[0]}") from exc
+
+
 def predict(paths: list[Path], model_uri: str = DEFAULT_MODEL_URI) -> list[Prediction]:
     """One ``Prediction`` per image file (a directory: each image file in it), in order. A file that
     cannot be read or holds no digit gets its ``error``; the others are still predicted."""
-    import mlflow
-
     loaded: dict[Path, np.ndarray] = {}
     failed: dict[Path, str] = {}
     files = image_files(paths)
@@ -37,8 +61,7 @@ def predict(paths: list[Path], model_uri: str = DEFAULT_MODEL_URI) -> list[Predi
             failed[path] = str(exc)
     rows = {}
     if loaded:
-        tracking.configure()
-        answer = mlflow.pyfunc.load_model(model_uri).predict(np.stack(list(loaded.values())))
+        answer = load_model(model_uri).predict(np.stack(list(loaded.values())))
         rows = dict(zip(loaded, answer.itertuples(index=False), strict=True))
     results = []
     for path in files:
