@@ -1,6 +1,6 @@
-"""What batch augmentation and the weight average cost per epoch, side by side with the plain trainer.
+"""What batch augmentation (affine, elastic) and the weight average cost per epoch, side by side with the plain trainer.
 
-One process, one go: rounds alternate (plain, augmented, augmented + EMA, plain, ...) over the same
+One process, one go: rounds alternate (plain, augmented, augmented + EMA, + elastic, plain, ...) over the same
 batches with the real ``train_epoch``; medians and ratios are printed.
 
     python benchmarks/augment_cost.py                  # needs data/raw
@@ -21,8 +21,8 @@ from mnist_cnn.augment import Distortions
 from mnist_cnn.config import load_params
 from mnist_cnn.train import Augmentation, train_epoch
 
-# The augmented preset's settings (README: Accuracy presets).
-PRESET = {"shift": 2.0, "rotate": 10.0, "scale": 0.1, "ema_decay": 0.999}
+# The augmented preset's settings (README: Accuracy presets), and the elastic warp tried beside them.
+PRESET = {"shift": 2.0, "rotate": 10.0, "scale": 0.1, "ema_decay": 0.999, "elastic": 34.0, "sigma": 4.0}
 
 
 def main() -> None:
@@ -39,10 +39,13 @@ def main() -> None:
     ranges = Distortions(PRESET["shift"], PRESET["rotate"], PRESET["scale"])
     augmentation = Augmentation(ranges, torch.Generator(device=device).manual_seed(0), chunk.x.amin().item())
     ema = AveragedModel(net, multi_avg_fn=get_ema_multi_avg_fn(PRESET["ema_decay"]), use_buffers=True)
+    elastic = Distortions(PRESET["shift"], PRESET["rotate"], PRESET["scale"], PRESET["elastic"], PRESET["sigma"])
+    warped = Augmentation(elastic, torch.Generator(device=device).manual_seed(0), chunk.x.amin().item())
     variants = {
         "plain": {},
         "augmented": {"augmentation": augmentation},
         "augmented + EMA": {"augmentation": augmentation, "ema": ema},
+        "augmented + elastic + EMA": {"augmentation": warped, "ema": ema},
     }
 
     def samples_per_second(extra: dict) -> float:
