@@ -28,7 +28,7 @@ from .augment import Distortions, random_distort
 from .config import Params, TrainConfig, flatten
 from .data import load_split, normalise, split_indices, verified_md5s
 from .distributed import SINGLE, World, all_sum, device_for, from_main, gathered, process_group, shard, shard_size
-from .model import Net
+from .model import NUM_CLASSES, Net
 from .runtime import autocast, memory_format, seed_everything, select_device, select_precision
 
 log = logging.getLogger(__name__)
@@ -145,7 +145,7 @@ def predict_log_probs(model: nn.Module, x: torch.Tensor, batch_size: int, precis
             outputs.append(model(batch).float())
     model.train(was_training)
     if not outputs:  # a rank's share of a tiny validation set can be empty
-        return torch.empty((0, 10), device=x.device)
+        return torch.empty((0, NUM_CLASSES), device=x.device)
     return torch.cat(outputs)
 
 
