@@ -131,7 +131,7 @@ def tensors_equal(a: dict, b: dict) -> bool:
 
 
 def test_sigkill_after_epoch_2_of_4_resumes_in_the_same_run_to_identical_weights(tmp_path, project, tiny_mirror):
-    # Augmentation, the weight average and BatchNorm carry state of their own: resume must restore it.
+    # Augmentation, the weight average, BatchNorm and the best accuracy carry state: resume must restore it.
     settings = {
         "train.epochs": 4,
         "train.patience": 10,
@@ -140,6 +140,7 @@ def test_sigkill_after_epoch_2_of_4_resumes_in_the_same_run_to_identical_weights
         "train.augment_rotate": 10,
         "train.augment_elastic": 34,
         "train.ema_decay": 0.9,
+        "train.monitor": "val_acc",
         "model.batchnorm": True,
     }
     write_tiny_params(project.params_file, **settings)

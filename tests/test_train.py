@@ -13,7 +13,7 @@ from mnist_cnn.data import DataError
 from mnist_cnn.evaluate import evaluate
 from mnist_cnn.model import Net, load_weights
 from mnist_cnn.runtime import select_device, select_precision
-from mnist_cnn.train import Tensors, fit, load_train_val, loss_and_accuracy, predict_log_probs, train
+from mnist_cnn.train import EpochStats, Tensors, _Loop, fit, load_train_val, loss_and_accuracy, predict_log_probs, train
 
 
 def test_seed_architecture_and_shapes(tiny_params):
@@ -74,6 +74,30 @@ def test_early_stopping_stops_and_restores_the_best_epoch(project, tiny_params):
     restored_loss, _ = loss_and_accuracy(predict_log_probs(net, noisy_val.x, 500), noisy_val.y)
     assert restored_loss == pytest.approx(losses[result.best_epoch - 1], rel=1e-5)
     assert restored_loss != pytest.approx(losses[-1], rel=1e-3)
+
+
+def test_monitor_val_acc_keeps_the_most_accurate_epoch_ties_to_the_lower_loss(project, tiny_params):
+    cfg = dataclasses.replace(tiny_params.train, epochs=6, patience=2, monitor="val_acc")
+    params = dataclasses.replace(tiny_params, train=cfg)
+    train_data, noisy_val = train_and_shuffled_val(project.data)
+    net, result = fit(params, train_data, noisy_val, torch.device("cpu"), "fp32", show_progress=False)
+    ranked = [(s.val_acc, -s.val_loss) for s in result.history]
+    assert result.best_epoch == 1 + ranked.index(max(ranked))
+    assert result.stopped_epoch == min(cfg.epochs, result.best_epoch + cfg.patience)
+    restored_loss, restored_acc = loss_and_accuracy(predict_log_probs(net, noisy_val.x, 500), noisy_val.y)
+    best = result.history[result.best_epoch - 1]
+    assert (restored_loss, restored_acc) == (pytest.approx(best.val_loss, rel=1e-5), pytest.approx(best.val_acc))
+
+
+def test_monitor_rules_on_ties_and_a_diverged_epoch():
+    loop = _Loop(None, None, None, None, None, history=[])
+    stats = lambda loss, acc: EpochStats(1, 0.0, 0.0, loss, acc, 0.1, 0.0)  # noqa: E731
+    assert not loop.improves(stats(float("nan"), 99.0), "val_acc")  # a diverged net is never kept
+    assert loop.improves(stats(0.5, 90.0), "val_acc")
+    loop.best_loss, loop.best_acc = 0.5, 90.0
+    assert loop.improves(stats(0.4, 90.0), "val_acc") and not loop.improves(stats(0.6, 90.0), "val_acc")
+    assert loop.improves(stats(0.9, 90.1), "val_acc") and not loop.improves(stats(0.9, 90.1), "val_loss")
+    assert loop.improves(stats(0.4, 10.0), "val_loss") and not loop.improves(stats(0.5, 99.0), "val_loss")
 
 
 def test_same_params_same_metrics_to_the_last_digit(project, tiny_params, tmp_path):
@@ -257,6 +281,7 @@ def test_augmented_ema_batchnorm_training_repeats_and_saves_the_validated_averag
         ("train.augment_elastic_sigma", 0.0, "pixels in (0, 14]"),
         ("train.ema_decay", 1.0, "a number in [0, 1) (0: off)"),
         ("train.processes", 0, "an integer >= 1"),
+        ("train.monitor", "val_accuracy", "val_loss | val_acc"),
         ("model.batchnorm", "maybe", "true or false"),
     ],
 )

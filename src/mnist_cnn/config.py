@@ -18,6 +18,7 @@ PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 COMPILE_MODES = ("none", "default", "reduce-overhead")  # reduce-overhead: torch.compile with CUDA graphs
 SCHEDULERS = ("step", "plateau", "onecycle", "constant")
 OPTIMIZERS = ("adadelta", "adamw", "sgd")
+MONITORS = ("val_loss", "val_acc")  # what early stopping and the kept weights go by
 RESUME_MODES = ("auto", "never")  # auto: continue from models/checkpoint.pt when it matches the params
 
 # The seed's short option names (and `mlflow run -P` names) mapped to their params.yaml keys.
@@ -116,6 +117,7 @@ class TrainConfig:
     label_smoothing: float
     val_split: float
     patience: int
+    monitor: str
     seed: int
     device: str
     precision: str
@@ -140,6 +142,7 @@ class TrainConfig:
         _require(self.lr_patience >= 0, "train.lr_patience", self.lr_patience, "an integer >= 0")
         _require(0 < self.val_split < 1, "train.val_split", self.val_split, "a number in (0, 1)")
         _require(self.patience >= 1, "train.patience", self.patience, "an integer >= 1")
+        _require(self.monitor in MONITORS, "train.monitor", self.monitor, " | ".join(MONITORS))
         _require(self.seed >= 0, "train.seed", self.seed, "an integer >= 0")
         _require(self.device in DEVICES, "train.device", self.device, " | ".join(DEVICES))
         _require(self.precision in PRECISIONS, "train.precision", self.precision, " | ".join(PRECISIONS))
