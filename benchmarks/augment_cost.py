@@ -36,8 +36,8 @@ def main() -> None:
     bench = trainer_bench(params, args.data_dir, args.batches)
     device, precision, chunk, net = bench.device, bench.precision, bench.chunk, bench.net
     n = len(chunk.y)
-    ranges = Distortions(PRESET["shift"], PRESET["rotate"], PRESET["scale"])
-    augmentation = Augmentation(ranges, torch.Generator(device=device).manual_seed(0), chunk.x.amin().item())
+    distortions = Distortions(PRESET["shift"], PRESET["rotate"], PRESET["scale"])
+    augmentation = Augmentation(distortions, torch.Generator(device=device).manual_seed(0), chunk.x.amin().item())
     ema = AveragedModel(net, multi_avg_fn=get_ema_multi_avg_fn(PRESET["ema_decay"]), use_buffers=True)
     elastic = Distortions(PRESET["shift"], PRESET["rotate"], PRESET["scale"], PRESET["elastic"], PRESET["sigma"])
     warped = Augmentation(elastic, torch.Generator(device=device).manual_seed(0), chunk.x.amin().item())

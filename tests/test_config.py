@@ -78,3 +78,13 @@ def test_cli_bad_param_is_one_line_and_exit_2(tmp_path: Path, capsys):
     assert code == 2
     assert err == f"error: {params}: train.lr = 'fast': expected a number"
     assert not (tmp_path / "models").exists()
+
+
+def test_one_line_takes_the_first_line_mlflows_message_or_the_type():
+    from mlflow.exceptions import MlflowException
+
+    from mnist_cnn.errors import one_line
+
+    assert one_line(ValueError("\n  bad value\nTraceback (most recent call last): ...")) == "bad value"
+    assert one_line(MlflowException("no such model\nmore")) == "no such model"
+    assert one_line(OSError()) == "OSError"

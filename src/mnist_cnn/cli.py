@@ -18,6 +18,7 @@ from pathlib import Path
 
 from . import distributed, layout
 from .config import ConfigError, Params, load_params, load_section, load_tune
+from .errors import one_line
 
 STAGES = ("download", "train", "evaluate", "all", "tune", "runs", "server", "predict")
 
@@ -227,7 +228,7 @@ def predict_main(argv: list[str]) -> int:
     except Exception as exc:
         if not _is_expected(exc):
             raise
-        print(f"error: {_one_line(exc)}", file=sys.stderr)
+        print(f"error: {one_line(exc)}", file=sys.stderr)
         return 1
     good = [r for r in results if r.error is None]
     for result in results:
@@ -256,11 +257,6 @@ def _printable(text: str) -> str:
     """``text`` with control characters (a newline or an escape sequence in a file name) and undecodable
     bytes written as escapes, so that a name can neither break the table nor drive the terminal."""
     return "".join(c if c.isprintable() else c.encode("unicode_escape", "backslashreplace").decode() for c in text)
-
-
-def _one_line(exc: Exception) -> str:
-    text = str(getattr(exc, "message", exc)).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -117,12 +117,17 @@ PROCESS_LIMIT_REASON = {
 }
 
 
+def usable_cores() -> int:
+    """The CPU cores this process may run on: a container's or taskset's share, not the host's count."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
 def process_limit(device: torch.device) -> int:
     """The most training processes this machine can give ``device``'s kind of work."""
     if device.type == "cuda":
         return torch.cuda.device_count()
     if device.type == "cpu":
-        return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        return usable_cores()
     return 1
 
 
@@ -148,7 +153,7 @@ def launch(processes: int, argv: Sequence[str]) -> int:
     no worker outlives the stage.
     """
     env = dict(os.environ)
-    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // processes)))
+    env.setdefault("OMP_NUM_THREADS", str(max(1, usable_cores() // processes)))
     command = [
         sys.executable,
         "-m",

@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 
 from . import tracking
+from .errors import one_line
 from .images import ImageError, image_files, load_digit
 
 DEFAULT_MODEL_URI = "models:/mnist-cnn@champion"
@@ -44,8 +45,7 @@ def load_model(model_uri: str):
     try:
         return mlflow.pyfunc.load_model(model_uri)
     except (MlflowException, ValueError, OSError) as exc:
-        message = str(getattr(exc, "message", exc)).strip().splitlines() or [type(exc).__name__]
-        raise RuntimeError(f"--model-uri {model_uri}{where}: {message[0]}") from exc
+        raise RuntimeError(f"--model-uri {model_uri}{where}: {one_line(exc)}") from exc
 
 
 def predict(paths: list[Path], model_uri: str = DEFAULT_MODEL_URI) -> list[Prediction]:

@@ -28,6 +28,7 @@ from mlflow.tracking import MlflowClient
 
 from . import distributed, runmeta
 from .config import parse_value
+from .errors import one_line
 
 log = logging.getLogger(__name__)
 
@@ -162,7 +163,7 @@ def check_server(uri: str, timeout: float = PREFLIGHT_TIMEOUT_S) -> None:
             params={"experiment_name": "Default"},
         )
     except (requests.exceptions.RequestException, MlflowException, OSError) as exc:
-        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        reason = one_line(exc)
         if "Connection refused" in reason:
             reason = "connection refused"
         elif "timed out" in reason.lower() or "timeout" in reason.lower():
@@ -457,7 +458,7 @@ def reopen(run_id: str, stage: str, root: Path | None = None, name: str | None =
             outcome = "KILLED"
             raise
         except Exception as exc:
-            error = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            error = one_line(exc)
             raise
         finally:
             with signals_deferred():

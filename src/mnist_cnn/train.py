@@ -208,12 +208,12 @@ def make_optimizer(
 class Augmentation:
     """Random distortions of each training batch, drawn from their own seeded generator."""
 
-    ranges: Distortions
+    distortions: Distortions
     generator: torch.Generator
     background: float  # the normalised value of a blank pixel
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        return random_distort(x, self.ranges, self.generator, self.background)
+        return random_distort(x, self.distortions, self.generator, self.background)
 
 
 def batch_per_process(batch_size: int, world: World) -> int:
@@ -416,13 +416,13 @@ def fit(
     per_batch = scheduler if cfg.scheduler == "onecycle" else None
     scaler = torch.amp.GradScaler(device.type) if precision == "fp16" else None
     generator = torch.Generator().manual_seed(cfg.seed)
-    ranges = Distortions(
+    distortions = Distortions(
         cfg.augment_shift, cfg.augment_rotate, cfg.augment_scale, cfg.augment_elastic, cfg.augment_elastic_sigma
     )
     augmentation = None
-    if ranges.active:
+    if distortions.active:
         augment_rng = torch.Generator(device=device).manual_seed(cfg.seed + 1_000_003 * world.rank)
-        augmentation = Augmentation(ranges, augment_rng, background=train_data.x.amin().item())
+        augmentation = Augmentation(distortions, augment_rng, background=train_data.x.amin().item())
     # The average follows the weights every step; validation, early stopping and the saved weights use it.
     ema = (
         AveragedModel(net, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema_decay), use_buffers=True)

@@ -34,6 +34,7 @@ from optuna.trial import TrialState
 from . import figures, layout, tracking
 from .config import TUNABLE_SECTIONS, ConfigError, Params, SearchParam, TuneConfig, flatten, with_values
 from .data import verified_md5s
+from .errors import one_line
 from .runtime import select_device, select_precision
 from .train import EpochStats, Tensors, fit, load_train_val
 
@@ -91,15 +92,13 @@ def open_storage(
         except JournalError as exc:
             raise TuneError(f"tune.storage = {storage!r}: not a readable Optuna journal ({exc})") from None
         except Exception as exc:  # well-formed entries Optuna cannot replay
-            reason = str(exc).splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise TuneError(f"tune.storage = {storage!r}: not a readable Optuna journal ({reason})") from None
+            raise TuneError(f"tune.storage = {storage!r}: not a readable Optuna journal ({one_line(exc)})") from None
         return opened, FileLock(str(path) + ".workers.lock", timeout=LOCK_WAIT_S)
     engine_kwargs = {"connect_args": {"connect_timeout": 5}} if storage.startswith("postgresql") else {}
     try:
         opened = optuna.storages.RDBStorage(storage, engine_kwargs=engine_kwargs)
     except Exception as exc:  # driver missing, host down, login refused: one line, before any trial
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        reason = re.sub(r"^\([\w.]+\) ", "", reason)  # SQLAlchemy's "(psycopg.OperationalError) " prefix
+        reason = re.sub(r"^\([\w.]+\) ", "", one_line(exc))  # SQLAlchemy's "(psycopg.OperationalError) " prefix
         raise TuneError(f"tune.storage = {masked(storage)!r}: cannot be reached ({reason})") from None
     return opened, DatabaseLock(opened, f"{study_name}.workers-lock")
 
@@ -183,7 +182,7 @@ def make_pruner(cfg: TuneConfig) -> optuna.pruners.BasePruner:
 
 
 def distribution(param: SearchParam) -> optuna.distributions.BaseDistribution:
-    """What ``suggest`` asks Optuna for, as the study records it."""
+    """What a trial samples for ``param`` (``study.ask`` draws the whole space), as the study records it."""
     if param.choices:
         return optuna.distributions.CategoricalDistribution(list(param.choices))
     if param.kind is int:
@@ -216,14 +215,6 @@ def _check_space(study: optuna.Study, cfg: TuneConfig) -> None:
                 f"tune.space.{param.key}: the study {cfg.study_name!r} was made with another search space"
                 f" ({_described(old)}, now {_described(new)}); use a new tune.study_name"
             ) from None
-
-
-def suggest(trial: optuna.Trial, param: SearchParam) -> Any:
-    if param.choices:
-        return trial.suggest_categorical(param.key, list(param.choices))
-    if param.kind is int:
-        return trial.suggest_int(param.key, int(param.low), int(param.high), log=param.log)
-    return trial.suggest_float(param.key, param.low, param.high, log=param.log)
 
 
 class TrialReporter:
@@ -322,7 +313,7 @@ def _run_trial(
     show_progress: bool | None,
 ) -> float:
     """One trial in its child run: the sampled values, the real ``fit`` for ``tune.epochs`` epochs."""
-    values = {p.key: suggest(trial, p) for p in cfg.space}
+    values = {p.key: trial.params[p.key] for p in cfg.space}
     trial_params = with_values(params, {**values, "train.epochs": cfg.epochs})
     tags = {"optuna.study_name": cfg.study_name, "optuna.trial_number": str(trial.number)}
     with tracking.run(
@@ -386,7 +377,7 @@ def _log_plots(client: MlflowClient, parent: str, study: optuna.Study) -> None:
             try:
                 figure = plot(study).figure
             except Exception as exc:  # e.g. importances need two finished trials that differ
-                log.warning("%s: not plotted (%s)", name, str(exc).splitlines()[0] if str(exc) else exc)
+                log.warning("%s: not plotted (%s)", name, one_line(exc))
                 continue
             figure.set_size_inches(9, 5)
             figure.tight_layout()
@@ -487,7 +478,7 @@ def tune(params: Params, cfg: TuneConfig, root: Path = Path("."), show_progress:
             with lock:  # count and ask together: the study gets exactly n_trials, whatever the workers
                 if len(study.get_trials(deepcopy=False)) >= cfg.n_trials:
                     break
-                trial = study.ask()
+                trial = study.ask({p.key: distribution(p) for p in cfg.space})
                 trial.set_user_attr(OWNER_ATTR, tracking.owner_tags())
                 _claim_parent(client, parent)
             ran.append(trial.number)
@@ -501,7 +492,7 @@ def tune(params: Params, cfg: TuneConfig, root: Path = Path("."), show_progress:
                 raise
             except RuntimeError as exc:  # diverged, out of memory: this configuration fails, the study goes on
                 study.tell(trial, state=TrialState.FAIL)
-                log.warning("trial %d failed: %s", trial.number, str(exc).splitlines()[0] if str(exc) else exc)
+                log.warning("trial %d failed: %s", trial.number, one_line(exc))
             except BaseException:
                 with tracking.signals_deferred():  # a second Ctrl-C must not leave the trial RUNNING
                     study.tell(trial, state=TrialState.FAIL)
