@@ -88,3 +88,13 @@ def test_one_line_takes_the_first_line_mlflows_message_or_the_type():
     assert one_line(ValueError("\n  bad value\nTraceback (most recent call last): ...")) == "bad value"
     assert one_line(MlflowException("no such model\nmore")) == "no such model"
     assert one_line(OSError()) == "OSError"
+
+
+def test_invalid_yaml_names_the_problem_and_its_line(tmp_path: Path):
+    params = tmp_path / "params.yaml"
+    params.write_text("train:\n  lr: 0.43\n\tepochs: 3\n")  # a tab where YAML wants spaces
+    with pytest.raises(ConfigError) as caught:
+        load_params(params)
+    assert str(caught.value) == (
+        f"{params}: not valid YAML (found character '\\t' that cannot start any token, line 3 column 1)"
+    )

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import struct
 import subprocess
 import sys
@@ -248,3 +249,19 @@ def test_a_model_uri_that_is_no_model_is_one_line(digits, champion_env):
     assert result.returncode == 1 and "Traceback" not in result.stderr
     (line,) = result.stderr.strip().splitlines()
     assert line.startswith("error: --model-uri http://127.0.0.1:1/x: ")
+
+
+class NotADigitModel(mlflow.pyfunc.PythonModel):
+    def predict(self, context, model_input, params=None):
+        return np.zeros(len(model_input))
+
+
+def test_a_model_of_another_kind_is_one_line(digits, tmp_path, monkeypatch):
+    root, _ = digits
+    monkeypatch.chdir(tmp_path)  # the new store's artifacts land here
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'other.db'}")
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'other.db'}")
+    with mlflow.start_run():
+        info = mlflow.pyfunc.log_model(name="other", python_model=NotADigitModel(), pip_requirements=[])
+    with pytest.raises(RuntimeError, match=rf"^--model-uri {re.escape(info.model_uri)}: not an mnist-cnn model"):
+        predict([root / "raw" / "000.png"], info.model_uri)

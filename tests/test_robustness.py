@@ -197,6 +197,30 @@ def test_a_checkpoint_of_other_params_is_not_resumed(project, tiny_params, caplo
     assert len(the_runs()) == 2  # the killed run was closed, not reused
 
 
+def test_a_crash_after_the_weights_are_written_resumes_with_nothing_to_train(project, tiny_params, monkeypatch):
+    """The weights are on disk but the run is not fully recorded (no train.json): the checkpoint stays,
+    and the rerun finishes the same run from it instead of training again in a new one."""
+    import mnist_cnn.pipeline as pipeline_module
+
+    def crash(*args, **kwargs):
+        raise RuntimeError("killed while recording")
+
+    monkeypatch.setattr(pipeline_module, "write_train_info", crash)
+    with pytest.raises(RuntimeError, match="killed while recording"):
+        pipeline.run_train(tiny_params, project, show_progress=False)
+    assert (project.models / "model.pt").exists() and (project.models / "checkpoint.pt").exists()
+    assert not (project.models / "train.json").exists()
+    (crashed,) = the_runs()
+    monkeypatch.undo()
+
+    run_id, result = pipeline.run_train(tiny_params, project, show_progress=False)
+    assert run_id == crashed.info.run_id and MlflowClient().get_run(run_id).info.status == "FINISHED"
+    assert result.train_seconds < crashed.data.metrics["train_seconds"] + 1.0  # nothing trained again
+    assert [m.step for m in MlflowClient().get_metric_history(run_id, "val_loss")] == [1, 2]
+    assert json.loads((project.models / "train.json").read_text())["run_id"] == run_id
+    assert not (project.models / "checkpoint.pt").exists() and len(the_runs()) == 1
+
+
 # 3. Numbers as users write them
 def test_lr_1e_minus_3_is_a_number_and_infinity_is_refused(project, tmp_path, capsys):
     text = project.params_file.read_text().replace("lr: 0.43", "lr: 1e-3")
@@ -210,15 +234,61 @@ def test_lr_1e_minus_3_is_a_number_and_infinity_is_refused(project, tmp_path, ca
 
 # 4. Unreachable or refusing tracking server
 def test_unreachable_tracking_server_fails_in_seconds_with_one_line(project, monkeypatch, capsys):
-    uri = f"http://127.0.0.1:{free_port()}"
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    port = free_port()
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://bob:s3cret@127.0.0.1:{port}")
     started = time.perf_counter()
     code = main(["train", "--params", str(project.params_file), "--root", str(project.root)])
     assert time.perf_counter() - started < 15
     err = error_line(capsys.readouterr().err)
     assert code == 1 and err.count("\n") == 0
-    assert err == f"error: tracking server {uri}: unreachable (connection refused); check MLFLOW_TRACKING_URI"
+    assert err == (  # the password stays out of the message
+        f"error: tracking server http://bob:***@127.0.0.1:{port}: unreachable (connection refused);"
+        " check MLFLOW_TRACKING_URI"
+    )
     assert not (project.models / "model.pt").exists()
+
+
+def test_a_store_that_is_no_database_is_one_line(project, monkeypatch, capsys):
+    garbage = project.root / "garbage.db"
+    garbage.write_bytes(bytes(range(256)) * 20)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{garbage}")
+    code = main(["train", "--params", str(project.params_file), "--root", str(project.root)])
+    err = error_line(capsys.readouterr().err)
+    assert code == 1
+    assert err == (
+        f"error: MLflow store sqlite:///{garbage}: cannot be opened (file is not a database); check MLFLOW_TRACKING_URI"
+    )
+    assert not (project.models / "model.pt").exists()
+
+
+class _SomeWebPage(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):  # noqa: N802
+        body = b"<!DOCTYPE html>\n<html><body>Not Found</body></html>\n"
+        self.send_response(404)
+        self.send_header("Content-Type", "text/html; charset=utf-8")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args):
+        pass
+
+
+def test_a_web_server_that_is_not_mlflow_is_one_line(project, monkeypatch, capsys):
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _SomeWebPage)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        uri = f"http://127.0.0.1:{server.server_address[1]}"
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+        code = main(["train", "--params", str(project.params_file), "--root", str(project.root)])
+    finally:
+        server.shutdown()
+        server.server_close()
+    err = error_line(capsys.readouterr().err)
+    assert code == 1
+    assert err == (
+        f"error: tracking server {uri}: not an MLflow tracking server (HTTP 404, text/html); check MLFLOW_TRACKING_URI"
+    )
 
 
 class _Refusing(http.server.BaseHTTPRequestHandler):

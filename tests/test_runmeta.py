@@ -50,3 +50,5 @@ def test_description_says_pending_until_evaluated_then_leads_with_test_accuracy(
     assert "commit 1766d62abc with uncommitted changes" in trained and "Launched by dvc repro." in trained
     evaluated = runmeta.description({**facts, "test_acc": 98.984, "test_loss": 0.0312})
     assert evaluated.startswith("**Test accuracy 98.98%** (loss 0.0312) on mnist.")
+    by_accuracy = runmeta.description({**facts, "train.monitor": "val_acc", "best_val_acc": 99.25})
+    assert "Best epoch 5 by validation accuracy (99.25%, loss 0.0301); stopped after epoch 20 of 50." in by_accuracy

@@ -1,5 +1,6 @@
 """MLflow against a real SQLite store in the test's tmp dir: one run per training, across stages."""
 
+import json
 import signal
 import subprocess
 import sys
@@ -46,6 +47,9 @@ def test_train_then_evaluate_is_one_finished_run_with_everything(project, tiny_p
     assert metrics["test_acc"] == evaluation.metrics["test"]["accuracy"]
     assert metrics["final_train_loss"] == evaluation.metrics["train"]["loss"]
     assert metrics["best_epoch"] == result.best_epoch and metrics["stopped_epoch"] == 2
+    assert metrics["best_val_acc"] == pytest.approx(result.best_val_acc)
+    info = json.loads((project.models / "train.json").read_text())
+    assert (info["monitor"], info["best_val_acc"]) == ("val_loss", pytest.approx(result.best_val_acc))
 
     tags = run.data.tags
     assert tags["dataset"] == "mnist" and "git_commit" in tags and "git_dirty" in tags

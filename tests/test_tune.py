@@ -78,6 +78,7 @@ def check_study_and_runs(root: Path, n_trials: int, epochs: int) -> tuple[optuna
         assert trial.user_attrs[RUN_ATTR] == child.info.run_id
         assert {k: float(child.data.params[k]) for k in trial.params} == pytest.approx(trial.params)
         assert child.data.params["train.epochs"] == str(epochs)
+        assert child.data.params["train.monitor"] == "val_loss"  # the study's value is the loss it kept
         steps = [m.step for m in client.get_metric_history(child.info.run_id, "val_loss")]
         if trial.state == TrialState.COMPLETE:
             assert (child.info.status, child.data.tags["optuna.state"]) == ("FINISHED", "complete")
@@ -122,7 +123,7 @@ def test_tune_runs_a_study_with_pruning_and_nested_runs(project, monkeypatch):
     for name in calls:
         monkeypatch.setattr(tune_module, name, counted(name))
     write_tune_params(project.params_file)
-    params = load_params(project.params_file)
+    params = load_params(project.params_file, {"train.monitor": "val_acc"})  # trials keep by loss all the same
     cfg = load_tune(project.params_file, params)
     result = tune(params, cfg, project.root, show_progress=False)
 
@@ -206,6 +207,10 @@ def test_two_workers_share_one_study_and_one_parent_run(project):
             "tune.space.seed: not searchable (a seed that happens to score well is luck, not a better configuration)",
         ),
         ({"space": {"train.epochs": {"low": 1, "high": 9}}}, "tune.space.train.epochs: not searchable (trial epochs"),
+        (
+            {"space": {"train.monitor": {"choices": ["val_loss", "val_acc"]}}},
+            "tune.space.train.monitor: not searchable",
+        ),
     ],
 )
 def test_bad_tune_section_is_one_line_and_exit_2_before_any_trial(project, capsys, tune, message):

@@ -273,7 +273,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         run_stages(args.stage, args, parse_overrides(extra))
     except ConfigError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {one_line(exc)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
@@ -281,7 +281,7 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as exc:
         if not _is_expected(exc):
             raise
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {one_line(exc)}", file=sys.stderr)
         return 1
     finally:
         signal.signal(signal.SIGTERM, previous)

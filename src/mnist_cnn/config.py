@@ -263,7 +263,11 @@ def _read_yaml(path: Path) -> Any:
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError(f"{path}: cannot read params file ({getattr(exc, 'strerror', None) or exc})") from None
     except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
+        # PyYAML's first line is the context ("while scanning ..."); the problem and its place say more.
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        mark = getattr(exc, "problem_mark", None)
+        where = f", line {mark.line + 1} column {mark.column + 1}" if mark is not None else ""
+        raise ConfigError(f"{path}: not valid YAML ({problem}{where})") from None
 
 
 def load_params(path: Path, overrides: Mapping[str, Any] | None = None) -> Params:
@@ -349,6 +353,7 @@ TUNE_KEYS = (
 # they would be logged and recommended while every trial trained the same way.
 NOT_SEARCHABLE = {
     "train.epochs": "trial epochs are tune.epochs",
+    "train.monitor": "the study minimises the validation loss, so trials keep their weights by it",
     "train.device": "every trial trains on the worker's device; set it with --train.device",
     "train.precision": "every trial trains in the worker's precision; set it with --train.precision",
     "train.processes": "each trial trains in one process; start several tune workers instead",

@@ -118,7 +118,8 @@ PROCESS_LIMIT_REASON = {
 
 
 def usable_cores() -> int:
-    """The CPU cores this process may run on: a container's or taskset's share, not the host's count."""
+    """The CPU cores this process may run on (a taskset's or cpuset's share, not the host's count; a
+    CPU quota such as docker's ``--cpus`` is not seen)."""
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 

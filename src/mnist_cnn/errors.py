@@ -1,6 +1,8 @@
-"""How an exception reads in a one-line error."""
+"""How an exception, or a URL with a password, reads in a one-line error."""
 
 from __future__ import annotations
+
+import re
 
 
 def one_line(exc: BaseException) -> str:
@@ -9,3 +11,13 @@ def one_line(exc: BaseException) -> str:
     the single line a user reads."""
     text = str(getattr(exc, "message", exc)).strip()
     return text.splitlines()[0].strip() if text else type(exc).__name__
+
+
+def masked(url: str) -> str:
+    """``url`` without its password: ``postgresql://bob:***@host/db``."""
+    return re.sub(r"(://[^:/@]+):[^@]*@", r"\1:***@", url)
+
+
+def without_driver_prefix(reason: str) -> str:
+    """SQLAlchemy's ``(sqlite3.DatabaseError) file is not a database`` without the driver's class."""
+    return re.sub(r"^\([\w.]+\) ", "", reason)

@@ -134,6 +134,7 @@ def run_train(
                 "best_epoch": result.best_epoch,
                 "stopped_epoch": result.stopped_epoch,
                 "best_val_loss": result.best_val_loss,
+                "best_val_acc": result.best_val_acc,
                 "train_seconds": result.train_seconds,
             }
         )
@@ -142,6 +143,8 @@ def run_train(
         figures.close(fig)
         tracking.describe_active_run()
         write_train_info(result, paths.models, run_id, params.train)
+        # Last: a kill before this line leaves the checkpoint, and the rerun records what is missing.
+        checkpoint_path.unlink(missing_ok=True)
     return run_id, result
 
 

@@ -6,9 +6,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 
 from . import tracking
-from .errors import one_line
+from .errors import masked, one_line
 from .images import ImageError, image_files, load_digit
 
 DEFAULT_MODEL_URI = "models:/mnist-cnn@champion"
@@ -41,11 +42,17 @@ def load_model(model_uri: str):
                 f"{model_uri}: no MLflow store at {store}; run in the project directory or set MLFLOW_TRACKING_URI"
             )
         tracking.configure()
-        where = f" (store {uri})"
+        where = f" (store {masked(uri)})"
     try:
         return mlflow.pyfunc.load_model(model_uri)
     except (MlflowException, ValueError, OSError) as exc:
         raise RuntimeError(f"--model-uri {model_uri}{where}: {one_line(exc)}") from exc
+
+
+def _is_digit_table(answer: object, rows: int) -> bool:
+    """Whether ``answer`` is what the registered mnist-cnn pyfunc returns for ``rows`` images."""
+    columns = {"digit", "probability", *(f"p{k}" for k in range(10))}
+    return isinstance(answer, pd.DataFrame) and columns <= set(answer.columns) and len(answer) == rows
 
 
 def predict(paths: list[Path], model_uri: str = DEFAULT_MODEL_URI) -> list[Prediction]:
@@ -62,6 +69,11 @@ def predict(paths: list[Path], model_uri: str = DEFAULT_MODEL_URI) -> list[Predi
     rows = {}
     if loaded:
         answer = load_model(model_uri).predict(np.stack(list(loaded.values())))
+        if not _is_digit_table(answer, len(loaded)):
+            raise RuntimeError(
+                f"--model-uri {model_uri}: not an mnist-cnn model (its answer has no digit, probability and"
+                " p0..p9 columns, one row per image)"
+            )
         rows = dict(zip(loaded, answer.itertuples(index=False), strict=True))
     results = []
     for path in files:

@@ -84,8 +84,11 @@ def description(facts: Mapping[str, Any]) -> str:
     if best is not None and stopped is not None:
         budget = _number(facts, "train.epochs")
         of = f" of {budget:.0f}" if budget is not None else ""
-        val = _number(facts, "best_val_loss")
+        val, acc = _number(facts, "best_val_loss"), _number(facts, "best_val_acc")
         val_text = f", validation loss {val:.4f}" if val is not None else ""
+        if facts.get("train.monitor") == "val_acc" and acc is not None:
+            loss = f", loss {val:.4f}" if val is not None else ""
+            val_text = f" by validation accuracy ({acc:.2f}%{loss})"
         sentences.append(f"Best epoch {best:.0f}{val_text}; stopped after epoch {stopped:.0f}{of}.")
     seconds = _number(facts, "train_seconds")
     if "device" in facts:

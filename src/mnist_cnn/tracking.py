@@ -28,7 +28,7 @@ from mlflow.tracking import MlflowClient
 
 from . import distributed, runmeta
 from .config import parse_value
-from .errors import one_line
+from .errors import masked, one_line, without_driver_prefix
 
 log = logging.getLogger(__name__)
 
@@ -141,10 +141,16 @@ def registry_lock(wait_s: float = 300.0, stale_s: float = 120.0) -> Iterator[Non
 def create_store(uri: str) -> None:
     """Create (or migrate) the SQLite store's tables under the lock: processes that open a new store at
     once otherwise race in MLflow's schema creation (``duplicate column name: step``)."""
+    from sqlalchemy.exc import SQLAlchemyError
+
     with store_lock(uri):
         client = MlflowClient(uri, uri)
-        client.search_experiments(max_results=1)
-        client.search_registered_models(max_results=1)
+        try:
+            client.search_experiments(max_results=1)
+            client.search_registered_models(max_results=1)
+        except (SQLAlchemyError, MlflowException) as exc:  # not a database, a directory, no permission
+            reason = without_driver_prefix(one_line(exc))
+            raise TrackingError(f"MLflow store {uri}: cannot be opened ({reason}); check MLFLOW_TRACKING_URI") from None
 
 
 def check_server(uri: str, timeout: float = PREFLIGHT_TIMEOUT_S) -> None:
@@ -168,14 +174,24 @@ def check_server(uri: str, timeout: float = PREFLIGHT_TIMEOUT_S) -> None:
             reason = "connection refused"
         elif "timed out" in reason.lower() or "timeout" in reason.lower():
             reason = f"no answer in {timeout:.0f} s"
-        raise TrackingError(f"tracking server {uri}: unreachable ({reason}); check MLFLOW_TRACKING_URI") from None
+        raise TrackingError(
+            f"tracking server {masked(uri)}: unreachable ({reason}); check MLFLOW_TRACKING_URI"
+        ) from None
     if response.status_code in (401, 403):
         raise TrackingError(
-            f"tracking server {uri}: refused the login (HTTP {response.status_code}); "
+            f"tracking server {masked(uri)}: refused the login (HTTP {response.status_code}); "
             "set MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD"
         )
     if response.status_code >= 500:
-        raise TrackingError(f"tracking server {uri}: answered HTTP {response.status_code}; check the server's log")
+        raise TrackingError(
+            f"tracking server {masked(uri)}: answered HTTP {response.status_code}; check the server's log"
+        )
+    kind = response.headers.get("Content-Type", "").split(";")[0].strip()
+    if kind != "application/json":  # MLflow answers JSON, errors included; this is some other web server
+        raise TrackingError(
+            f"tracking server {masked(uri)}: not an MLflow tracking server (HTTP {response.status_code},"
+            f" {kind or 'no content type'}); check MLFLOW_TRACKING_URI"
+        )
 
 
 def experiment_id(name: str, root: Path | None = None) -> str:

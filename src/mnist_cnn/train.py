@@ -50,7 +50,9 @@ class EpochStats:
 class TrainResult:
     best_epoch: int
     stopped_epoch: int
-    best_val_loss: float
+    best_val_loss: float  # the kept epoch's (the lowest only with monitor val_loss)
+    best_val_acc: float  # the kept epoch's
+    monitor: str
     device: str
     precision: str
     train_seconds: float
@@ -489,9 +491,10 @@ def fit(
         if _early_stop(epoch, loop.best_epoch, cfg.patience):
             log.log(
                 logging.INFO if world.is_main else logging.DEBUG,
-                "early stop: no better %s in %d epochs; best epoch %d",
+                "early stop: no better %s in %d epoch%s; best epoch %d",
                 "validation loss" if cfg.monitor == "val_loss" else "validation accuracy",
                 cfg.patience,
+                "" if cfg.patience == 1 else "s",
                 loop.best_epoch,
             )
             break
@@ -504,6 +507,8 @@ def fit(
         best_epoch=loop.best_epoch,
         stopped_epoch=history[-1].epoch,
         best_val_loss=loop.best_loss,
+        best_val_acc=loop.best_acc,
+        monitor=cfg.monitor,
         device=device.type,
         precision=precision,
         train_seconds=loop.seconds_before + time.perf_counter() - started,
@@ -542,7 +547,8 @@ def train(
     """Train on ``data_dir``; write the best weights (a state_dict) and the per-epoch history.
 
     The data files are checked against their expected MD5s first. With ``checkpointing``, the
-    checkpoint is removed once the weights are written. Of several processes, rank 0 writes.
+    checkpoint stays: the caller removes it once everything of the run is recorded (a kill before
+    that resumes, with nothing left to train). Of several processes, rank 0 writes.
     """
     verified_md5s(data_dir, params.data.dataset)
     device = device_for(world, select_device(params.train.device))
@@ -569,8 +575,6 @@ def train(
     cpu_state = {k: v.detach().cpu() for k, v in net.state_dict().items()}
     save_torch(Path(model_dir) / layout.WEIGHTS.name, cpu_state)
     layout.write_text_atomic(Path(reports_dir) / layout.HISTORY.name, history_csv(result.history))
-    if checkpointing is not None:
-        checkpointing.path.unlink(missing_ok=True)
     return result
 
 
@@ -578,5 +582,5 @@ def write_train_info(result: TrainResult, model_dir: Path, run_id: str | None, c
     """``train.json``: the result, the MLflow run, and the split the weights were trained on (evaluate
     refuses another split: its "validation" set would overlap the training data)."""
     info = {k: v for k, v in asdict(result).items() if k != "history"}
-    info.update(run_id=run_id, val_split=cfg.val_split, seed=cfg.seed)
+    info.update(run_id=run_id, val_split=cfg.val_split, seed=cfg.seed)  # `monitor` comes with the result
     layout.write_text_atomic(Path(model_dir) / layout.TRAIN_INFO.name, json.dumps(info, indent=2) + "\n")

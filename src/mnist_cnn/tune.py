@@ -14,7 +14,6 @@ import json
 import logging
 import os
 import random
-import re
 import time
 import warnings
 from collections.abc import Mapping
@@ -34,7 +33,7 @@ from optuna.trial import TrialState
 from . import figures, layout, tracking
 from .config import TUNABLE_SECTIONS, ConfigError, Params, SearchParam, TuneConfig, flatten, with_values
 from .data import verified_md5s
-from .errors import one_line
+from .errors import masked, one_line, without_driver_prefix
 from .runtime import select_device, select_precision
 from .train import EpochStats, Tensors, fit, load_train_val
 
@@ -62,11 +61,6 @@ class TuneResult:
     best_value: float | None
     best_params: dict[str, Any]
     best_params_written: bool  # only the worker that finishes last writes reports/best_params.yaml
-
-
-def masked(url: str) -> str:
-    """``url`` without its password: ``postgresql://bob:***@host/db``."""
-    return re.sub(r"(://[^:/@]+):[^@]*@", r"\1:***@", url)
 
 
 def is_url(storage: str) -> bool:
@@ -98,7 +92,7 @@ def open_storage(
     try:
         opened = optuna.storages.RDBStorage(storage, engine_kwargs=engine_kwargs)
     except Exception as exc:  # driver missing, host down, login refused: one line, before any trial
-        reason = re.sub(r"^\([\w.]+\) ", "", one_line(exc))  # SQLAlchemy's "(psycopg.OperationalError) " prefix
+        reason = without_driver_prefix(one_line(exc))
         raise TuneError(f"tune.storage = {masked(storage)!r}: cannot be reached ({reason})") from None
     return opened, DatabaseLock(opened, f"{study_name}.workers-lock")
 
@@ -314,7 +308,8 @@ def _run_trial(
 ) -> float:
     """One trial in its child run: the sampled values, the real ``fit`` for ``tune.epochs`` epochs."""
     values = {p.key: trial.params[p.key] for p in cfg.space}
-    trial_params = with_values(params, {**values, "train.epochs": cfg.epochs})
+    # A trial's value is the validation loss of the epoch it keeps, so it keeps the lowest one.
+    trial_params = with_values(params, {**values, "train.epochs": cfg.epochs, "train.monitor": "val_loss"})
     tags = {"optuna.study_name": cfg.study_name, "optuna.trial_number": str(trial.number)}
     with tracking.run(
         params.mlflow.experiment,
