@@ -272,10 +272,26 @@ def test_augmented_ema_batchnorm_training_repeats_and_saves_the_validated_averag
     assert val_loss == pytest.approx(result.best_val_loss, rel=1e-5)  # the saved weights are those validated
 
 
+def test_the_last_clean_epochs_draw_no_augmentation(project, tiny_params, monkeypatch):
+    import mnist_cnn.train as train_module
+
+    batches_per_epoch = -(-1200 // tiny_params.train.batch_size)
+    distorted = []
+    real = train_module.random_distort
+    monkeypatch.setattr(train_module, "random_distort", lambda x, *a: distorted.append(len(x)) or real(x, *a))
+    train_data, val_data = load_train_val(project.data, "mnist", 0.2, 1, torch.device("cpu"))
+    for clean, augmented_epochs in ((1, 2), (0, 3)):
+        distorted.clear()
+        cfg = dataclasses.replace(tiny_params.train, epochs=3, augment_shift=2, augment_clean_epochs=clean)
+        fit(dataclasses.replace(tiny_params, train=cfg), train_data, val_data, torch.device("cpu"), "fp32", None, False)
+        assert (len(distorted), sum(distorted)) == (augmented_epochs * batches_per_epoch, augmented_epochs * 1200)
+
+
 @pytest.mark.parametrize(
     ("key", "value", "expected"),
     [
         ("train.augment_shift", -1.0, "pixels in [0, 14]"),
+        ("train.augment_clean_epochs", -1, "an integer >= 0"),
         ("train.augment_scale", 1.5, "a number in [0, 1)"),
         ("train.augment_elastic", -3.0, "pixels in [0, 100]"),
         ("train.augment_elastic_sigma", 0.0, "pixels in (0, 14]"),

@@ -128,6 +128,7 @@ class TrainConfig:
     augment_scale: float
     augment_elastic: float
     augment_elastic_sigma: float
+    augment_clean_epochs: int
     ema_decay: float
     processes: int
 
@@ -157,6 +158,9 @@ class TrainConfig:
             "train.augment_elastic_sigma",
             self.augment_elastic_sigma,
             "pixels in (0, 14]",
+        )
+        _require(
+            self.augment_clean_epochs >= 0, "train.augment_clean_epochs", self.augment_clean_epochs, "an integer >= 0"
         )
         _require(0 <= self.ema_decay < 1, "train.ema_decay", self.ema_decay, "a number in [0, 1) (0: off)")
         _require(self.processes >= 1, "train.processes", self.processes, "an integer >= 1")

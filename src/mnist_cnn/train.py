@@ -463,7 +463,7 @@ def fit(
                 scaler,
                 bar,
                 world,
-                augmentation,
+                augmentation if epoch <= cfg.epochs - cfg.augment_clean_epochs else None,
                 ema,
             )
         val_loss, val_acc = validate(scored, val_data, params.evaluate.batch_size, precision, world)
