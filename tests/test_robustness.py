@@ -205,13 +205,14 @@ def test_a_crash_after_the_weights_are_written_resumes_with_nothing_to_train(pro
     def crash(*args, **kwargs):
         raise RuntimeError("killed while recording")
 
+    write_train_info = pipeline_module.write_train_info
     monkeypatch.setattr(pipeline_module, "write_train_info", crash)
     with pytest.raises(RuntimeError, match="killed while recording"):
         pipeline.run_train(tiny_params, project, show_progress=False)
     assert (project.models / "model.pt").exists() and (project.models / "checkpoint.pt").exists()
     assert not (project.models / "train.json").exists()
     (crashed,) = the_runs()
-    monkeypatch.undo()
+    monkeypatch.setattr(pipeline_module, "write_train_info", write_train_info)
 
     run_id, result = pipeline.run_train(tiny_params, project, show_progress=False)
     assert run_id == crashed.info.run_id and MlflowClient().get_run(run_id).info.status == "FINISHED"

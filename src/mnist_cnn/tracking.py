@@ -144,8 +144,8 @@ def create_store(uri: str) -> None:
     from sqlalchemy.exc import SQLAlchemyError
 
     with store_lock(uri):
-        client = MlflowClient(uri, uri)
         try:
+            client = MlflowClient(uri, uri)  # opens the database (and creates its tables) right here
             client.search_experiments(max_results=1)
             client.search_registered_models(max_results=1)
         except (SQLAlchemyError, MlflowException) as exc:  # not a database, a directory, no permission
