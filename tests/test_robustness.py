@@ -275,16 +275,21 @@ class _SomeWebPage(http.server.BaseHTTPRequestHandler):
         pass
 
 
-def test_a_web_server_that_is_not_mlflow_is_one_line(project, monkeypatch, capsys):
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _SomeWebPage)
+def train_against(handler: type, project, monkeypatch) -> tuple[int, str]:
+    """The train stage's exit code with ``MLFLOW_TRACKING_URI`` at a local server answering with ``handler``."""
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     try:
         uri = f"http://127.0.0.1:{server.server_address[1]}"
         monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
-        code = main(["train", "--params", str(project.params_file), "--root", str(project.root)])
+        return main(["train", "--params", str(project.params_file), "--root", str(project.root)]), uri
     finally:
         server.shutdown()
         server.server_close()
+
+
+def test_a_web_server_that_is_not_mlflow_is_one_line(project, monkeypatch, capsys):
+    code, uri = train_against(_SomeWebPage, project, monkeypatch)
     err = error_line(capsys.readouterr().err)
     assert code == 1
     assert err == (
@@ -303,16 +308,7 @@ class _Refusing(http.server.BaseHTTPRequestHandler):
 
 
 def test_refusing_tracking_server_names_the_login(project, monkeypatch, capsys):
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Refusing)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        uri = f"http://127.0.0.1:{server.server_address[1]}"
-        monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
-        code = main(["train", "--params", str(project.params_file), "--root", str(project.root)])
-    finally:
-        server.shutdown()
-        server.server_close()
+    code, uri = train_against(_Refusing, project, monkeypatch)
     err = error_line(capsys.readouterr().err)
     assert code == 1
     assert err == (
