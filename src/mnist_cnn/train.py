@@ -52,7 +52,6 @@ class TrainResult:
     stopped_epoch: int
     best_val_loss: float  # the kept epoch's (the lowest only with monitor val_loss)
     best_val_acc: float  # the kept epoch's
-    monitor: str
     device: str
     precision: str
     train_seconds: float
@@ -508,7 +507,6 @@ def fit(
         stopped_epoch=history[-1].epoch,
         best_val_loss=loop.best_loss,
         best_val_acc=loop.best_acc,
-        monitor=cfg.monitor,
         device=device.type,
         precision=precision,
         train_seconds=loop.seconds_before + time.perf_counter() - started,
@@ -582,5 +580,5 @@ def write_train_info(result: TrainResult, model_dir: Path, run_id: str | None, c
     """``train.json``: the result, the MLflow run, and the split the weights were trained on (evaluate
     refuses another split: its "validation" set would overlap the training data)."""
     info = {k: v for k, v in asdict(result).items() if k != "history"}
-    info.update(run_id=run_id, val_split=cfg.val_split, seed=cfg.seed)  # `monitor` comes with the result
+    info.update(run_id=run_id, val_split=cfg.val_split, seed=cfg.seed, monitor=cfg.monitor)
     layout.write_text_atomic(Path(model_dir) / layout.TRAIN_INFO.name, json.dumps(info, indent=2) + "\n")
