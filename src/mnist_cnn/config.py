@@ -12,6 +12,8 @@ from typing import Any, get_type_hints
 
 import yaml
 
+from .errors import one_line
+
 DATASETS = ("mnist", "fashion-mnist")
 DEVICES = ("auto", "cpu", "cuda", "mps")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
@@ -268,7 +270,7 @@ def _read_yaml(path: Path) -> Any:
         raise ConfigError(f"{path}: cannot read params file ({getattr(exc, 'strerror', None) or exc})") from None
     except yaml.YAMLError as exc:
         # PyYAML's first line is the context ("while scanning ..."); the problem and its place say more.
-        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        problem = getattr(exc, "problem", None) or one_line(exc)
         mark = getattr(exc, "problem_mark", None)
         where = f", line {mark.line + 1} column {mark.column + 1}" if mark is not None else ""
         raise ConfigError(f"{path}: not valid YAML ({problem}{where})") from None

@@ -159,6 +159,7 @@ def check_server(uri: str, timeout: float = PREFLIGHT_TIMEOUT_S) -> None:
     from mlflow.tracking._tracking_service.utils import get_default_host_creds
     from mlflow.utils.rest_utils import http_request
 
+    server = f"tracking server {masked(uri)}"  # never print a password from the URI
     try:
         response = http_request(
             get_default_host_creds(uri),
@@ -174,22 +175,18 @@ def check_server(uri: str, timeout: float = PREFLIGHT_TIMEOUT_S) -> None:
             reason = "connection refused"
         elif "timed out" in reason.lower() or "timeout" in reason.lower():
             reason = f"no answer in {timeout:.0f} s"
-        raise TrackingError(
-            f"tracking server {masked(uri)}: unreachable ({reason}); check MLFLOW_TRACKING_URI"
-        ) from None
+        raise TrackingError(f"{server}: unreachable ({reason}); check MLFLOW_TRACKING_URI") from None
     if response.status_code in (401, 403):
         raise TrackingError(
-            f"tracking server {masked(uri)}: refused the login (HTTP {response.status_code}); "
+            f"{server}: refused the login (HTTP {response.status_code}); "
             "set MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD"
         )
     if response.status_code >= 500:
-        raise TrackingError(
-            f"tracking server {masked(uri)}: answered HTTP {response.status_code}; check the server's log"
-        )
+        raise TrackingError(f"{server}: answered HTTP {response.status_code}; check the server's log")
     kind = response.headers.get("Content-Type", "").split(";")[0].strip()
     if kind != "application/json":  # MLflow answers JSON, errors included; this is some other web server
         raise TrackingError(
-            f"tracking server {masked(uri)}: not an MLflow tracking server (HTTP {response.status_code},"
+            f"{server}: not an MLflow tracking server (HTTP {response.status_code},"
             f" {kind or 'no content type'}); check MLFLOW_TRACKING_URI"
         )
 
