@@ -207,10 +207,13 @@ def test_a_crash_after_the_weights_are_written_resumes_with_nothing_to_train(pro
 
     write_train_info = pipeline_module.write_train_info
     monkeypatch.setattr(pipeline_module, "write_train_info", crash)
+    stale = project.models / "train.json"  # an earlier training's, naming its run
+    stale.parent.mkdir(parents=True, exist_ok=True)
+    stale.write_text('{"run_id": "0123456789abcdef", "val_split": 0.2, "seed": 1}\n')
     with pytest.raises(RuntimeError, match="killed while recording"):
         pipeline.run_train(tiny_params, project, show_progress=False)
     assert (project.models / "model.pt").exists() and (project.models / "checkpoint.pt").exists()
-    assert not (project.models / "train.json").exists()
+    assert not stale.exists()  # evaluate cannot file the new weights under the old run
     (crashed,) = the_runs()
     monkeypatch.setattr(pipeline_module, "write_train_info", write_train_info)
 
@@ -247,6 +250,12 @@ def test_unreachable_tracking_server_fails_in_seconds_with_one_line(project, mon
         " check MLFLOW_TRACKING_URI"
     )
     assert not (project.models / "model.pt").exists()
+
+
+def test_a_password_in_the_tracking_uri_stays_out_of_every_reason():
+    with pytest.raises(tracking.TrackingError) as caught:  # an invalid port: MLflow's text quotes the URL
+        tracking.check_server("http://bob:s3cret@127.0.0.1:99999")
+    assert "s3cret" not in str(caught.value) and "bob:***@127.0.0.1:99999" in str(caught.value)
 
 
 def test_a_store_that_is_no_database_is_one_line(project, monkeypatch, capsys):

@@ -125,6 +125,9 @@ def run_train(
             tracking.log_missing_epochs(state["history"])
             mlflow.set_tag("resumed_after_epoch", str(state["epoch"]))
         checkpointing = Checkpointing(checkpoint_path, fingerprint, run_id, state)
+        # The old train.json names the run of the weights about to be replaced: a kill after the new
+        # weights are written must not let evaluate file them under that run.
+        (paths.models / layout.TRAIN_INFO.name).unlink(missing_ok=True)
         result = train(
             params, paths.data, paths.models, paths.reports, tracking.EpochLogger(), show_progress, checkpointing, world
         )

@@ -170,7 +170,7 @@ def check_server(uri: str, timeout: float = PREFLIGHT_TIMEOUT_S) -> None:
             params={"experiment_name": "Default"},
         )
     except (requests.exceptions.RequestException, MlflowException, OSError) as exc:
-        reason = one_line(exc)
+        reason = masked(one_line(exc))  # MLflow's text repeats the URL, password included
         if "Connection refused" in reason:
             reason = "connection refused"
         elif "timed out" in reason.lower() or "timeout" in reason.lower():
@@ -183,7 +183,7 @@ def check_server(uri: str, timeout: float = PREFLIGHT_TIMEOUT_S) -> None:
         )
     if response.status_code >= 500:
         raise TrackingError(f"{server}: answered HTTP {response.status_code}; check the server's log")
-    kind = response.headers.get("Content-Type", "").split(";")[0].strip()
+    kind = response.headers.get("Content-Type", "").split(";")[0].strip().lower()  # media types ignore case
     if kind != "application/json":  # MLflow answers JSON, errors included; this is some other web server
         raise TrackingError(
             f"{server}: not an MLflow tracking server (HTTP {response.status_code},"
