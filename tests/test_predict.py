@@ -20,7 +20,7 @@ from scipy import ndimage
 
 from mnist_cnn.data import load_split
 from mnist_cnn.images import BOX, MAX_PIXELS, ImageError, load_digit, mnist_like
-from mnist_cnn.predict import predict
+from mnist_cnn.predict import load_model, predict
 
 INK, PAPER = np.array([20, 30, 120]), np.array([250, 240, 200])  # blue ink on cream paper
 
@@ -241,6 +241,19 @@ def test_no_store_here_is_said_without_creating_one(digits, tmp_path):
         "run in the project directory or set MLFLOW_TRACKING_URI"
     )
     assert not list(tmp_path.iterdir())
+
+
+def test_an_empty_store_file_is_said_and_left_empty(tmp_path, monkeypatch):
+    store = tmp_path / "mlflow.db"
+    store.touch()  # e.g. left by a tool that crashed before writing: opening it would fill it with tables
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{store}")
+    with pytest.raises(RuntimeError) as caught:
+        load_model("models:/mnist-cnn@champion")
+    assert str(caught.value) == (
+        f"models:/mnist-cnn@champion: no MLflow store at {store} (an empty file); "
+        "run in the project directory or set MLFLOW_TRACKING_URI"
+    )
+    assert store.stat().st_size == 0
 
 
 def test_a_model_uri_that_is_no_model_is_one_line(digits, champion_env):

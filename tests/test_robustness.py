@@ -271,6 +271,32 @@ def test_a_store_that_is_no_database_is_one_line(project, monkeypatch, capsys):
     assert not (project.models / "model.pt").exists()
 
 
+def test_a_store_path_that_is_a_directory_is_one_line_at_once(project, monkeypatch, capsys):
+    folder = project.root / "stores"
+    folder.mkdir()
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{folder}")
+    start = time.monotonic()
+    code = main(["train", "--params", str(project.params_file), "--root", str(project.root)])
+    assert code == 1 and time.monotonic() - start < 30  # MLflow's engine alone retries for about 2 minutes
+    assert error_line(capsys.readouterr().err) == (
+        f"error: MLflow store sqlite:///{folder}: {folder} is a directory, not a SQLite file; check MLFLOW_TRACKING_URI"
+    )
+    assert list(folder.iterdir()) == []
+
+
+def test_a_store_below_a_file_is_one_line_and_creates_nothing(project, monkeypatch, capsys):
+    notes = project.root / "notes.txt"
+    notes.write_text("not a folder")
+    store = notes / "typo" / "mlflow.db"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{store}")
+    code = main(["train", "--params", str(project.params_file), "--root", str(project.root)])
+    assert code == 1
+    assert error_line(capsys.readouterr().err) == (
+        f"error: MLflow store sqlite:///{store}: {notes} is a file, not a directory; check MLFLOW_TRACKING_URI"
+    )
+    assert notes.read_text() == "not a folder" and not (project.models / "model.pt").exists()
+
+
 class _SomeWebPage(http.server.BaseHTTPRequestHandler):
     def do_GET(self):  # noqa: N802
         body = b"<!DOCTYPE html>\n<html><body>Not Found</body></html>\n"

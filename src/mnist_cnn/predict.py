@@ -37,9 +37,12 @@ def load_model(model_uri: str):
     if model_uri.startswith(STORE_SCHEMES):
         uri = tracking.tracking_uri()
         store = tracking.sqlite_path(uri)
-        if store is not None and not store.is_file():  # opening it would create an empty store here
+        # Opening a missing (or 0-byte) file would make an empty store of it.
+        if store is not None and (not store.is_file() or store.stat().st_size == 0):
+            empty = " (an empty file)" if store.is_file() else ""
             raise RuntimeError(
-                f"{model_uri}: no MLflow store at {store}; run in the project directory or set MLFLOW_TRACKING_URI"
+                f"{model_uri}: no MLflow store at {store}{empty}; "
+                "run in the project directory or set MLFLOW_TRACKING_URI"
             )
         tracking.configure()
         where = f" (store {masked(uri)})"

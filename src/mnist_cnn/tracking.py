@@ -102,8 +102,23 @@ def store_lock(uri: str | None = None) -> contextlib.AbstractContextManager:
     path = sqlite_path(uri)
     if path is None:
         return registry_lock() if uri.startswith(("http://", "https://")) else contextlib.nullcontext()
-    path.parent.mkdir(parents=True, exist_ok=True)
+    check_store_path(path, uri)
+    path.parent.mkdir(parents=True, exist_ok=True)  # a new store in a new folder is fine
     return FileLock(str(path) + ".lock", timeout=300)
+
+
+def check_store_path(path: Path, uri: str) -> None:
+    """Said before MLflow opens it: given a directory, its engine retries for about two minutes, and
+    a file where a folder should be ends in a raw ``File exists``."""
+    if path.is_dir():
+        raise TrackingError(f"MLflow store {uri}: {path} is a directory, not a SQLite file; check MLFLOW_TRACKING_URI")
+    for parent in path.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise TrackingError(
+                    f"MLflow store {uri}: {parent} is a file, not a directory; check MLFLOW_TRACKING_URI"
+                )
+            return
 
 
 LOCK_MODEL = "mnist-cnn.promotion-lock"
