@@ -90,6 +90,25 @@ def test_one_line_takes_the_first_line_mlflows_message_or_the_type():
     assert one_line(OSError()) == "OSError"
 
 
+def test_a_key_given_twice_is_refused_with_both_lines(tmp_path: Path):
+    params = tmp_path / "params.yaml"
+    params.write_text("train:\n  lr: 0.43\n  epochs: 3\n  lr: 0.1\n")  # PyYAML alone would keep 0.1
+    with pytest.raises(ConfigError) as caught:
+        load_params(params)
+    assert str(caught.value) == f"{params}: not valid YAML (duplicate key 'lr' (first on line 2), line 4 column 3)"
+
+
+def test_an_unclosed_quote_names_where_it_opened(tmp_path: Path):
+    params = tmp_path / "params.yaml"
+    params.write_text('data:\n  dataset: "mnist\ntrain:\n  lr: 0.43\n')
+    with pytest.raises(ConfigError) as caught:
+        load_params(params)
+    assert str(caught.value) == (
+        f"{params}: not valid YAML (found unexpected end of stream, line 5 column 1; "
+        "while scanning a quoted scalar at line 2 column 12)"
+    )
+
+
 def test_invalid_yaml_names_the_problem_and_its_line(tmp_path: Path):
     params = tmp_path / "params.yaml"
     params.write_text("train:\n  lr: 0.43\n\tepochs: 3\n")  # a tab where YAML wants spaces

@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Hashable, Mapping, Sequence
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, get_type_hints
@@ -51,7 +51,21 @@ class _Yaml12Loader(yaml.SafeLoader):
     """PyYAML's safe loader, but floats as YAML 1.2 (and every other tool) reads them.
 
     PyYAML implements YAML 1.1, where ``1e-3`` (no dot) is a string; users write ``lr: 1e-3``.
+    A key given twice in one mapping is refused, as DVC refuses the same file (PyYAML keeps the last).
     """
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        first_line: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            if isinstance(key, Hashable):
+                if key in first_line:
+                    raise yaml.constructor.ConstructorError(
+                        problem=f"duplicate key {key!r} (first on line {first_line[key]})",
+                        problem_mark=key_node.start_mark,
+                    )
+                first_line[key] = key_node.start_mark.line + 1
+        return super().construct_mapping(node, deep=deep)
 
 
 _Yaml12Loader.yaml_implicit_resolvers = {
@@ -273,6 +287,10 @@ def _read_yaml(path: Path) -> Any:
         problem = getattr(exc, "problem", None) or one_line(exc)
         mark = getattr(exc, "problem_mark", None)
         where = f", line {mark.line + 1} column {mark.column + 1}" if mark is not None else ""
+        # An unclosed quote or bracket is found at the end of the file; where it opened says more.
+        start = getattr(exc, "context_mark", None)
+        if start is not None and mark is not None and start.line != mark.line and exc.context:
+            where += f"; {exc.context} at line {start.line + 1} column {start.column + 1}"
         raise ConfigError(f"{path}: not valid YAML ({problem}{where})") from None
 
 
