@@ -13,7 +13,18 @@ from mnist_cnn.data import DataError
 from mnist_cnn.evaluate import evaluate
 from mnist_cnn.model import Net, load_weights
 from mnist_cnn.runtime import select_device, select_precision
-from mnist_cnn.train import EpochStats, Tensors, _Loop, fit, load_train_val, loss_and_accuracy, predict_log_probs, train
+from mnist_cnn.train import (
+    EpochStats,
+    Tensors,
+    _Loop,
+    fit,
+    load_train_val,
+    loss_and_accuracy,
+    make_optimizer,
+    monitor_value,
+    predict_log_probs,
+    train,
+)
 
 
 def test_seed_architecture_and_shapes(tiny_params):
@@ -170,6 +181,21 @@ def test_plateau_schedule_cuts_lr_after_stalled_epochs(project, tiny_params):
     assert losses.index(min(losses)) == 0, losses  # the premise: epoch 1 is the best
     # ReduceLROnPlateau cuts once more than lr_patience epochs in a row were no better
     assert [s.lr for s in result.history] == pytest.approx([0.43, 0.43, 0.43, 0.215, 0.215])
+
+
+@pytest.mark.parametrize(("monitor", "lrs"), [("val_loss", [1.0] * 5), ("val_acc", [1.0, 1.0, 1.0, 0.5, 0.5])])
+def test_plateau_follows_the_monitored_value(tiny_params, monitor, lrs):
+    """The loss improves every epoch while the accuracy stalls after the first (label smoothing's
+    confidence can do that): only the schedule that follows accuracy cuts the learning rate."""
+    cfg = dataclasses.replace(
+        tiny_params.train, optimizer="sgd", lr=1.0, scheduler="plateau", lr_gamma=0.5, lr_patience=1, monitor=monitor
+    )
+    optimizer, scheduler = make_optimizer(Net(tiny_params.model), cfg, steps_per_epoch=1)
+    seen = []
+    for val_loss, val_acc in [(0.50, 98.0), (0.45, 98.0), (0.40, 97.9), (0.35, 98.0), (0.30, 97.8)]:
+        seen.append(optimizer.param_groups[0]["lr"])
+        scheduler.step(monitor_value(cfg, val_loss, val_acc))
+    assert seen == lrs
 
 
 def test_onecycle_and_label_smoothing_train(project):

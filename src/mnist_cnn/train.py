@@ -176,11 +176,16 @@ def loss_and_accuracy(log_probs: torch.Tensor, y: torch.Tensor) -> tuple[float, 
     return loss, accuracy
 
 
+def monitor_value(cfg: TrainConfig, val_loss: float, val_acc: float) -> float:
+    """What ``plateau`` follows: the value that keeps weights and stops early (``train.monitor``)."""
+    return val_acc if cfg.monitor == "val_acc" else val_loss
+
+
 def make_optimizer(
     model: nn.Module, cfg: TrainConfig, steps_per_epoch: int
 ) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler | None]:
-    """The optimizer and its schedule: ``step`` decays every epoch, ``plateau`` when the validation loss
-    stalls for ``lr_patience`` epochs, ``onecycle`` moves every batch."""
+    """The optimizer and its schedule: ``step`` decays every epoch, ``plateau`` when the monitored
+    value (``monitor_value``) stalls for ``lr_patience`` epochs, ``onecycle`` moves every batch."""
     if cfg.optimizer == "adadelta":
         optimizer = torch.optim.Adadelta(model.parameters(), lr=cfg.lr)
     elif cfg.optimizer == "adamw":
@@ -191,7 +196,7 @@ def make_optimizer(
         scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=1, gamma=cfg.lr_gamma)
     elif cfg.scheduler == "plateau":
         scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
-            optimizer, mode="min", factor=cfg.lr_gamma, patience=cfg.lr_patience
+            optimizer, mode="max" if cfg.monitor == "val_acc" else "min", factor=cfg.lr_gamma, patience=cfg.lr_patience
         )
     elif cfg.scheduler == "onecycle":
         scheduler = torch.optim.lr_scheduler.OneCycleLR(
@@ -467,7 +472,7 @@ def fit(
             )
         val_loss, val_acc = validate(scored, val_data, params.evaluate.batch_size, precision, world)
         if cfg.scheduler == "plateau":
-            scheduler.step(val_loss)
+            scheduler.step(monitor_value(cfg, val_loss, val_acc))
         elif scheduler is not None and per_batch is None:
             scheduler.step()
         stats = EpochStats(epoch, train_loss, train_acc, val_loss, val_acc, lr, time.perf_counter() - epoch_start)
