@@ -20,7 +20,7 @@ from conftest import REPO, dvc, write_tiny_params
 from mnist_cnn import tracking
 from mnist_cnn.cli import main
 from mnist_cnn.config import load_params, load_tune, parse_params
-from mnist_cnn.tune import OWNER_ATTR, PARENT_ATTR, RUN_ATTR, tune
+from mnist_cnn.tune import OWNER_ATTR, PARENT_ATTR, RUN_ATTR, open_storage, tune
 
 # lr 1e-5 learns nothing in an epoch: once a trial with lr 1.0 has finished, the median pruner stops
 # every 1e-5 trial after its first epoch.
@@ -252,6 +252,16 @@ def test_unreachable_study_database_is_one_line_before_any_trial(project, capsys
     assert "s3cret" not in err
     assert not Path(os.environ["MLFLOW_TRACKING_URI"].removeprefix("sqlite:///")).exists()  # MLflow untouched
     assert not (project.root / "reports").exists()
+
+
+def test_a_journal_under_home_is_opened_there(tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    root = tmp_path / "project"
+    root.mkdir()
+    storage, _ = open_storage("~/studies/s.journal", root, "s")
+    optuna.create_study(study_name="s", storage=storage)
+    assert (tmp_path / "home" / "studies" / "s.journal").stat().st_size > 0
+    assert list(root.iterdir()) == []  # no literal `~` folder in the project
 
 
 def test_database_storage_url_runs_the_study(project, tmp_path):

@@ -73,7 +73,8 @@ def open_storage(
     """The study's storage and the lock its workers share: a journal file (path relative to ``root``)
     with a lock file beside it, or a database URL with a lock row in the database itself."""
     if not is_url(storage):
-        path = Path(storage) if Path(storage).is_absolute() else root / storage
+        given = Path(storage).expanduser()  # `~/studies/x.journal`, as a shell would read it
+        path = given if given.is_absolute() else root / given
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             journal_lock = optuna.storages.journal.JournalFileSymlinkLock(str(path))
