@@ -5,6 +5,7 @@ import pytest
 from conftest import REPO, repo_params_raw
 from mnist_cnn.cli import main, parse_overrides
 from mnist_cnn.config import ConfigError, flatten, load_params, parse_params
+from mnist_cnn.errors import masked
 
 
 def test_params_yaml_holds_the_seed_defaults():
@@ -88,6 +89,20 @@ def test_one_line_takes_the_first_line_mlflows_message_or_the_type():
     assert one_line(ValueError("\n  bad value\nTraceback (most recent call last): ...")) == "bad value"
     assert one_line(MlflowException("no such model\nmore")) == "no such model"
     assert one_line(OSError()) == "OSError"
+
+
+@pytest.mark.parametrize(
+    ("text", "shown"),
+    [
+        ("postgresql://bob:s3cret@db/optuna", "postgresql://bob:***@db/optuna"),
+        ("http://bob:p@ss@127.0.0.1:5000", "http://bob:***@127.0.0.1:5000"),  # a raw @ in the password
+        ("url: http://bob:p@ss@h:1/api/x (Caused by a@b)", "url: http://bob:***@h:1/api/x (Caused by a@b)"),
+        ("http://127.0.0.1:5000/x@y", "http://127.0.0.1:5000/x@y"),  # no password: untouched
+        ("sqlite:////tmp/mlflow.db", "sqlite:////tmp/mlflow.db"),
+    ],
+)
+def test_masked_hides_the_whole_password(text, shown):
+    assert masked(text) == shown
 
 
 def test_a_key_given_twice_is_refused_with_both_lines(tmp_path: Path):

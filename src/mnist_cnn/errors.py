@@ -14,8 +14,9 @@ def one_line(exc: BaseException) -> str:
 
 
 def masked(url: str) -> str:
-    """``url`` without its password: ``postgresql://bob:***@host/db``."""
-    return re.sub(r"(://[^:/@]+):[^@]*@", r"\1:***@", url)
+    """``url`` (or a message quoting it) without its password: ``postgresql://bob:***@host/db``. The
+    password runs to the host's ``@``, the last one before the path: a raw ``@`` in it stays hidden."""
+    return re.sub(r"(://[^:/@\s]+):[^/\s]*@", r"\1:***@", url)
 
 
 def without_driver_prefix(reason: str) -> str:
