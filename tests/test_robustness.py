@@ -353,6 +353,28 @@ def test_refusing_tracking_server_names_the_login(project, monkeypatch, capsys):
     assert not (project.models / "model.pt").exists()
 
 
+class _Forbidding(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):  # noqa: N802
+        body = b"Permission denied"  # what MLflow's basic-auth app answers a user without permission
+        self.send_response(403)
+        self.send_header("Content-Type", "text/html; charset=utf-8")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args):
+        pass
+
+
+def test_a_login_without_permission_is_not_blamed_on_the_password(project, monkeypatch, capsys):
+    code, uri = train_against(_Forbidding, project, monkeypatch)
+    assert code == 1
+    assert error_line(capsys.readouterr().err) == (
+        f"error: tracking server {uri}: the login has no permission to read experiments (HTTP 403); "
+        "ask the server's admin for READ on them"
+    )
+
+
 # 5. Evaluate does not rewrite history
 def test_failed_evaluate_keeps_the_run_finished_and_the_champion(project, tiny_params, capsys):
     run_id, _ = pipeline.run_train(tiny_params, project, show_progress=False)

@@ -191,10 +191,14 @@ def check_server(uri: str, timeout: float = PREFLIGHT_TIMEOUT_S) -> None:
         elif "timed out" in reason.lower() or "timeout" in reason.lower():
             reason = f"no answer in {timeout:.0f} s"
         raise TrackingError(f"{server}: unreachable ({reason}); check MLFLOW_TRACKING_URI") from None
-    if response.status_code in (401, 403):
+    if response.status_code == 401:
         raise TrackingError(
-            f"{server}: refused the login (HTTP {response.status_code}); "
-            "set MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD"
+            f"{server}: refused the login (HTTP 401); set MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD"
+        )
+    if response.status_code == 403:  # the login is good; MLflow's auth (a NO_PERMISSIONS default, say) says no
+        raise TrackingError(
+            f"{server}: the login has no permission to read experiments (HTTP 403); "
+            "ask the server's admin for READ on them"
         )
     if response.status_code >= 500:
         raise TrackingError(f"{server}: answered HTTP {response.status_code}; check the server's log")
