@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import signal
 import time
 
@@ -128,3 +129,39 @@ def test_impossible_process_counts_and_devices_are_refused_before_torchrun_start
 def test_an_empty_share_of_the_validation_set_scores_as_nothing():
     net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(784, 10), torch.nn.LogSoftmax(dim=1))
     assert predict_log_probs(net, torch.zeros((0, 1, 28, 28)), 100).shape == (0, 10)
+
+
+def fake_cgroup(tmp_path, proc: str, files: dict[str, str]):
+    (tmp_path / "self_cgroup").write_text(proc)
+    for name, text in files.items():
+        (tmp_path / "fs" / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / "fs" / name).write_text(text)
+    return distributed.cpu_quota(tmp_path / "self_cgroup", tmp_path / "fs")
+
+
+@pytest.mark.parametrize(
+    ("proc", "files", "cores"),
+    [
+        ("0::/docker/abc\n", {"docker/abc/cpu.max": "150000 100000\n"}, 1),  # v2, docker run --cpus 1.5
+        ("0::/\n", {"cpu.max": "400000 100000\n"}, 4),
+        ("0::/\n", {"cpu.max": "max 100000\n"}, None),  # no quota
+        ("0::/k8s\n", {"k8s/cpu.max": "50000 100000\n"}, 1),  # half a core still runs one process
+        (  # v1 (and hybrid: a unified line without cpu.max comes first)
+            "4:memory:/x\n1:cpu,cpuacct:/x\n0::/\n",
+            {"cpu,cpuacct/x/cpu.cfs_quota_us": "200000\n", "cpu,cpuacct/x/cpu.cfs_period_us": "100000\n"},
+            2,
+        ),
+        ("1:cpu:/\n", {"cpu/cpu.cfs_quota_us": "-1\n", "cpu/cpu.cfs_period_us": "100000\n"}, None),
+        ("0::/\n", {}, None),  # no cgroup files at all (macOS, a bare chroot)
+    ],
+)
+def test_a_cpu_quota_bounds_the_usable_cores(tmp_path, proc, files, cores):
+    assert fake_cgroup(tmp_path, proc, files) == cores
+
+
+def test_usable_cores_takes_the_smaller_of_affinity_and_quota(monkeypatch):
+    affinity = len(os.sched_getaffinity(0))
+    monkeypatch.setattr(distributed, "cpu_quota", lambda: 1)
+    assert distributed.usable_cores() == 1
+    monkeypatch.setattr(distributed, "cpu_quota", lambda: None)
+    assert distributed.usable_cores() == affinity

@@ -14,6 +14,7 @@ import sys
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -118,9 +119,35 @@ PROCESS_LIMIT_REASON = {
 
 
 def usable_cores() -> int:
-    """The CPU cores this process may run on (a taskset's or cpuset's share, not the host's count; a
-    CPU quota such as docker's ``--cpus`` is not seen)."""
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    """The CPU cores this process may use: a taskset's or cpuset's share, not the host's count, and no
+    more than a CPU quota allows (docker's ``--cpus``, a Kubernetes CPU limit)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    quota = cpu_quota()
+    return min(cores, quota) if quota is not None else cores
+
+
+def cpu_quota(proc_cgroup: Path = Path("/proc/self/cgroup"), root: Path = Path("/sys/fs/cgroup")) -> int | None:
+    """Whole cores the process's cgroup quota allows (at least 1), cgroup v2 or v1; None without a quota."""
+    try:
+        lines = proc_cgroup.read_text().splitlines()
+    except OSError:
+        return None
+    for line in lines:
+        _, controllers, path = line.split(":", 2)
+        folder = root / controllers / path.lstrip("/") if controllers else root / path.lstrip("/")
+        try:
+            if not controllers:  # v2: "0::/path", one file "QUOTA PERIOD" (QUOTA "max": none)
+                quota, period = (folder / "cpu.max").read_text().split()
+            elif "cpu" in controllers.split(","):  # v1: two files, a quota of -1 for none
+                quota = (folder / "cpu.cfs_quota_us").read_text().strip()
+                period = (folder / "cpu.cfs_period_us").read_text().strip()
+            else:
+                continue
+            if quota not in ("max", "-1"):
+                return max(1, int(quota) // int(period))
+        except (OSError, ValueError):
+            continue
+    return None
 
 
 def process_limit(device: torch.device) -> int:
