@@ -127,7 +127,8 @@ def test_interrupt_ends_the_run_killed(project, tiny_params, monkeypatch):
     assert only_run().info.status == "KILLED"
 
 
-def test_sigterm_during_training_ends_the_run_killed(project):
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP], ids=["SIGTERM", "SIGHUP"])
+def test_sigterm_or_sighup_during_training_ends_the_run_killed(project, sig):
     write_tiny_params(project.params_file, **{"train.epochs": 500})
     proc = subprocess.Popen(
         [sys.executable, "-m", "mnist_cnn", "train", "--no-progress"],
@@ -144,7 +145,7 @@ def test_sigterm_during_training_ends_the_run_killed(project):
             break
         time.sleep(0.5)
     time.sleep(2)
-    proc.send_signal(signal.SIGTERM)
+    proc.send_signal(sig)  # SIGHUP: the terminal closed; its default action would leave the run RUNNING
     output, _ = proc.communicate(timeout=60)
     assert proc.returncode != 0, output
     assert only_run().info.status == "KILLED"

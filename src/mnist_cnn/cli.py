@@ -267,9 +267,12 @@ def main(argv: list[str] | None = None) -> int:
     if argv[:1] == ["predict"]:
         return predict_main(argv[1:])
     args, extra = build_parser().parse_known_args(argv)
-    # SIGTERM (kill, dvc queue kill, a scheduler) unwinds like Ctrl-C: temporary files are removed and
-    # the MLflow run ends KILLED.
-    previous = signal.signal(signal.SIGTERM, _interrupt)
+    # SIGTERM (kill, dvc queue kill, a scheduler) and SIGHUP (the terminal closed) unwind like Ctrl-C:
+    # temporary files are removed and the MLflow run ends KILLED. A SIGHUP ignored (nohup) stays so.
+    stops = [signal.SIGTERM]
+    if hasattr(signal, "SIGHUP") and signal.getsignal(signal.SIGHUP) is not signal.SIG_IGN:
+        stops.append(signal.SIGHUP)
+    previous = {sig: signal.signal(sig, _interrupt) for sig in stops}
     try:
         run_stages(args.stage, args, parse_overrides(extra))
     except ConfigError as exc:
@@ -284,7 +287,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {one_line(exc)}", file=sys.stderr)
         return 1
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
     return 0
 
 

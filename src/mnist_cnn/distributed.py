@@ -176,7 +176,7 @@ def launch(processes: int, argv: Sequence[str]) -> int:
     (``--standalone``: a local rendezvous on a free port); return torchrun's exit code.
 
     The machine's cores are shared out (torchrun alone would give each worker one thread). torchrun
-    runs in a session of its own, so an interrupt reaches it once, from here: on Ctrl-C or SIGTERM
+    runs in a session of its own, so an interrupt reaches it once, from here: on Ctrl-C, SIGTERM or SIGHUP
     it is told to stop (SIGINT, which it hands to every worker: the run ends KILLED) and awaited, so
     no worker outlives the stage.
     """
