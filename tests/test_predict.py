@@ -14,6 +14,7 @@ from pathlib import Path
 
 import mlflow
 import numpy as np
+import pandas as pd
 import pytest
 from PIL import Image
 from scipy import ndimage
@@ -269,12 +270,21 @@ class NotADigitModel(mlflow.pyfunc.PythonModel):
         return np.zeros(len(model_input))
 
 
-def test_a_model_of_another_kind_is_one_line(digits, tmp_path, monkeypatch):
+class DigitNamesModel(mlflow.pyfunc.PythonModel):
+    """The right columns, the wrong kind: digits as words."""
+
+    def predict(self, context, model_input, params=None):
+        table = pd.DataFrame({f"p{k}": [0.1] * len(model_input) for k in range(10)})
+        return table.assign(digit="seven", probability=0.1)
+
+
+@pytest.mark.parametrize("foreign", [NotADigitModel, DigitNamesModel])
+def test_a_model_of_another_kind_is_one_line(digits, tmp_path, monkeypatch, foreign):
     root, _ = digits
     monkeypatch.chdir(tmp_path)  # the new store's artifacts land here
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'other.db'}")
     mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'other.db'}")
     with mlflow.start_run():
-        info = mlflow.pyfunc.log_model(name="other", python_model=NotADigitModel(), pip_requirements=[])
+        info = mlflow.pyfunc.log_model(name="other", python_model=foreign(), pip_requirements=[])
     with pytest.raises(RuntimeError, match=rf"^--model-uri {re.escape(info.model_uri)}: not an mnist-cnn model"):
         predict([root / "raw" / "000.png"], info.model_uri)

@@ -54,8 +54,12 @@ def load_model(model_uri: str):
 
 def _is_digit_table(answer: object, rows: int) -> bool:
     """Whether ``answer`` is what the registered mnist-cnn pyfunc returns for ``rows`` images."""
-    columns = {"digit", "probability", *(f"p{k}" for k in range(10))}
-    return isinstance(answer, pd.DataFrame) and columns <= set(answer.columns) and len(answer) == rows
+    numbers = ["probability", *(f"p{k}" for k in range(10))]
+    if not (isinstance(answer, pd.DataFrame) and {"digit", *numbers} <= set(answer.columns) and len(answer) == rows):
+        return False
+    return pd.api.types.is_integer_dtype(answer["digit"]) and all(
+        pd.api.types.is_numeric_dtype(answer[name]) for name in numbers
+    )
 
 
 def predict(paths: list[Path], model_uri: str = DEFAULT_MODEL_URI) -> list[Prediction]:
@@ -74,8 +78,8 @@ def predict(paths: list[Path], model_uri: str = DEFAULT_MODEL_URI) -> list[Predi
         answer = load_model(model_uri).predict(np.stack(list(loaded.values())))
         if not _is_digit_table(answer, len(loaded)):
             raise RuntimeError(
-                f"--model-uri {model_uri}: not an mnist-cnn model (its answer has no digit, probability and"
-                " p0..p9 columns, one row per image)"
+                f"--model-uri {model_uri}: not an mnist-cnn model (its answer has no integer digit and numeric"
+                " probability and p0..p9 columns, one row per image)"
             )
         rows = dict(zip(loaded, answer.itertuples(index=False), strict=True))
     results = []
