@@ -248,6 +248,27 @@ def test_random_distort_is_seeded_moves_the_ink_and_keeps_the_background(project
     assert torch.allclose(still, x, atol=1e-5)
 
 
+def test_shear_leans_the_strokes_and_keeps_each_row_s_ink(project):
+    train_data, _ = load_train_val(project.data, "mnist", 0.2, 1, torch.device("cpu"))
+    x = train_data.x[:32]
+    background = x.amin().item()
+    d = Distortions(shear=20)
+    sheared = random_distort(x, d, torch.Generator().manual_seed(5), background)
+    assert torch.equal(sheared, random_distort(x, d, torch.Generator().manual_seed(5), background))
+    ink, ink_after = x - background, sheared - background
+    # A horizontal shear moves pixels along their row only: every row keeps its ink, the columns do not.
+    assert torch.allclose(ink_after.sum(dim=3), ink.sum(dim=3), rtol=1e-3, atol=1e-3)
+    assert ((ink_after.sum(dim=2) - ink.sum(dim=2)).abs().flatten(1).amax(dim=1) > 0.1).all()
+    assert Distortions(shear=1).active
+    # Off, it draws nothing: rotation, scale and the two shifts take four draws per batch, as before shear
+    # existed, so the random stream (and every earlier result) is unchanged.
+    used, expected = torch.Generator().manual_seed(5), torch.Generator().manual_seed(5)
+    random_distort(x, Distortions(shift=2, rotate=10, scale=0.1), used, background)
+    for _ in range(4):
+        torch.rand(len(x), generator=expected)
+    assert torch.equal(used.get_state(), expected.get_state())
+
+
 def test_elastic_field_is_smooth_and_as_strong_as_alpha_says():
     d = Distortions(elastic_alpha=34, elastic_sigma=4)
     field = _elastic_field(256, 28, 28, d, torch.Generator().manual_seed(0), torch.device("cpu"))
@@ -319,6 +340,7 @@ def test_the_last_clean_epochs_draw_no_augmentation(project, tiny_params, monkey
         ("train.augment_shift", -1.0, "pixels in [0, 14]"),
         ("train.augment_clean_epochs", -1, "an integer >= 0"),
         ("train.augment_scale", 1.5, "a number in [0, 1)"),
+        ("train.augment_shear", 50.0, "degrees in [0, 45]"),
         ("train.augment_elastic", -3.0, "pixels in [0, 100]"),
         ("train.augment_elastic_sigma", 0.0, "pixels in (0, 14]"),
         ("train.ema_decay", 1.0, "a number in [0, 1) (0: off)"),

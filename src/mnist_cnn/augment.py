@@ -1,4 +1,4 @@
-"""Random distortion of a whole batch on its own device: shift, rotation, scale and elastic warp.
+"""Random distortion of a whole batch on its own device: shift, rotation, scale, shear and elastic warp.
 
 One ``affine_grid``/``grid_sample`` call per batch (the elastic field is added to the affine grid), so
 it runs where training runs (GPU or CPU) and costs a small fraction of a step;
@@ -16,7 +16,8 @@ import torch.nn.functional as F
 
 @dataclass(frozen=True)
 class Distortions:
-    """Uniform ranges: shifts up to ``shift`` pixels, rotations up to ``rotate`` degrees, scale 1 ± ``scale``;
+    """Uniform ranges: shifts up to ``shift`` pixels, rotations up to ``rotate`` degrees, scale 1 ± ``scale``,
+    a horizontal shear up to ``shear`` degrees (a vertical stroke leans by that angle; rows keep their ink);
     and an elastic warp (Simard et al., 2003): a uniform [-1, 1] displacement field per image, smoothed by a
     Gaussian of ``elastic_sigma`` pixels and multiplied by ``elastic_alpha`` pixels (0: off)."""
 
@@ -25,10 +26,11 @@ class Distortions:
     scale: float = 0.0
     elastic_alpha: float = 0.0
     elastic_sigma: float = 4.0
+    shear: float = 0.0
 
     @property
     def active(self) -> bool:
-        return self.shift > 0 or self.rotate > 0 or self.scale > 0 or self.elastic_alpha > 0
+        return self.shift > 0 or self.rotate > 0 or self.scale > 0 or self.shear > 0 or self.elastic_alpha > 0
 
 
 def _uniform(n: int, half_width: float, generator: torch.Generator, device: torch.device) -> torch.Tensor:
@@ -69,7 +71,12 @@ def random_distort(x: torch.Tensor, d: Distortions, generator: torch.Generator, 
     shift_x = _uniform(n, d.shift * 2 / width, generator, device)
     shift_y = _uniform(n, d.shift * 2 / height, generator, device)
     cos, sin = torch.cos(angle) / scale, torch.sin(angle) / scale
-    theta = torch.stack([torch.stack([cos, -sin, shift_x], 1), torch.stack([sin, cos, shift_y], 1)], 1)
+    # Drawn only when asked for: without shear the random stream (and every earlier result) is unchanged.
+    lean = torch.tan(_uniform(n, math.radians(d.shear), generator, device)) if d.shear > 0 else 0.0
+    # Rotation-and-scale times the shear [[1, lean], [0, 1]]: x_in = x + lean * y before rotating.
+    theta = torch.stack(
+        [torch.stack([cos, cos * lean - sin, shift_x], 1), torch.stack([sin, sin * lean + cos, shift_y], 1)], 1
+    )
     grid = F.affine_grid(theta.to(x.dtype), list(x.shape), align_corners=False)
     if d.elastic_alpha > 0:
         grid = grid + _elastic_field(n, height, width, d, generator, device).to(x.dtype)

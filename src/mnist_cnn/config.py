@@ -142,6 +142,7 @@ class TrainConfig:
     augment_shift: float
     augment_rotate: float
     augment_scale: float
+    augment_shear: float
     augment_elastic: float
     augment_elastic_sigma: float
     augment_clean_epochs: int
@@ -168,6 +169,7 @@ class TrainConfig:
         _require(0 <= self.augment_shift <= 14, "train.augment_shift", self.augment_shift, "pixels in [0, 14]")
         _require(0 <= self.augment_rotate <= 180, "train.augment_rotate", self.augment_rotate, "degrees in [0, 180]")
         _require(0 <= self.augment_scale < 1, "train.augment_scale", self.augment_scale, "a number in [0, 1)")
+        _require(0 <= self.augment_shear <= 45, "train.augment_shear", self.augment_shear, "degrees in [0, 45]")
         _require(0 <= self.augment_elastic <= 100, "train.augment_elastic", self.augment_elastic, "pixels in [0, 100]")
         _require(
             0 < self.augment_elastic_sigma <= 14,

@@ -423,7 +423,12 @@ def fit(
     scaler = torch.amp.GradScaler(device.type) if precision == "fp16" else None
     generator = torch.Generator().manual_seed(cfg.seed)
     distortions = Distortions(
-        cfg.augment_shift, cfg.augment_rotate, cfg.augment_scale, cfg.augment_elastic, cfg.augment_elastic_sigma
+        shift=cfg.augment_shift,
+        rotate=cfg.augment_rotate,
+        scale=cfg.augment_scale,
+        shear=cfg.augment_shear,
+        elastic_alpha=cfg.augment_elastic,
+        elastic_sigma=cfg.augment_elastic_sigma,
     )
     augmentation = None
     if distortions.active:
