@@ -297,17 +297,24 @@ def test_a_store_below_a_file_is_one_line_and_creates_nothing(project, monkeypat
     assert notes.read_text() == "not a folder" and not (project.models / "model.pt").exists()
 
 
-class _SomeWebPage(http.server.BaseHTTPRequestHandler):
-    def do_GET(self):  # noqa: N802
-        body = b"<!DOCTYPE html>\n<html><body>Not Found</body></html>\n"
-        self.send_response(404)
-        self.send_header("Content-Type", "text/html; charset=utf-8")
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
+def answering(status: int, body: bytes) -> type[http.server.BaseHTTPRequestHandler]:
+    """A web server's handler that answers every GET with ``status`` and an HTML ``body``."""
 
-    def log_message(self, *args):
-        pass
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802
+            self.send_response(status)
+            self.send_header("Content-Type", "text/html; charset=utf-8")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    return Handler
+
+
+_SomeWebPage = answering(404, b"<!DOCTYPE html>\n<html><body>Not Found</body></html>\n")
 
 
 def train_against(handler: type, project, monkeypatch) -> tuple[int, str]:
@@ -353,17 +360,7 @@ def test_refusing_tracking_server_names_the_login(project, monkeypatch, capsys):
     assert not (project.models / "model.pt").exists()
 
 
-class _Forbidding(http.server.BaseHTTPRequestHandler):
-    def do_GET(self):  # noqa: N802
-        body = b"Permission denied"  # what MLflow's basic-auth app answers a user without permission
-        self.send_response(403)
-        self.send_header("Content-Type", "text/html; charset=utf-8")
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-    def log_message(self, *args):
-        pass
+_Forbidding = answering(403, b"Permission denied")  # what MLflow's basic-auth app answers a user without permission
 
 
 def test_a_login_without_permission_is_not_blamed_on_the_password(project, monkeypatch, capsys):
