@@ -4,7 +4,7 @@ import pytest
 
 from conftest import REPO, repo_params_raw
 from mnist_cnn.cli import main, parse_overrides
-from mnist_cnn.config import ConfigError, flatten, load_params, parse_params
+from mnist_cnn.config import ConfigError, flatten, load_params, load_tune, parse_params
 from mnist_cnn.errors import masked
 
 
@@ -96,6 +96,8 @@ def test_one_line_takes_the_first_line_mlflows_message_or_the_type():
     [
         ("postgresql://bob:s3cret@db/optuna", "postgresql://bob:***@db/optuna"),
         ("http://bob:p@ss@127.0.0.1:5000", "http://bob:***@127.0.0.1:5000"),  # a raw @ in the password
+        ("postgresql://bob:a/b+c==@db:5432/optuna", "postgresql://bob:***@db:5432/optuna"),  # base64's /
+        ("http://bob:1234@h:5000", "http://bob:***@h:5000"),
         ("url: http://bob:p@ss@h:1/api/x (Caused by a@b)", "url: http://bob:***@h:1/api/x (Caused by a@b)"),
         ("http://127.0.0.1:5000/x@y", "http://127.0.0.1:5000/x@y"),  # no password: untouched
         ("sqlite:////tmp/mlflow.db", "sqlite:////tmp/mlflow.db"),
@@ -111,6 +113,18 @@ def test_a_key_given_twice_is_refused_with_both_lines(tmp_path: Path):
     with pytest.raises(ConfigError) as caught:
         load_params(params)
     assert str(caught.value) == f"{params}: not valid YAML (duplicate key 'lr' (first on line 2), line 4 column 3)"
+
+
+def test_merge_keys_still_load_and_may_be_overridden(tmp_path: Path):
+    params = tmp_path / "params.yaml"
+    text = (REPO / "params.yaml").read_text()
+    text = text.replace("model.dropout1: {low: 0.0, high: 0.5}", "model.dropout1: &drop {low: 0.0, high: 0.5}")
+    text = text.replace("model.dropout2: {low: 0.0, high: 0.5}", "model.dropout2: {<<: *drop, high: 0.4}")
+    params.write_text(text)
+    assert "*drop" in text
+    space = {p.key: p for p in load_tune(params, load_params(params)).space}
+    assert (space["model.dropout2"].low, space["model.dropout2"].high) == (0.0, 0.4)
+    assert (space["model.dropout1"].low, space["model.dropout1"].high) == (0.0, 0.5)
 
 
 def test_an_unclosed_quote_names_where_it_opened(tmp_path: Path):

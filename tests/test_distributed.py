@@ -153,6 +153,15 @@ def fake_cgroup(tmp_path, proc: str, files: dict[str, str]):
         ),
         ("1:cpu:/\n", {"cpu/cpu.cfs_quota_us": "-1\n", "cpu/cpu.cfs_period_us": "100000\n"}, None),
         ("0::/\n", {}, None),  # no cgroup files at all (macOS, a bare chroot)
+        ("0::/init\n", {"init/cpu.max": "max 100000\n", "cpu.max": "200000 100000\n"}, 2),  # a parent's quota binds
+        (  # docker on v1: the host's path is not there, the container's cgroup is the mount's root
+            "1:cpu,cpuacct:/docker/abc\n",
+            {"cpu,cpuacct/cpu.cfs_quota_us": "300000\n", "cpu,cpuacct/cpu.cfs_period_us": "100000\n"},
+            3,
+        ),
+        ("garbage\n\x00\x01\n0::/\n", {"cpu.max": "200000 100000\n"}, 2),  # unreadable lines skipped
+        ("0::/\n", {"cpu.max": "200000 0\n"}, None),  # a zero period: no quota, not a ZeroDivisionError
+        ("0::/../..\n", {"cpu.max": "100000 100000\n"}, 1),
     ],
 )
 def test_a_cpu_quota_bounds_the_usable_cores(tmp_path, proc, files, cores):
@@ -165,3 +174,12 @@ def test_usable_cores_takes_the_smaller_of_affinity_and_quota(monkeypatch):
     assert distributed.usable_cores() == 1
     monkeypatch.setattr(distributed, "cpu_quota", lambda: None)
     assert distributed.usable_cores() == affinity
+
+
+def test_under_torchrun_sigterm_means_a_peer_failed_but_sighup_a_closed_terminal(monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    assert isinstance(distributed.stop_signal_error(signal.SIGTERM), distributed.WorkerStopped)  # run FAILED
+    assert isinstance(distributed.stop_signal_error(signal.SIGHUP), KeyboardInterrupt)  # run KILLED
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    assert isinstance(distributed.stop_signal_error(signal.SIGTERM), KeyboardInterrupt)

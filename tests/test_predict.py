@@ -21,7 +21,7 @@ from scipy import ndimage
 
 from mnist_cnn.data import load_split
 from mnist_cnn.images import BOX, MAX_PIXELS, ImageError, load_digit, mnist_like
-from mnist_cnn.predict import load_model, predict
+from mnist_cnn.predict import _is_digit_table, load_model, predict
 
 INK, PAPER = np.array([20, 30, 120]), np.array([250, 240, 200])  # blue ink on cream paper
 
@@ -276,6 +276,15 @@ class DigitNamesModel(mlflow.pyfunc.PythonModel):
     def predict(self, context, model_input, params=None):
         table = pd.DataFrame({f"p{k}": [0.1] * len(model_input) for k in range(10)})
         return table.assign(digit="seven", probability=0.1)
+
+
+def test_a_digit_table_has_whole_digits_and_real_probabilities():
+    table = pd.DataFrame({f"p{k}": [0.1, 0.1] for k in range(10)}).assign(digit=[7, 1], probability=[0.1, 0.1])
+    assert _is_digit_table(table, 2)
+    assert not _is_digit_table(table, 3)
+    assert not _is_digit_table(table.assign(digit=pd.array([7, None], dtype="Int64")), 2)  # a missing digit
+    assert not _is_digit_table(table.assign(probability=[0.1 + 1j, 0.1]), 2)
+    assert not _is_digit_table(table.assign(p3=[0.1, float("nan")]), 2)
 
 
 @pytest.mark.parametrize("foreign", [NotADigitModel, DigitNamesModel])

@@ -20,7 +20,7 @@ from conftest import REPO, dvc, write_tiny_params
 from mnist_cnn import tracking
 from mnist_cnn.cli import main
 from mnist_cnn.config import load_params, load_tune, parse_params
-from mnist_cnn.tune import OWNER_ATTR, PARENT_ATTR, RUN_ATTR, open_storage, tune
+from mnist_cnn.tune import OWNER_ATTR, PARENT_ATTR, RUN_ATTR, TuneError, open_storage, tune
 
 # lr 1e-5 learns nothing in an epoch: once a trial with lr 1.0 has finished, the median pruner stops
 # every 1e-5 trial after its first epoch.
@@ -262,6 +262,11 @@ def test_a_journal_under_home_is_opened_there(tmp_path, monkeypatch):
     optuna.create_study(study_name="s", storage=storage)
     assert (tmp_path / "home" / "studies" / "s.journal").stat().st_size > 0
     assert list(root.iterdir()) == []  # no literal `~` folder in the project
+
+
+def test_a_home_that_cannot_be_found_names_tune_storage(tmp_path):
+    with pytest.raises(TuneError, match=r"^tune.storage = '~no-such-user-x/s.journal': cannot expand ~ \("):
+        open_storage("~no-such-user-x/s.journal", tmp_path, "s")
 
 
 def test_database_storage_url_runs_the_study(project, tmp_path):

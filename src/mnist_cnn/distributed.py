@@ -127,27 +127,45 @@ def usable_cores() -> int:
 
 
 def cpu_quota(proc_cgroup: Path = Path("/proc/self/cgroup"), root: Path = Path("/sys/fs/cgroup")) -> int | None:
-    """Whole cores the process's cgroup quota allows (at least 1), cgroup v2 or v1; None without a quota."""
+    """Whole cores the process's cgroup quotas allow (at least 1), cgroup v2 or v1; None without a quota.
+
+    Every level from the process's cgroup up to the mount's root counts (a parent's quota binds its
+    children); inside a container the host's path may not exist, and the container's own cgroup is
+    then the mount's root."""
     try:
         lines = proc_cgroup.read_text().splitlines()
-    except OSError:
+    except (OSError, UnicodeDecodeError):
         return None
+    quotas = []
     for line in lines:
-        _, controllers, path = line.split(":", 2)
-        folder = root / controllers / path.lstrip("/") if controllers else root / path.lstrip("/")
-        try:
-            if not controllers:  # v2: "0::/path", one file "QUOTA PERIOD" (QUOTA "max": none)
-                quota, period = (folder / "cpu.max").read_text().split()
-            elif "cpu" in controllers.split(","):  # v1: two files, a quota of -1 for none
-                quota = (folder / "cpu.cfs_quota_us").read_text().strip()
-                period = (folder / "cpu.cfs_period_us").read_text().strip()
-            else:
-                continue
-            if quota not in ("max", "-1"):
-                return max(1, int(quota) // int(period))
-        except (OSError, ValueError):
+        parts = line.split(":", 2)
+        if len(parts) != 3:
             continue
-    return None
+        _, controllers, path = parts
+        if controllers and "cpu" not in controllers.split(","):
+            continue
+        base = root / controllers if controllers else root
+        folder = base / path.strip().lstrip("/")
+        levels = [folder, *folder.parents]
+        levels = levels[: levels.index(base) + 1] if base in levels else [base]  # `..` in the path: the root only
+        quotas += [q for q in (_level_quota(level, v2=not controllers) for level in levels) if q is not None]
+    return max(1, int(min(quotas))) if quotas else None
+
+
+def _level_quota(folder: Path, v2: bool) -> float | None:
+    """Cores one cgroup's quota allows: v2 ``cpu.max`` "QUOTA PERIOD" (QUOTA ``max``: none), v1
+    ``cpu.cfs_quota_us`` (-1: none) over ``cpu.cfs_period_us``; None where there is none or it is unreadable."""
+    try:
+        if v2:
+            quota, period = (folder / "cpu.max").read_text().split()
+        else:
+            quota = (folder / "cpu.cfs_quota_us").read_text().strip()
+            period = (folder / "cpu.cfs_period_us").read_text().strip()
+        if quota in ("max", "-1") or int(period) <= 0 or int(quota) <= 0:
+            return None
+        return int(quota) / int(period)
+    except (OSError, ValueError, UnicodeDecodeError):
+        return None
 
 
 def process_limit(device: torch.device) -> int:
@@ -165,8 +183,9 @@ class WorkerStopped(RuntimeError):
 
 def stop_signal_error(signum: int) -> BaseException:
     """What SIGTERM means here: under torchrun, that a peer failed and the agent is ending the rest
-    (the run ends FAILED); otherwise an interrupt like Ctrl-C (the run ends KILLED)."""
-    if under_torchrun():
+    (the run ends FAILED); otherwise, and SIGHUP always (the terminal closed, under a torchrun started
+    by hand too), an interrupt like Ctrl-C (the run ends KILLED)."""
+    if under_torchrun() and signum == signal.SIGTERM:
         return WorkerStopped(f"stopped by torchrun (signal {signum}): another rank of this training failed")
     return KeyboardInterrupt(f"signal {signum}")
 

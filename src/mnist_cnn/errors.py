@@ -14,9 +14,11 @@ def one_line(exc: BaseException) -> str:
 
 
 def masked(url: str) -> str:
-    """``url`` (or a message quoting it) without its password: ``postgresql://bob:***@host/db``. The
-    password runs to the host's ``@``, the last one before the path: a raw ``@`` in it stays hidden."""
-    return re.sub(r"(://[^:/@\s]+):[^/\s]*@", r"\1:***@", url)
+    """``url`` (or a message quoting it) without its password: ``postgresql://bob:***@host/db``.
+
+    The password runs to the last ``@`` of the URL (a URL ends at whitespace), so a raw ``/`` or ``@``
+    in it stays hidden too; ``host:port/path@x``, with no password, is left alone."""
+    return re.sub(r"(://[^:/@\s]+):(?!\d+(?:[/?#]|$))\S*@", r"\1:***@", url)
 
 
 def without_driver_prefix(reason: str) -> str:

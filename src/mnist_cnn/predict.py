@@ -57,9 +57,9 @@ def _is_digit_table(answer: object, rows: int) -> bool:
     numbers = ["probability", *(f"p{k}" for k in range(10))]
     if not (isinstance(answer, pd.DataFrame) and {"digit", *numbers} <= set(answer.columns) and len(answer) == rows):
         return False
-    return pd.api.types.is_integer_dtype(answer["digit"]) and all(
-        pd.api.types.is_numeric_dtype(answer[name]) for name in numbers
-    )
+    types = pd.api.types
+    real = all(types.is_numeric_dtype(answer[n]) and not types.is_complex_dtype(answer[n]) for n in numbers)
+    return types.is_integer_dtype(answer["digit"]) and real and not answer[["digit", *numbers]].isna().any().any()
 
 
 def predict(paths: list[Path], model_uri: str = DEFAULT_MODEL_URI) -> list[Prediction]:

@@ -113,6 +113,8 @@ def check_store_path(path: Path, uri: str) -> None:
     if path.is_dir():
         raise TrackingError(f"MLflow store {uri}: {path} is a directory, not a SQLite file; check MLFLOW_TRACKING_URI")
     for parent in path.parents:
+        if parent.is_symlink() and not parent.exists():
+            raise TrackingError(f"MLflow store {uri}: {parent} is a broken link; check MLFLOW_TRACKING_URI")
         if parent.exists():
             if not parent.is_dir():
                 raise TrackingError(
@@ -195,11 +197,11 @@ def check_server(uri: str, timeout: float = PREFLIGHT_TIMEOUT_S) -> None:
         raise TrackingError(
             f"{server}: refused the login (HTTP 401); set MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD"
         )
-    if response.status_code == 403:  # the login is good; MLflow's auth (a NO_PERMISSIONS default, say) says no
-        raise TrackingError(
-            f"{server}: the login has no permission to read experiments (HTTP 403); "
-            "ask the server's admin for READ on them"
-        )
+    if response.status_code == 403:
+        # The login is good; MLflow's auth only withholds experiment "Default", the probe (under a
+        # NO_PERMISSIONS default, a user sees the experiments they were given or created). Each call
+        # on an experiment of theirs is checked by the server itself.
+        return
     if response.status_code >= 500:
         raise TrackingError(f"{server}: answered HTTP {response.status_code}; check the server's log")
     kind = response.headers.get("Content-Type", "").split(";")[0].strip().lower()  # media types ignore case

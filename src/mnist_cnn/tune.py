@@ -73,7 +73,10 @@ def open_storage(
     """The study's storage and the lock its workers share: a journal file (path relative to ``root``)
     with a lock file beside it, or a database URL with a lock row in the database itself."""
     if not is_url(storage):
-        given = Path(storage).expanduser()  # `~/studies/x.journal`, as a shell would read it
+        try:
+            given = Path(storage).expanduser()  # `~/studies/x.journal`, as a shell would read it
+        except RuntimeError as exc:  # `~nosuchuser/...`, or no home folder
+            raise TuneError(f"tune.storage = {storage!r}: cannot expand ~ ({exc})") from None
         path = given if given.is_absolute() else root / given
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
