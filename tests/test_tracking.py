@@ -127,15 +127,17 @@ def test_interrupt_ends_the_run_killed(project, tiny_params, monkeypatch):
     assert only_run().info.status == "KILLED"
 
 
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP], ids=["SIGTERM", "SIGHUP"])
-def test_sigterm_or_sighup_during_training_ends_the_run_killed(project, sig):
-    write_tiny_params(project.params_file, **{"train.epochs": 500})
+def start_long_training(project, sighup) -> subprocess.Popen:
+    """``train`` in a child, once its MLflow run exists; ``sighup``: the disposition it starts with (a
+    terminal's default, or nohup's ignore; the test runner's own may be either)."""
+    write_tiny_params(project.params_file, **{"train.epochs": 500, "train.patience": 500})
     proc = subprocess.Popen(
         [sys.executable, "-m", "mnist_cnn", "train", "--no-progress"],
         cwd=project.root,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
+        preexec_fn=lambda: signal.signal(signal.SIGHUP, sighup),
     )
     tracking.configure()
     deadline = time.time() + 120
@@ -145,11 +147,28 @@ def test_sigterm_or_sighup_during_training_ends_the_run_killed(project, sig):
             break
         time.sleep(0.5)
     time.sleep(2)
+    return proc
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP], ids=["SIGTERM", "SIGHUP"])
+def test_sigterm_or_sighup_during_training_ends_the_run_killed(project, sig):
+    proc = start_long_training(project, signal.SIG_DFL)
     proc.send_signal(sig)  # SIGHUP: the terminal closed; its default action would leave the run RUNNING
     output, _ = proc.communicate(timeout=60)
-    assert proc.returncode != 0, output
+    assert proc.returncode == 130, output
     assert only_run().info.status == "KILLED"
     assert not (project.models / "model.pt").exists()
+
+
+def test_under_nohup_sighup_stays_ignored(project):
+    proc = start_long_training(project, signal.SIG_IGN)
+    proc.send_signal(signal.SIGHUP)
+    time.sleep(2)
+    assert proc.poll() is None and only_run().info.status == "RUNNING"  # still training
+    proc.send_signal(signal.SIGTERM)
+    output, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 130, output
+    assert only_run().info.status == "KILLED"
 
 
 def test_mlflow_run_id_from_environment_is_reused(project, tiny_params, monkeypatch):
