@@ -1,10 +1,11 @@
 from pathlib import Path
 
 import pytest
+import yaml
 
 from conftest import REPO, repo_params_raw
 from mnist_cnn.cli import main, parse_overrides
-from mnist_cnn.config import ConfigError, flatten, load_params, load_tune, parse_params
+from mnist_cnn.config import ConfigError, flatten, load_params, load_tune, parse_params, yaml_load
 from mnist_cnn.errors import masked
 
 
@@ -99,7 +100,10 @@ def test_one_line_takes_the_first_line_mlflows_message_or_the_type():
         ("postgresql://bob:a/b+c==@db:5432/optuna", "postgresql://bob:***@db:5432/optuna"),  # base64's /
         ("http://bob:1234@h:5000", "http://bob:***@h:5000"),
         ("url: http://bob:p@ss@h:1/api/x (Caused by a@b)", "url: http://bob:***@h:1/api/x (Caused by a@b)"),
-        ("http://127.0.0.1:5000/x@y", "http://127.0.0.1:5000/x@y"),  # no password: untouched
+        ("postgresql://u:1234/x@h/db", "postgresql://u:***@h/db"),  # leading digits, then a /
+        ("postgresql://:secret@h/db", "postgresql://:***@h/db"),  # no user name
+        ("http://[::1]:5000/p@x", "http://[::1]:5000/p@x"),  # an IPv6 host, no password: untouched
+        ("http://127.0.0.1:5000/x@y", "http://127.0.0.1:***@y"),  # no password, but never risk showing one
         ("sqlite:////tmp/mlflow.db", "sqlite:////tmp/mlflow.db"),
     ],
 )
@@ -125,6 +129,34 @@ def test_merge_keys_still_load_and_may_be_overridden(tmp_path: Path):
     space = {p.key: p for p in load_tune(params, load_params(params)).space}
     assert (space["model.dropout2"].low, space["model.dropout2"].high) == (0.0, 0.4)
     assert (space["model.dropout1"].low, space["model.dropout1"].high) == (0.0, 0.5)
+
+
+@pytest.mark.parametrize(
+    ("text", "loaded"),
+    [
+        # An anchored mapping merged before its own merge is read (PyYAML rewrites it in place): DVC loads it.
+        (
+            "train:\n  sched: &s {lr: 1.0}\n  fast: &f {<<: *s, lr: 2.0}\nevaluate: {<<: *f}\n",
+            {"train": {"sched": {"lr": 1.0}, "fast": {"lr": 2.0}}, "evaluate": {"lr": 2.0}},
+        ),
+        ("a: &a {x: 1}\nb: {<<: [*a], x: 3}\n", {"a": {"x": 1}, "b": {"x": 3}}),
+    ],
+)
+def test_merges_are_not_duplicates(text, loaded):
+    assert yaml_load(text) == loaded
+
+
+@pytest.mark.parametrize(
+    ("text", "problem"),
+    [
+        ("a: &a {x: 1}\nb: &b {y: 2}\nc: {<<: *a, <<: *b}\n", "duplicate key '<<' (first on line 3)"),  # as DVC
+        ("a:\n- {x: 1, x: 2}\n", "duplicate key 'x' (first on line 2)"),
+    ],
+)
+def test_duplicates_are_refused_wherever_they_are(text, problem):
+    with pytest.raises(yaml.YAMLError) as caught:
+        yaml_load(text)
+    assert caught.value.problem == problem
 
 
 def test_an_unclosed_quote_names_where_it_opened(tmp_path: Path):

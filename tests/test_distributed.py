@@ -161,7 +161,8 @@ def fake_cgroup(tmp_path, proc: str, files: dict[str, str]):
         ),
         ("garbage\n\x00\x01\n0::/\n", {"cpu.max": "200000 100000\n"}, 2),  # unreadable lines skipped
         ("0::/\n", {"cpu.max": "200000 0\n"}, None),  # a zero period: no quota, not a ZeroDivisionError
-        ("0::/../..\n", {"cpu.max": "100000 100000\n"}, 1),
+        ("0::/../..\n", {"cpu.max": "300000 100000\n", "../cpu.max": "100000 100000\n"}, 3),  # never above the mount
+        ("0::/\xff\n1:cpu:/\n", {"cpu/cpu.cfs_quota_us": "200000\n", "cpu/cpu.cfs_period_us": "100000\n"}, 2),
     ],
 )
 def test_a_cpu_quota_bounds_the_usable_cores(tmp_path, proc, files, cores):

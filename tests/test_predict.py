@@ -285,6 +285,9 @@ def test_a_digit_table_has_whole_digits_and_real_probabilities():
     assert not _is_digit_table(table.assign(digit=pd.array([7, None], dtype="Int64")), 2)  # a missing digit
     assert not _is_digit_table(table.assign(probability=[0.1 + 1j, 0.1]), 2)
     assert not _is_digit_table(table.assign(p3=[0.1, float("nan")]), 2)
+    assert not _is_digit_table(table.assign(digit=[42, 1]), 2)  # not a digit
+    assert not _is_digit_table(table.assign(p3=[0.1, float("inf")]), 2)
+    assert not _is_digit_table(table.assign(probability=[True, False]), 2)
 
 
 @pytest.mark.parametrize("foreign", [NotADigitModel, DigitNamesModel])

@@ -309,6 +309,19 @@ def test_a_store_below_a_broken_link_is_one_line(project, monkeypatch, capsys):
     )
 
 
+def test_a_store_that_is_a_broken_link_is_one_line_at_once(project, monkeypatch, capsys):
+    store = project.root / "mlflow-link.db"
+    store.symlink_to(project.root / "gone" / "mlflow.db")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{store}")
+    start = time.monotonic()
+    code = main(["train", "--params", str(project.params_file), "--root", str(project.root)])
+    assert code == 1 and time.monotonic() - start < 30  # MLflow's engine alone retries for about 2 minutes
+    assert error_line(capsys.readouterr().err) == (
+        f"error: MLflow store sqlite:///{store}: {store} is a broken link; check MLFLOW_TRACKING_URI"
+    )
+    assert not (project.root / "mlflow-link.db.lock").exists()
+
+
 def answering(status: int, body: bytes) -> type[http.server.BaseHTTPRequestHandler]:
     """A web server's handler that answers every GET with ``status`` and an HTML ``body``."""
 

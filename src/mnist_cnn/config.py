@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
-from collections.abc import Hashable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, get_type_hints
@@ -54,20 +54,33 @@ class _Yaml12Loader(yaml.SafeLoader):
     A key given twice in one mapping is refused, as DVC refuses the same file (PyYAML keeps the last).
     """
 
-    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
-        first_line: dict[Any, int] = {}
-        for key_node, _ in node.value:
-            if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *anchor`: its keys may be overridden here
-                continue
-            key = self.construct_object(key_node, deep=True)
-            if isinstance(key, Hashable):
+    def construct_document(self, node: yaml.Node) -> Any:
+        # Checked on the file's own keys, before construction: merging rewrites anchored mappings in place.
+        _refuse_duplicate_keys(node, set())
+        return super().construct_document(node)
+
+
+def _refuse_duplicate_keys(node: yaml.Node, seen: set[int]) -> None:
+    """Each mapping's keys as written (``<<`` counts too: two merges in one mapping are refused, as DVC
+    refuses them); an aliased node is checked once."""
+    if id(node) in seen:
+        return
+    seen.add(id(node))
+    if isinstance(node, yaml.MappingNode):
+        first_line: dict[tuple[str, str], int] = {}
+        for key_node, value_node in node.value:
+            if isinstance(key_node, yaml.ScalarNode):
+                key = (key_node.tag, key_node.value)
                 if key in first_line:
                     raise yaml.constructor.ConstructorError(
-                        problem=f"duplicate key {key!r} (first on line {first_line[key]})",
+                        problem=f"duplicate key {key_node.value!r} (first on line {first_line[key]})",
                         problem_mark=key_node.start_mark,
                     )
                 first_line[key] = key_node.start_mark.line + 1
-        return super().construct_mapping(node, deep=deep)
+            _refuse_duplicate_keys(value_node, seen)
+    elif isinstance(node, yaml.SequenceNode):
+        for item in node.value:
+            _refuse_duplicate_keys(item, seen)
 
 
 _Yaml12Loader.yaml_implicit_resolvers = {

@@ -133,8 +133,10 @@ def cpu_quota(proc_cgroup: Path = Path("/proc/self/cgroup"), root: Path = Path("
     children); inside a container the host's path may not exist, and the container's own cgroup is
     then the mount's root."""
     try:
-        lines = proc_cgroup.read_text().splitlines()
-    except (OSError, UnicodeDecodeError):
+        lines = (
+            proc_cgroup.read_bytes().decode(errors="replace").splitlines()
+        )  # one odd byte spoils no line but its own
+    except OSError:
         return None
     quotas = []
     for line in lines:
@@ -145,9 +147,9 @@ def cpu_quota(proc_cgroup: Path = Path("/proc/self/cgroup"), root: Path = Path("
         if controllers and "cpu" not in controllers.split(","):
             continue
         base = root / controllers if controllers else root
-        folder = base / path.strip().lstrip("/")
+        folder = Path(os.path.normpath(base / path.strip().lstrip("/")))  # `/../..` (a cgroup namespace) stays below
         levels = [folder, *folder.parents]
-        levels = levels[: levels.index(base) + 1] if base in levels else [base]  # `..` in the path: the root only
+        levels = levels[: levels.index(base) + 1] if base in levels else [base]  # ... or falls back to the mount root
         quotas += [q for q in (_level_quota(level, v2=not controllers) for level in levels) if q is not None]
     return max(1, int(min(quotas))) if quotas else None
 

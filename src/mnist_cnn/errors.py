@@ -14,11 +14,24 @@ def one_line(exc: BaseException) -> str:
 
 
 def masked(url: str) -> str:
-    """``url`` (or a message quoting it) without its password: ``postgresql://bob:***@host/db``.
+    """``url`` (or a message quoting URLs) without passwords: ``postgresql://bob:***@host/db``.
 
-    The password runs to the last ``@`` of the URL (a URL ends at whitespace), so a raw ``/`` or ``@``
-    in it stays hidden too; ``host:port/path@x``, with no password, is left alone."""
-    return re.sub(r"(://[^:/@\s]+):(?!\d+(?:[/?#]|$))\S*@", r"\1:***@", url)
+    The user's part runs to the URL's last ``@`` (a URL ends at whitespace), so a password with a raw
+    ``/``, ``@`` or leading digits stays hidden, and so does one with an empty user name (``redis://:pw@h``).
+    The price: a URL with no password but an ``@`` after a ``host:port`` (``http://h:5000/a@b``) is masked
+    too; a password is never shown."""
+    return _URL.sub(_mask_user_part, url)
+
+
+_URL = re.compile(r"([A-Za-z][\w+.-]*://)(\S*)")
+
+
+def _mask_user_part(match: re.Match) -> str:
+    scheme, rest = match.groups()
+    user_part, at, host_part = rest.rpartition("@")
+    if not at or user_part.startswith("[") or ":" not in user_part:  # no user part, an IPv6 host, no password
+        return match.group(0)
+    return f"{scheme}{user_part.split(':', 1)[0]}:***@{host_part}"
 
 
 def without_driver_prefix(reason: str) -> str:

@@ -58,8 +58,15 @@ def _is_digit_table(answer: object, rows: int) -> bool:
     if not (isinstance(answer, pd.DataFrame) and {"digit", *numbers} <= set(answer.columns) and len(answer) == rows):
         return False
     types = pd.api.types
-    real = all(types.is_numeric_dtype(answer[n]) and not types.is_complex_dtype(answer[n]) for n in numbers)
-    return types.is_integer_dtype(answer["digit"]) and real and not answer[["digit", *numbers]].isna().any().any()
+    kinds = all(
+        types.is_numeric_dtype(answer[n])
+        and not types.is_complex_dtype(answer[n])
+        and not types.is_bool_dtype(answer[n])
+        for n in numbers
+    )
+    if not (types.is_integer_dtype(answer["digit"]) and kinds) or answer[["digit", *numbers]].isna().any().any():
+        return False
+    return bool(answer["digit"].between(0, 9).all() and np.isfinite(answer[numbers].to_numpy(dtype=float)).all())
 
 
 def predict(paths: list[Path], model_uri: str = DEFAULT_MODEL_URI) -> list[Prediction]:

@@ -110,6 +110,8 @@ def store_lock(uri: str | None = None) -> contextlib.AbstractContextManager:
 def check_store_path(path: Path, uri: str) -> None:
     """Said before MLflow opens it: given a directory, its engine retries for about two minutes, and
     a file where a folder should be ends in a raw ``File exists``."""
+    if path.is_symlink() and not path.exists():
+        raise TrackingError(f"MLflow store {uri}: {path} is a broken link; check MLFLOW_TRACKING_URI")
     if path.is_dir():
         raise TrackingError(f"MLflow store {uri}: {path} is a directory, not a SQLite file; check MLFLOW_TRACKING_URI")
     for parent in path.parents:
@@ -359,19 +361,22 @@ def _sigterm_interrupts() -> Iterator[None]:
         signal.signal(signal.SIGTERM, previous)
 
 
-_STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+_STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, *([signal.SIGHUP] if hasattr(signal, "SIGHUP") else []))
 
 
 @contextlib.contextmanager
 def signals_deferred() -> Iterator[None]:
-    """Hold SIGINT and SIGTERM until the block is done: a second Ctrl-C must not break off ending a run.
+    """Hold SIGINT, SIGTERM and SIGHUP (one ignored, as under nohup, stays ignored) until the block is done:
+    a second Ctrl-C, or the hang-up a torchrun agent passes on after the terminal's, must not break off
+    ending a run.
 
     Held by a handler that notes them, not by blocking them (``pthread_sigmask``): a main thread that
     blocks them makes the kernel hand them to MLflow's logging threads instead, and ending the run then
     hung at times joining its async-logging thread. The first one held is raised again on leaving.
     """
     held: list[int] = []
-    previous = {sig: signal.signal(sig, lambda signum, frame: held.append(signum)) for sig in _STOP_SIGNALS}
+    stops = [sig for sig in _STOP_SIGNALS if signal.getsignal(sig) is not signal.SIG_IGN]
+    previous = {sig: signal.signal(sig, lambda signum, frame: held.append(signum)) for sig in stops}
     try:
         yield
     finally:
