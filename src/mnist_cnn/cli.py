@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import logging
-import signal
 import sys
 from pathlib import Path
 
@@ -162,10 +161,6 @@ def show_runs(experiment: str, args: argparse.Namespace) -> None:
         print(f"  {run.run_id}  {run.state:<7}  {run.host}:{run.pid}  {run.name}")
 
 
-def _interrupt(signum, frame):  # noqa: ARG001
-    raise distributed.stop_signal_error(signum)
-
-
 def server_main(argv: list[str]) -> int:
     """``mnist-cnn server start|stop|status|add-user NAME``: the team's tracking server."""
     from . import server
@@ -267,14 +262,9 @@ def main(argv: list[str] | None = None) -> int:
     if argv[:1] == ["predict"]:
         return predict_main(argv[1:])
     args, extra = build_parser().parse_known_args(argv)
-    # SIGTERM (kill, dvc queue kill, a scheduler) and SIGHUP (the terminal closed) unwind like Ctrl-C:
-    # temporary files are removed and the MLflow run ends KILLED. A SIGHUP ignored (nohup) stays so.
-    stops = [signal.SIGTERM]
-    if hasattr(signal, "SIGHUP") and signal.getsignal(signal.SIGHUP) is not signal.SIG_IGN:
-        stops.append(signal.SIGHUP)
-    previous = {sig: signal.signal(sig, _interrupt) for sig in stops}
     try:
-        run_stages(args.stage, args, parse_overrides(extra))
+        with distributed.stop_signals_interrupt():  # SIGTERM and SIGHUP unwind like Ctrl-C
+            run_stages(args.stage, args, parse_overrides(extra))
     except ConfigError as exc:
         print(f"error: {one_line(exc)}", file=sys.stderr)
         return 2
@@ -287,9 +277,6 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"error: {one_line(exc)}", file=sys.stderr)
         return 1
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
     return 0
 
 

@@ -133,9 +133,8 @@ def cpu_quota(proc_cgroup: Path = Path("/proc/self/cgroup"), root: Path = Path("
     children); inside a container the host's path may not exist, and the container's own cgroup is
     then the mount's root."""
     try:
-        lines = (
-            proc_cgroup.read_bytes().decode(errors="replace").splitlines()
-        )  # one odd byte spoils no line but its own
+        # Decoded with replacement: one odd byte spoils no line but its own.
+        lines = proc_cgroup.read_bytes().decode(errors="replace").splitlines()
     except OSError:
         return None
     quotas = []
@@ -190,6 +189,29 @@ def stop_signal_error(signum: int) -> BaseException:
     if under_torchrun() and signum == signal.SIGTERM:
         return WorkerStopped(f"stopped by torchrun (signal {signum}): another rank of this training failed")
     return KeyboardInterrupt(f"signal {signum}")
+
+
+def stop_signals() -> list[int]:
+    """The signals that end a stage like Ctrl-C: SIGTERM (kill, dvc queue kill, a scheduler) and SIGHUP
+    (the terminal closed), less one that is ignored (SIGHUP under nohup stays ignored)."""
+    wanted = [signal.SIGTERM, *([signal.SIGHUP] if hasattr(signal, "SIGHUP") else [])]
+    return [sig for sig in wanted if signal.getsignal(sig) is not signal.SIG_IGN]
+
+
+def _raise_stop(signum, frame):  # noqa: ARG001
+    raise stop_signal_error(signum)
+
+
+@contextlib.contextmanager
+def stop_signals_interrupt() -> Iterator[None]:
+    """Inside the block the ``stop_signals`` raise ``stop_signal_error`` (KeyboardInterrupt, or WorkerStopped
+    under torchrun), so temporary files are removed and an MLflow run ends KILLED (FAILED)."""
+    previous = {sig: signal.signal(sig, _raise_stop) for sig in stop_signals()}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def launch(processes: int, argv: Sequence[str]) -> int:

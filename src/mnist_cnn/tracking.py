@@ -110,17 +110,15 @@ def store_lock(uri: str | None = None) -> contextlib.AbstractContextManager:
 def check_store_path(path: Path, uri: str) -> None:
     """Said before MLflow opens it: given a directory, its engine retries for about two minutes, and
     a file where a folder should be ends in a raw ``File exists``."""
-    if path.is_symlink() and not path.exists():
-        raise TrackingError(f"MLflow store {uri}: {path} is a broken link; check MLFLOW_TRACKING_URI")
     if path.is_dir():
         raise TrackingError(f"MLflow store {uri}: {path} is a directory, not a SQLite file; check MLFLOW_TRACKING_URI")
-    for parent in path.parents:
-        if parent.is_symlink() and not parent.exists():
-            raise TrackingError(f"MLflow store {uri}: {parent} is a broken link; check MLFLOW_TRACKING_URI")
-        if parent.exists():
-            if not parent.is_dir():
+    for level in (path, *path.parents):  # the first that exists decides
+        if level.is_symlink() and not level.exists():
+            raise TrackingError(f"MLflow store {uri}: {level} is a broken link; check MLFLOW_TRACKING_URI")
+        if level.exists():
+            if level != path and not level.is_dir():
                 raise TrackingError(
-                    f"MLflow store {uri}: {parent} is a file, not a directory; check MLFLOW_TRACKING_URI"
+                    f"MLflow store {uri}: {level} is a file, not a directory; check MLFLOW_TRACKING_URI"
                 )
             return
 
@@ -266,10 +264,6 @@ def log_params_once(params: Mapping[str, Any]) -> None:
         mlflow.log_params(new, synchronous=True)
 
 
-def _raise_stop(signum, frame):  # noqa: ARG001
-    raise distributed.stop_signal_error(signum)
-
-
 def _process_started(pid: int) -> str:
     return f"{psutil.Process(pid).create_time():.2f}"
 
@@ -352,19 +346,6 @@ def is_local_store() -> bool:
 
 
 @contextlib.contextmanager
-def _sigterm_interrupts() -> Iterator[None]:
-    """SIGTERM raises KeyboardInterrupt inside the block, so a killed stage ends its run KILLED."""
-    previous = signal.signal(signal.SIGTERM, _raise_stop)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-
-
-_STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, *([signal.SIGHUP] if hasattr(signal, "SIGHUP") else []))
-
-
-@contextlib.contextmanager
 def signals_deferred() -> Iterator[None]:
     """Hold SIGINT, SIGTERM and SIGHUP (one ignored, as under nohup, stays ignored) until the block is done:
     a second Ctrl-C, or the hang-up a torchrun agent passes on after the terminal's, must not break off
@@ -375,7 +356,7 @@ def signals_deferred() -> Iterator[None]:
     hung at times joining its async-logging thread. The first one held is raised again on leaving.
     """
     held: list[int] = []
-    stops = [sig for sig in _STOP_SIGNALS if signal.getsignal(sig) is not signal.SIG_IGN]
+    stops = [signal.SIGINT, *distributed.stop_signals()]
     previous = {sig: signal.signal(sig, lambda signum, frame: held.append(signum)) for sig in stops}
     try:
         yield
@@ -442,7 +423,7 @@ def run(
     else:
         tags = {**(tags or {}), **owner_tags(), runmeta.LAUNCH_TAG: runmeta.launcher()}
         kwargs = {"experiment_id": exp_id, "run_name": name, "tags": tags, "parent_run_id": parent_run_id}
-    with _sigterm_interrupts():
+    with distributed.stop_signals_interrupt():
         # None, not False, without system_metrics: MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING still applies.
         # Started with SIGINT/SIGTERM held, so that a run is never left half-started (its system-metrics
         # thread running): an interrupt held meanwhile is raised on leaving that block, inside the try,
@@ -484,7 +465,7 @@ def reopen(run_id: str, stage: str, root: Path | None = None, name: str | None =
         ) from None
     # A run still RUNNING is one `mlflow run` started for train and evaluate together.
     final = was if RunStatus.is_terminated(RunStatus.from_string(was)) else None
-    with _sigterm_interrupts():
+    with distributed.stop_signals_interrupt():
         active = mlflow.start_run(run_id=run_id)
         outcome, error = "FAILED", None
         try:
