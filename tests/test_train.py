@@ -8,7 +8,7 @@ import torch
 from conftest import TINY_OVERRIDES, repo_params_raw
 from mnist_cnn import layout
 from mnist_cnn.augment import Distortions, _elastic_field, random_distort, shift
-from mnist_cnn.config import ConfigError, parse_params
+from mnist_cnn.config import ConfigError, ModelConfig, parse_params
 from mnist_cnn.data import DataError
 from mnist_cnn.evaluate import evaluate
 from mnist_cnn.model import Net, load_weights
@@ -34,6 +34,16 @@ def test_seed_architecture_and_shapes(tiny_params):
     out = net(torch.randn(3, 1, 28, 28))
     assert out.shape == (3, 10)
     assert torch.allclose(out.exp().sum(dim=1), torch.ones(3), atol=1e-5)  # log-probabilities
+
+
+def test_padding_keeps_the_maps_28_wide_and_an_old_architecture_loads_without_it(tiny_params, tmp_path):
+    padded = Net(dataclasses.replace(tiny_params.model, padding=1))
+    assert padded.fc1.in_features == 48 * 14 * 14 and padded.conv1.padding == (1, 1)
+    assert padded(torch.randn(2, 1, 28, 28)).shape == (2, 10)
+    # A model registered before `padding` existed stored its architecture without the key.
+    old = {k: v for k, v in dataclasses.asdict(tiny_params.model).items() if k != "padding"}
+    torch.save(Net(tiny_params.model).state_dict(), tmp_path / "old.pt")
+    assert load_weights(ModelConfig(**old), tmp_path / "old.pt").fc1.in_features == 6912
 
 
 def test_split_is_80_20_and_disjoint(project, tiny_params):
@@ -349,6 +359,7 @@ def test_the_last_clean_epochs_draw_no_augmentation(project, tiny_params, monkey
         ("train.processes", 0, "an integer >= 1"),
         ("train.monitor", "val_accuracy", "val_loss | val_acc"),
         ("model.batchnorm", "maybe", "true or false"),
+        ("model.padding", 2, "0 (the seed's) or 1"),
     ],
 )
 def test_bad_augmentation_ema_and_process_values_name_key_and_expectation(key, value, expected):

@@ -126,8 +126,11 @@ class ModelConfig:
     dropout1: float
     dropout2: float
     batchnorm: bool
+    # A default, unlike the other keys: models registered before it existed are rebuilt without it.
+    padding: int = 0
 
     def __post_init__(self) -> None:
+        _require(self.padding in (0, 1), "model.padding", self.padding, "0 (the seed's) or 1")
         for name in ("hidden_1", "hidden_2", "hidden_3"):
             value = getattr(self, name)
             _require(value >= 1, f"model.{name}", value, "an integer >= 1")
