@@ -106,6 +106,13 @@ def test_missing_mirror_directory_is_named(tmp_path):
         dl.download(MNIST, tmp_path / "raw", mirror=str(tmp_path / "nowhere"))
 
 
+def test_mirror_under_an_unknown_users_home_is_named(tmp_path, monkeypatch):
+    monkeypatch.setenv("MNIST_MIRROR", "~no-such-user-here/mnist")
+    with pytest.raises(dl.DownloadError, match=r"mirror '~no-such-user-here/mnist': cannot expand ~"):
+        dl.download(MNIST, tmp_path / "raw")
+    assert not (tmp_path / "raw" / FILES["test_labels"]).exists()
+
+
 def test_checksums_are_torchvisions_for_both_datasets(monkeypatch):
     from torchvision.datasets import MNIST as TvMNIST
     from torchvision.datasets import FashionMNIST

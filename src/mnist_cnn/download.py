@@ -79,7 +79,15 @@ def _fetch(source: str, filename: str, dest: Path, timeout: float, deadline: flo
         with urllib.request.urlopen(url, timeout=timeout) as response, open(dest, "wb") as out:
             _copy_body(response, out, started, deadline)
     else:
-        shutil.copyfile(Path(source).expanduser() / filename, dest)
+        shutil.copyfile(_local_mirror(source) / filename, dest)
+
+
+def _local_mirror(mirror: str) -> Path:
+    """A mirror folder, ``~`` expanded as a shell would."""
+    try:
+        return Path(mirror).expanduser()
+    except RuntimeError as exc:  # `~nosuchuser/...`, or no home folder
+        raise DownloadError(f"mirror {mirror!r}: cannot expand ~ ({exc})") from None
 
 
 def _reason(exc: Exception) -> str:
@@ -135,7 +143,7 @@ def download(
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     mirror = mirror or os.environ.get(MIRROR_ENV) or None
-    if mirror and not _is_url(mirror) and not Path(mirror).expanduser().is_dir():
+    if mirror and not _is_url(mirror) and not _local_mirror(mirror).is_dir():
         raise DownloadError(f"mirror {mirror!r}: not a directory (nor a URL with a scheme such as https://)")
     sources = [mirror] if mirror else default_mirrors(cfg.dataset)
     expected = resources(cfg.dataset)
