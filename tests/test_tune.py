@@ -434,6 +434,29 @@ def test_another_search_space_for_an_existing_study_is_one_line_before_any_chang
     assert [t.state for t in journal(project.root).get_trials()] == [TrialState.COMPLETE] * 2
 
 
+def test_a_worker_with_another_space_is_refused_before_the_first_worker_records_a_trial(project, capsys, monkeypatch):
+    """Two workers started at once: the second finds the study the first made, with no trial in it yet."""
+
+    def first_worker_stops_at_its_first_trial(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    write_tune_params(project.params_file, n_trials=2, epochs=1, pruner="none", space=TINY_SPACE)
+    with monkeypatch.context() as patch:
+        patch.setattr(optuna.Study, "ask", first_worker_stops_at_its_first_trial)
+        code, _ = run_tune_cli(project, capsys)
+    assert code == 130 and journal(project.root).get_trials() == []
+
+    other = {**TINY_SPACE, "train.lr": {"low": 0.1, "high": 1.0}}
+    write_tune_params(project.params_file, n_trials=2, epochs=1, pruner="none", space=other)
+    code, err = run_tune_cli(project, capsys)
+    assert (code, err) == (
+        2,
+        "error: tune.space.train.lr: the study 'mnist-cnn' was made with another search space"
+        " (choices [1.0, 1e-05], now numbers [0.1, 1.0]); use a new tune.study_name",
+    )
+    assert journal(project.root).get_trials() == []
+
+
 def test_a_second_ctrl_c_while_the_parent_ends_waits_and_the_parent_ends_killed(project, capsys, monkeypatch):
     import signal
 

@@ -42,6 +42,7 @@ log = logging.getLogger(__name__)
 PARENT_ATTR = "mnist_cnn.parent_run_id"  # study user attr: the study's MLflow parent run
 WORKERS_ATTR = "mnist_cnn.workers"  # study user attr: workers that joined (each samples with seed + index)
 ACTIVE_ATTR = "mnist_cnn.active_workers"  # study user attr: owner tags of the workers still working
+SPACE_ATTR = "mnist_cnn.space"  # study user attr: the first worker's search space, {key: Optuna's JSON}
 OWNER_ATTR = "mnist_cnn.owner"  # trial user attr: host, pid and pid start of the worker running it
 RUN_ATTR = "mnist_cnn.run_id"  # trial user attr: the trial's MLflow child run
 STATE_TAG = "optuna.state"  # complete | pruned | fail, on every child run
@@ -198,8 +199,10 @@ def _described(dist: optuna.distributions.BaseDistribution) -> str:
 def _check_space(study: optuna.Study, cfg: TuneConfig) -> None:
     """``cfg.space`` against the distributions the study's trials recorded, before anything is touched:
     Optuna refuses other choices, another kind or scale for a key only when a trial samples it, in the
-    middle of the study. Ranges may move (Optuna allows it)."""
-    recorded: dict[str, optuna.distributions.BaseDistribution] = {}
+    middle of the study. Ranges may move (Optuna allows it). The space the study was made with counts
+    too: a second worker started at the same instant as the first finds no trial yet."""
+    made_with = study.user_attrs.get(SPACE_ATTR, {})
+    recorded = {key: optuna.distributions.json_to_distribution(text) for key, text in made_with.items()}
     for trial in study.get_trials(deepcopy=False):
         recorded.update(trial.distributions)
     for param in cfg.space:
@@ -269,6 +272,9 @@ def _join(
             storage=storage, study_name=cfg.study_name, direction="minimize", load_if_exists=True
         )
     _check_space(study, cfg)
+    if SPACE_ATTR not in study.user_attrs:
+        space = {p.key: optuna.distributions.distribution_to_json(distribution(p)) for p in cfg.space}
+        study.set_user_attr(SPACE_ATTR, space)
     client = MlflowClient()
     parent = study.user_attrs.get(PARENT_ATTR)
     if parent is None or not tracking.run_exists(parent, root):
