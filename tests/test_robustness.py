@@ -3,6 +3,7 @@ tracking server, a full or read-only disk, corrupt weights, changed data, file m
 
 from __future__ import annotations
 
+import dataclasses
 import http.server
 import json
 import os
@@ -23,6 +24,7 @@ from conftest import stage, the_runs, wait_for_line, write_tiny_params
 from mnist_cnn import pipeline, runs, tracking
 from mnist_cnn.cli import main
 from mnist_cnn.config import load_params
+from mnist_cnn.train import fingerprint_difference, training_fingerprint
 
 EPOCH_LINE = "epoch {epoch:>3}/"
 
@@ -191,10 +193,27 @@ def test_a_checkpoint_of_other_params_is_not_resumed(project, tiny_params, caplo
     assert (project.models / "checkpoint.pt").exists()
     caplog.set_level("INFO")
     run_id, result = pipeline.run_train(tiny_params, project, show_progress=False)  # other epochs/patience
-    assert "from a training with other params or data" in caplog.text
+    assert (
+        f"from a training with train.epochs = 500 (now {tiny_params.train.epochs}), train.patience = 500" in caplog.text
+    )
     assert [h.epoch for h in result.history] == [1, 2]
     assert MlflowClient().get_run(run_id).info.status == "FINISHED"
     assert len(the_runs()) == 2  # the killed run was closed, not reused
+
+
+def test_a_checkpoint_that_does_not_match_says_what_changed(tiny_params):
+    md5s = {"train-images": "a" * 32}
+    now = training_fingerprint(tiny_params, md5s)
+    old_params = json.loads(now)["params"]
+    del old_params["model.padding"]  # a checkpoint written before the key existed
+    before_padding = json.dumps({"params": old_params, "data": md5s, "processes": 1})
+    assert fingerprint_difference(before_padding, now) == "no model.padding (a newer param)"
+    other = dataclasses.replace(tiny_params, train=dataclasses.replace(tiny_params.train, lr=0.5, seed=7, epochs=9))
+    assert fingerprint_difference(training_fingerprint(other, {"train-images": "b" * 32}, 2), now) == (
+        f"train.epochs = 9 (now {tiny_params.train.epochs}), train.lr = 0.5 (now {tiny_params.train.lr}),"
+        f" train.seed = 7 (now {tiny_params.train.seed}) and 2 more"
+    )
+    assert fingerprint_difference("0f" * 32, now) == "other params or data"  # an older checkpoint's hash
 
 
 def test_a_crash_after_the_weights_are_written_resumes_with_nothing_to_train(project, tiny_params, monkeypatch):

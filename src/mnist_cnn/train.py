@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import copy
 import csv
-import hashlib
 import io
 import json
 import logging
@@ -80,16 +79,38 @@ class Checkpointing:
 
 def training_fingerprint(params: Params, data_md5s: Mapping[str, str], processes: int = 1) -> str:
     """What a checkpoint must match to be continued: every data/model/train value, the data's MD5s and
-    the number of processes (each keeps random streams of its own)."""
+    the number of processes (each keeps random streams of its own). Plain JSON, not a hash: a
+    checkpoint that does not match can then say what changed."""
     values = {
         k: v
         for k, v in flatten(params).items()
         if k.split(".")[0] in ("data", "model", "train") and k != "train.resume"
     }
-    blob = json.dumps(
+    return json.dumps(
         {"params": values, "data": dict(sorted(data_md5s.items())), "processes": processes}, sort_keys=True
     )
-    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def fingerprint_difference(old: str, new: str, shown: int = 3) -> str:
+    """What differs between two ``training_fingerprint`` values, for a log line."""
+    try:
+        before, after = json.loads(old), json.loads(new)
+        changes = []
+        for key in sorted(set(before["params"]) | set(after["params"])):
+            if key not in before["params"]:
+                changes.append(f"no {key} (a newer param)")
+            elif key not in after["params"]:
+                changes.append(f"{key} (no longer a param)")
+            elif before["params"][key] != after["params"][key]:
+                changes.append(f"{key} = {before['params'][key]!r} (now {after['params'][key]!r})")
+        if before["data"] != after["data"]:
+            changes.append("other data files")
+        if before["processes"] != after["processes"]:
+            changes.append(f"{before['processes']} processes (now {after['processes']})")
+    except (ValueError, TypeError, KeyError):  # an older checkpoint kept a hash of these
+        return "other params or data"
+    more = f" and {len(changes) - shown} more" if len(changes) > shown else ""
+    return ", ".join(changes[:shown]) + more
 
 
 def load_checkpoint(path: Path, fingerprint: str) -> dict[str, Any] | None:
@@ -105,7 +126,8 @@ def load_checkpoint(path: Path, fingerprint: str) -> dict[str, Any] | None:
         log.warning("%s: not a checkpoint of this version; training from scratch", path)
         return None
     if state.get("fingerprint") != fingerprint:
-        log.info("%s: from a training with other params or data; training from scratch", path)
+        difference = fingerprint_difference(str(state.get("fingerprint")), fingerprint)
+        log.info("%s: from a training with %s; training from scratch", path, difference)
         return None
     return state
 
