@@ -417,6 +417,19 @@ def test_a_login_without_permission_on_the_probe_passes_and_a_refusal_later_is_o
     assert err.startswith("error: ") and "403" in err and "Permission denied" in err, err
 
 
+def test_a_403_that_is_not_mlflows_permission_check_is_one_line(project, monkeypatch, capsys):
+    """A proxy or another web server refusing everyone is not MLflow's auth withholding "Default"."""
+    nginx = answering(403, b"<html><head><title>403 Forbidden</title></head><body>nginx</body></html>\n")
+    code, uri = train_against(nginx, project, monkeypatch)
+    err = error_line(capsys.readouterr().err)
+    assert (code, err) == (
+        1,
+        f"error: tracking server {uri}: refused (HTTP 403, text/html), and not by MLflow's permission check;"
+        " check MLFLOW_TRACKING_URI and any proxy in front of the server",
+    )
+    assert not (project.models / "model.pt").exists()
+
+
 # 5. Evaluate does not rewrite history
 def test_failed_evaluate_keeps_the_run_finished_and_the_champion(project, tiny_params, capsys):
     run_id, _ = pipeline.run_train(tiny_params, project, show_progress=False)

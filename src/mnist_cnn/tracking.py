@@ -170,6 +170,10 @@ def create_store(uri: str) -> None:
             raise TrackingError(f"MLflow store {uri}: cannot be opened ({reason}); check MLFLOW_TRACKING_URI") from None
 
 
+# The body of every 403 from MLflow's auth app (Flask and FastAPI routes alike).
+MLFLOW_FORBIDDEN = "Permission denied"
+
+
 def check_server(uri: str, timeout: float = PREFLIGHT_TIMEOUT_S) -> None:
     """One request, no retries: raise a one-line ``TrackingError`` if the server is down or refuses us."""
     import requests
@@ -197,14 +201,19 @@ def check_server(uri: str, timeout: float = PREFLIGHT_TIMEOUT_S) -> None:
         raise TrackingError(
             f"{server}: refused the login (HTTP 401); set MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD"
         )
+    kind = response.headers.get("Content-Type", "").split(";")[0].strip().lower()  # media types ignore case
     if response.status_code == 403:
-        # The login is good; MLflow's auth only withholds experiment "Default", the probe (under a
-        # NO_PERMISSIONS default, a user sees the experiments they were given or created). Each call
-        # on an experiment of theirs is checked by the server itself.
-        return
+        if response.text.strip() == MLFLOW_FORBIDDEN:
+            # The login is good; MLflow's auth only withholds experiment "Default", the probe (under a
+            # NO_PERMISSIONS default, a user sees the experiments they were given or created). Each call
+            # on an experiment of theirs is checked by the server itself.
+            return
+        raise TrackingError(
+            f"{server}: refused (HTTP 403, {kind or 'no content type'}), and not by MLflow's permission check;"
+            " check MLFLOW_TRACKING_URI and any proxy in front of the server"
+        )
     if response.status_code >= 500:
         raise TrackingError(f"{server}: answered HTTP {response.status_code}; check the server's log")
-    kind = response.headers.get("Content-Type", "").split(";")[0].strip().lower()  # media types ignore case
     if kind != "application/json":  # MLflow answers JSON, errors included; this is some other web server
         raise TrackingError(
             f"{server}: not an MLflow tracking server (HTTP {response.status_code},"
