@@ -181,6 +181,25 @@ def test_blank_and_unreadable_raise_image_errors(tmp_path):
         mnist_like(np.full((30, 30), 7, np.float32))
     with pytest.raises(ImageError, match="no such file"):
         load_digit(tmp_path / "missing.png")
+    speck = np.full((40, 40), 255, np.float32)
+    speck[10, 20] = 0  # one dark pixel on white paper
+    with pytest.raises(ImageError, match="the ink spans only 1x1 pixels, no digit found"):
+        mnist_like(speck)
+    speck[10:12, 20] = 0
+    with pytest.raises(ImageError, match="1x2 pixels"):
+        mnist_like(speck)
+    speck[10:13, 20] = 0  # a short stroke, as narrow as a small 1
+    assert mnist_like(speck).max() > 0
+
+
+def test_an_animation_is_refused_not_read_at_its_first_frame(tmp_path):
+    frames = [Image.new("L", (28, 28), 0), Image.new("L", (28, 28), 0)]
+    frames[1].paste(255, (10, 4, 16, 24))
+    frames[0].save(tmp_path / "moving.gif", save_all=True, append_images=frames[1:], duration=100)
+    with pytest.raises(ImageError, match="moving.gif: 2 frames \\(an animation or a multi-page file\\), expected one"):
+        load_digit(tmp_path / "moving.gif")
+    frames[1].save(tmp_path / "still.gif")
+    assert load_digit(tmp_path / "still.gif").max() > 0
 
 
 def test_mlproject_predict_entry_point(digits, champion_env, tmp_path):

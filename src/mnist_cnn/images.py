@@ -22,6 +22,9 @@ MAX_PIXELS = 64_000_000
 INK_THRESHOLD = 0.2
 # A contrast below this many grey levels (of 255) is a blank image, not a faint digit.
 MIN_CONTRAST = 24
+# The ink's longer side, in pixels, below which it is a speck of dust, not a digit (MNIST's digits span
+# 20; a hand-drawn 8x8 scikit-learn digit still spans 5 or more).
+MIN_DIGIT_SPAN = 3
 SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp")
 
 
@@ -41,6 +44,9 @@ def read_grayscale(path: Path) -> np.ndarray:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(path) as image:
+                frames = getattr(image, "n_frames", 1)
+                if frames > 1:  # which frame holds the digit is anyone's guess
+                    raise ImageError(f"{path}: {frames} frames (an animation or a multi-page file), expected one image")
                 image.load()
                 image = ImageOps.exif_transpose(image)
                 if image.mode in ("RGBA", "LA", "PA") or "transparency" in image.info:
@@ -85,6 +91,8 @@ def mnist_like(gray: np.ndarray, name: str = "image") -> np.ndarray:
     ink = (ink * (255.0 / contrast)).astype(np.float32)
     rows, cols = np.nonzero(ink > INK_THRESHOLD * 255.0)
     ink = ink[rows.min() : rows.max() + 1, cols.min() : cols.max() + 1]
+    if max(ink.shape) < MIN_DIGIT_SPAN:
+        raise ImageError(f"{name}: the ink spans only {ink.shape[1]}x{ink.shape[0]} pixels, no digit found")
     # Every crop is first resampled to one working size (longer side 80 px: box averaging when shrinking a
     # photo, pixel replication when enlarging a small image), so that the same digit drawn at another size
     # gives the same 28x28.
