@@ -14,6 +14,7 @@ import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 
 import mlflow
 import pytest
@@ -290,55 +291,52 @@ def test_a_store_that_is_no_database_is_one_line(project, monkeypatch, capsys):
     assert not (project.models / "model.pt").exists()
 
 
-def test_a_store_path_that_is_a_directory_is_one_line_at_once(project, monkeypatch, capsys):
-    folder = project.root / "stores"
+def _tree(root: Path) -> dict[Path, tuple[int, int, int]]:
+    """Every path below ``root`` (links not followed): its mode, size and modification time."""
+    return {path: (st.st_mode, st.st_size, st.st_mtime_ns) for path in root.rglob("*") for st in [path.lstat()]}
+
+
+def _store_in_a_directory(root: Path) -> tuple[Path, str]:
+    folder = root / "stores"
     folder.mkdir()
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{folder}")
-    start = time.monotonic()
-    code = main(["train", "--params", str(project.params_file), "--root", str(project.root)])
-    assert code == 1 and time.monotonic() - start < 30  # MLflow's engine alone retries for about 2 minutes
-    assert error_line(capsys.readouterr().err) == (
-        f"error: MLflow store sqlite:///{folder}: {folder} is a directory, not a SQLite file; check MLFLOW_TRACKING_URI"
-    )
-    assert list(folder.iterdir()) == []
+    return folder, f"{folder} is a directory, not a SQLite file"
 
 
-def test_a_store_below_a_file_is_one_line_and_creates_nothing(project, monkeypatch, capsys):
-    notes = project.root / "notes.txt"
+def _store_below_a_file(root: Path) -> tuple[Path, str]:
+    notes = root / "notes.txt"
     notes.write_text("not a folder")
-    store = notes / "typo" / "mlflow.db"
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{store}")
-    code = main(["train", "--params", str(project.params_file), "--root", str(project.root)])
-    assert code == 1
-    assert error_line(capsys.readouterr().err) == (
-        f"error: MLflow store sqlite:///{store}: {notes} is a file, not a directory; check MLFLOW_TRACKING_URI"
-    )
-    assert notes.read_text() == "not a folder" and not (project.models / "model.pt").exists()
+    return notes / "typo" / "mlflow.db", f"{notes} is a file, not a directory"
 
 
-def test_a_store_below_a_broken_link_is_one_line(project, monkeypatch, capsys):
-    link = project.root / "stores"
-    link.symlink_to(project.root / "gone")
-    store = link / "mlflow.db"
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{store}")
-    code = main(["train", "--params", str(project.params_file), "--root", str(project.root)])
-    assert code == 1
-    assert error_line(capsys.readouterr().err) == (
-        f"error: MLflow store sqlite:///{store}: {link} is a broken link; check MLFLOW_TRACKING_URI"
-    )
+def _store_below_a_broken_link(root: Path) -> tuple[Path, str]:
+    link = root / "stores"
+    link.symlink_to(root / "gone")
+    return link / "mlflow.db", f"{link} is a broken link"
 
 
-def test_a_store_that_is_a_broken_link_is_one_line_at_once(project, monkeypatch, capsys):
-    store = project.root / "mlflow-link.db"
-    store.symlink_to(project.root / "gone" / "mlflow.db")
+def _store_that_is_a_broken_link(root: Path) -> tuple[Path, str]:
+    store = root / "mlflow-link.db"
+    store.symlink_to(root / "gone" / "mlflow.db")
+    return store, f"{store} is a broken link"
+
+
+@pytest.mark.parametrize(
+    "make_store", [_store_in_a_directory, _store_below_a_file, _store_below_a_broken_link, _store_that_is_a_broken_link]
+)
+def test_a_store_path_that_cannot_hold_a_sqlite_file_is_one_line_at_once(project, monkeypatch, capsys, make_store):
+    store, reason = make_store(project.root)
+    before = _tree(project.root)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{store}")
     start = time.monotonic()
     code = main(["train", "--params", str(project.params_file), "--root", str(project.root)])
     assert code == 1 and time.monotonic() - start < 30  # MLflow's engine alone retries for about 2 minutes
     assert error_line(capsys.readouterr().err) == (
-        f"error: MLflow store sqlite:///{store}: {store} is a broken link; check MLFLOW_TRACKING_URI"
+        f"error: MLflow store sqlite:///{store}: {reason}; check MLFLOW_TRACKING_URI"
     )
-    assert not (project.root / "mlflow-link.db.lock").exists()
+    after = _tree(project.root)
+    # The stage's lock file (and its folder) is all it made: no store, no lock beside the store, no weights.
+    assert set(after) - set(before) == {project.models, project.models / ".lock"}
+    assert {path: after[path] for path in before} == before
 
 
 def answering(status: int, body: bytes) -> type[http.server.BaseHTTPRequestHandler]:
