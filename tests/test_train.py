@@ -193,6 +193,22 @@ def test_plateau_schedule_cuts_lr_after_stalled_epochs(project, tiny_params):
     assert [s.lr for s in result.history] == pytest.approx([0.43, 0.43, 0.43, 0.215, 0.215])
 
 
+def test_weight_decay_is_adamws_alone(tiny_params):
+    """`train.weight_decay` reaches AdamW (0.01, torch's default, keeps earlier AdamW runs as they were);
+    Adadelta and SGD keep none."""
+    net = Net(tiny_params.model)
+    for optimizer, decay, expected in [
+        ("adamw", 0.05, 0.05),
+        ("adamw", 0.01, 0.01),
+        ("sgd", 0.05, 0),
+        ("adadelta", 0.05, 0),
+    ]:
+        cfg = dataclasses.replace(tiny_params.train, optimizer=optimizer, weight_decay=decay)
+        built, _ = make_optimizer(net, cfg, steps_per_epoch=1)
+        assert built.param_groups[0]["weight_decay"] == expected, optimizer
+    assert torch.optim.AdamW(net.parameters()).defaults["weight_decay"] == tiny_params.train.weight_decay
+
+
 @pytest.mark.parametrize(("monitor", "lrs"), [("val_loss", [1.0] * 6), ("val_acc", [1.0, 1.0, 1.0, 0.5, 0.5, 0.5])])
 def test_plateau_follows_the_monitored_value(tiny_params, monitor, lrs):
     """The loss improves every epoch while the accuracy stalls after the first (label smoothing's
@@ -360,6 +376,7 @@ def test_the_last_clean_epochs_draw_no_augmentation(project, tiny_params, monkey
         ("train.monitor", "val_accuracy", "val_loss | val_acc"),
         ("model.batchnorm", "maybe", "true or false"),
         ("model.padding", 2, "0 (the seed's) or 1"),
+        ("train.weight_decay", 1.5, "a number in [0, 1)"),
     ],
 )
 def test_bad_augmentation_ema_and_process_values_name_key_and_expectation(key, value, expected):

@@ -145,6 +145,7 @@ class TrainConfig:
     epochs: int
     optimizer: str
     lr: float
+    weight_decay: float
     scheduler: str
     lr_gamma: float
     lr_patience: int
@@ -175,6 +176,7 @@ class TrainConfig:
         _require(self.scheduler in SCHEDULERS, "train.scheduler", self.scheduler, " | ".join(SCHEDULERS))
         _require(0 < self.lr_gamma <= 1, "train.lr_gamma", self.lr_gamma, "a number in (0, 1]")
         _require(0 <= self.label_smoothing < 1, "train.label_smoothing", self.label_smoothing, "a number in [0, 1)")
+        _require(0 <= self.weight_decay < 1, "train.weight_decay", self.weight_decay, "a number in [0, 1)")
         _require(self.lr_patience >= 0, "train.lr_patience", self.lr_patience, "an integer >= 0")
         _require(0 < self.val_split < 1, "train.val_split", self.val_split, "a number in (0, 1)")
         _require(self.patience >= 1, "train.patience", self.patience, "an integer >= 1")

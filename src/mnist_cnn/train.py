@@ -216,7 +216,7 @@ def make_optimizer(
     if cfg.optimizer == "adadelta":
         optimizer = torch.optim.Adadelta(model.parameters(), lr=cfg.lr)
     elif cfg.optimizer == "adamw":
-        optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     else:
         optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=0.9, nesterov=True)
     if cfg.scheduler == "step":
