@@ -297,6 +297,23 @@ def test_shear_leans_the_strokes_and_keeps_each_row_s_ink(project):
     assert torch.equal(used.get_state(), expected.get_state())
 
 
+def test_erasing_blanks_one_box_in_about_the_asked_share_of_images():
+    ink, background = 3.0, -0.5
+    x = torch.full((2000, 1, 28, 28), ink)
+    erased = random_distort(x, Distortions(erase=0.5), torch.Generator().manual_seed(3), background)
+    blank = (erased - background).abs() < 1e-4
+    hit = blank.flatten(1).any(dim=1)
+    assert 0.45 < hit.float().mean().item() < 0.55
+    assert torch.allclose(erased[~hit], x[~hit], atol=1e-5)  # the others are untouched
+    for mask in blank[hit][:200, 0]:
+        rows, cols = mask.any(dim=1).nonzero().flatten(), mask.any(dim=0).nonzero().flatten()
+        box = mask[rows.min() : rows.max() + 1, cols.min() : cols.max() + 1]
+        assert box.all() and int(mask.sum()) == box.numel()  # one solid rectangle, nothing else blank
+        assert 0.015 < box.numel() / (28 * 28) < 0.36  # 2-33% of the image, give or take rounding
+    always = random_distort(x[:50], Distortions(erase=1.0), torch.Generator().manual_seed(3), background)
+    assert ((always - background).abs() < 1e-4).flatten(1).any(dim=1).all()
+
+
 def test_elastic_field_is_smooth_and_as_strong_as_alpha_says():
     d = Distortions(elastic_alpha=34, elastic_sigma=4)
     field = _elastic_field(256, 28, 28, d, torch.Generator().manual_seed(0), torch.device("cpu"))
@@ -369,6 +386,7 @@ def test_the_last_clean_epochs_draw_no_augmentation(project, tiny_params, monkey
         ("train.augment_clean_epochs", -1, "an integer >= 0"),
         ("train.augment_scale", 1.5, "a number in [0, 1)"),
         ("train.augment_shear", 50.0, "degrees in [0, 45]"),
+        ("train.augment_erase", 1.5, "a probability in [0, 1]"),
         ("train.augment_elastic", -3.0, "pixels in [0, 100]"),
         ("train.augment_elastic_sigma", 0.0, "pixels in (0, 14]"),
         ("train.ema_decay", 1.0, "a number in [0, 1) (0: off)"),

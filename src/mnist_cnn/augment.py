@@ -1,4 +1,5 @@
-"""Random distortion of a whole batch on its own device: shift, rotation, scale, shear and elastic warp.
+"""Random distortion of a whole batch on its own device: shift, rotation, scale, shear, elastic warp and
+random erasing.
 
 One ``affine_grid``/``grid_sample`` call per batch (the elastic field is added to the affine grid), so
 it runs where training runs (GPU or CPU) and costs a small fraction of a step;
@@ -18,8 +19,9 @@ import torch.nn.functional as F
 class Distortions:
     """Uniform ranges: shifts up to ``shift`` pixels, rotations up to ``rotate`` degrees, scale 1 ± ``scale``,
     a horizontal shear up to ``shear`` degrees (a vertical stroke leans by that angle; rows keep their ink);
-    and an elastic warp (Simard et al., 2003): a uniform [-1, 1] displacement field per image, smoothed by a
-    Gaussian of ``elastic_sigma`` pixels and multiplied by ``elastic_alpha`` pixels (0: off)."""
+    an elastic warp (Simard et al., 2003): a uniform [-1, 1] displacement field per image, smoothed by a
+    Gaussian of ``elastic_sigma`` pixels and multiplied by ``elastic_alpha`` pixels (0: off); and random
+    erasing (Zhong et al., 2017): with probability ``erase``, a rectangle of the image is blanked."""
 
     shift: float = 0.0
     rotate: float = 0.0
@@ -27,10 +29,12 @@ class Distortions:
     elastic_alpha: float = 0.0
     elastic_sigma: float = 4.0
     shear: float = 0.0
+    erase: float = 0.0
 
     @property
     def active(self) -> bool:
-        return self.shift > 0 or self.rotate > 0 or self.scale > 0 or self.shear > 0 or self.elastic_alpha > 0
+        moves = (self.shift, self.rotate, self.scale, self.shear, self.elastic_alpha, self.erase)
+        return any(value > 0 for value in moves)
 
 
 def _uniform(n: int, half_width: float, generator: torch.Generator, device: torch.device) -> torch.Tensor:
@@ -81,7 +85,35 @@ def random_distort(x: torch.Tensor, d: Distortions, generator: torch.Generator, 
     if d.elastic_alpha > 0:
         grid = grid + _elastic_field(n, height, width, d, generator, device).to(x.dtype)
     moved = F.grid_sample(x - background, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+    if d.erase > 0:
+        moved = moved * ~_erased(n, height, width, d.erase, generator, device).unsqueeze(1)
     return moved + background
+
+
+# torchvision's RandomErasing defaults: the box covers 2-33% of the image, its aspect ratio 0.3-3.3.
+ERASE_AREA = (0.02, 0.33)
+ERASE_RATIO = (0.3, 1 / 0.3)
+
+
+def _erased(n: int, height: int, width: int, p: float, generator: torch.Generator, device) -> torch.Tensor:
+    """(N, H, W) masks, each one random box with probability ``p``. One box per image for the whole
+    batch at once: ``transforms.v2.RandomErasing`` on a batch tensor blanks the same box in every image."""
+
+    def uniform(low: float, high: float) -> torch.Tensor:
+        return low + (high - low) * torch.rand(n, generator=generator, device=device)
+
+    area = uniform(*ERASE_AREA) * height * width
+    ratio = torch.exp(uniform(math.log(ERASE_RATIO[0]), math.log(ERASE_RATIO[1])))
+    box_h = torch.sqrt(area * ratio).round().clamp(1, height)
+    box_w = torch.sqrt(area / ratio).round().clamp(1, width)
+    top = (uniform(0, 1) * (height - box_h + 1)).floor()
+    left = (uniform(0, 1) * (width - box_w + 1)).floor()
+    chosen = torch.rand(n, generator=generator, device=device) < p
+    rows = torch.arange(height, device=device).view(1, -1)
+    cols = torch.arange(width, device=device).view(1, -1)
+    in_rows = (rows >= top.view(-1, 1)) & (rows < (top + box_h).view(-1, 1))
+    in_cols = (cols >= left.view(-1, 1)) & (cols < (left + box_w).view(-1, 1))
+    return (in_rows.unsqueeze(2) & in_cols.unsqueeze(1)) & chosen.view(-1, 1, 1)
 
 
 # Test-time augmentation: the image and its four one-pixel shifts.

@@ -162,6 +162,7 @@ class TrainConfig:
     augment_rotate: float
     augment_scale: float
     augment_shear: float
+    augment_erase: float
     augment_elastic: float
     augment_elastic_sigma: float
     augment_clean_epochs: int
@@ -190,6 +191,7 @@ class TrainConfig:
         _require(0 <= self.augment_rotate <= 180, "train.augment_rotate", self.augment_rotate, "degrees in [0, 180]")
         _require(0 <= self.augment_scale < 1, "train.augment_scale", self.augment_scale, "a number in [0, 1)")
         _require(0 <= self.augment_shear <= 45, "train.augment_shear", self.augment_shear, "degrees in [0, 45]")
+        _require(0 <= self.augment_erase <= 1, "train.augment_erase", self.augment_erase, "a probability in [0, 1]")
         _require(0 <= self.augment_elastic <= 100, "train.augment_elastic", self.augment_elastic, "pixels in [0, 100]")
         _require(
             0 < self.augment_elastic_sigma <= 14,

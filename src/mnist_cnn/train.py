@@ -454,6 +454,7 @@ def fit(
         rotate=cfg.augment_rotate,
         scale=cfg.augment_scale,
         shear=cfg.augment_shear,
+        erase=cfg.augment_erase,
         elastic_alpha=cfg.augment_elastic,
         elastic_sigma=cfg.augment_elastic_sigma,
     )
