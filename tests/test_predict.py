@@ -196,10 +196,21 @@ def test_an_animation_is_refused_not_read_at_its_first_frame(tmp_path):
     frames = [Image.new("L", (28, 28), 0), Image.new("L", (28, 28), 0)]
     frames[1].paste(255, (10, 4, 16, 24))
     frames[0].save(tmp_path / "moving.gif", save_all=True, append_images=frames[1:], duration=100)
-    with pytest.raises(ImageError, match="moving.gif: 2 frames \\(an animation or a multi-page file\\), expected one"):
+    with pytest.raises(ImageError, match="moving.gif: 2 frames \\(an animation\\), expected one image"):
         load_digit(tmp_path / "moving.gif")
+    whole = (tmp_path / "moving.gif").read_bytes()
+    (tmp_path / "cut.gif").write_bytes(whole[: len(whole) * 3 // 4])
+    with pytest.raises(ImageError, match="cut.gif: truncated or corrupt image"):
+        load_digit(tmp_path / "cut.gif")
     frames[1].save(tmp_path / "still.gif")
     assert load_digit(tmp_path / "still.gif").max() > 0
+    # A camera's JPEG with a second picture inside (MPO: a gain map, a preview) is read at its first.
+    frames[1].convert("RGB").save(
+        tmp_path / "phone.jpg", "MPO", save_all=True, append_images=[frames[0].convert("RGB")]
+    )
+    with Image.open(tmp_path / "phone.jpg") as phone:
+        assert (phone.format, phone.n_frames) == ("MPO", 2)
+    assert np.abs(load_digit(tmp_path / "phone.jpg") - load_digit(tmp_path / "still.gif")).max() < 40
 
 
 def test_mlproject_predict_entry_point(digits, champion_env, tmp_path):

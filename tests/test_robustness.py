@@ -142,6 +142,7 @@ def test_sigkill_after_epoch_2_of_4_resumes_in_the_same_run_to_identical_weights
         "train.augment_shift": 2,
         "train.augment_rotate": 10,
         "train.augment_elastic": 34,
+        "train.augment_erase": 0.5,
         "train.ema_decay": 0.9,
         "train.monitor": "val_acc",
         "model.batchnorm": True,
@@ -215,6 +216,8 @@ def test_a_checkpoint_that_does_not_match_says_what_changed(tiny_params):
         f" train.seed = 7 (now {tiny_params.train.seed}) and 2 more"
     )
     assert fingerprint_difference("0f" * 32, now) == "other params or data"  # an older checkpoint's hash
+    assert fingerprint_difference(json.dumps(json.loads(now), indent=1), now) == "other params or data"
+    assert fingerprint_difference("[" * 100_000 + "]" * 100_000, now) == "other params or data"
 
 
 def test_a_crash_after_the_weights_are_written_resumes_with_nothing_to_train(project, tiny_params, monkeypatch):
@@ -420,10 +423,11 @@ def test_a_403_that_is_not_mlflows_permission_check_is_one_line(project, monkeyp
     nginx = answering(403, b"<html><head><title>403 Forbidden</title></head><body>nginx</body></html>\n")
     code, uri = train_against(nginx, project, monkeypatch)
     err = error_line(capsys.readouterr().err)
+    page = "<html><head><title>403 Forbidden</title></head><body>nginx</body></html>"
     assert (code, err) == (
         1,
-        f"error: tracking server {uri}: refused (HTTP 403, text/html), and not by MLflow's permission check;"
-        " check MLFLOW_TRACKING_URI and any proxy in front of the server",
+        f"error: tracking server {uri}: refused (HTTP 403, text/html: {page[:80]!r}), not by MLflow's permission"
+        " check; check MLFLOW_TRACKING_URI, the server's --allowed-hosts and any proxy in front of it",
     )
     assert not (project.models / "model.pt").exists()
 

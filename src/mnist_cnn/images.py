@@ -44,9 +44,8 @@ def read_grayscale(path: Path) -> np.ndarray:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(path) as image:
-                frames = getattr(image, "n_frames", 1)
-                if frames > 1:  # which frame holds the digit is anyone's guess
-                    raise ImageError(f"{path}: {frames} frames (an animation or a multi-page file), expected one image")
+                if _is_animation(image):  # which frame holds the digit is anyone's guess
+                    raise ImageError(f"{path}: {image.n_frames} frames (an animation), expected one image")
                 image.load()
                 image = ImageOps.exif_transpose(image)
                 if image.mode in ("RGBA", "LA", "PA") or "transparency" in image.info:
@@ -66,6 +65,17 @@ def read_grayscale(path: Path) -> np.ndarray:
     except (OSError, SyntaxError, EOFError, ValueError) as exc:
         # Pillow reports a cut-off or damaged file from its decoders as any of these.
         raise ImageError(f"{path}: truncated or corrupt image ({exc})") from None
+
+
+def _is_animation(image: Image.Image) -> bool:
+    """An animated GIF, PNG or WebP. A phone's JPEG with a gain map or preview (MPO) and a TIFF with a
+    thumbnail page have more frames too, but their first one is the picture."""
+    if image.format not in ("GIF", "PNG", "WEBP"):
+        return False
+    try:
+        return bool(getattr(image, "is_animated", False))  # counting frames walks the whole file
+    except Exception as exc:  # noqa: BLE001 - Pillow's frame walkers raise many kinds on a damaged file
+        raise ImageError(f"{image.filename}: truncated or corrupt image ({type(exc).__name__})") from None
 
 
 def _size(path: Path) -> str:

@@ -20,7 +20,7 @@ class Net(nn.Module):
     Dropout > Linear(h3,10) > log-softmax. With ``batchnorm``, a BatchNorm2d follows each convolution
     (the one change the augmented preset makes to the seed's layers). ``padding`` zero-pads each
     convolution's input (0, the seed's: 28 > 26 > 24 > pooled 12; 1: 28 > 28 > 28 > pooled 14, so a
-    stroke at the border is seen as often as one in the middle, and fc1 takes h2*14*14).
+    border pixel falls in 6 of conv1's windows, not 3, and fc1 takes h2*14*14).
 
     Max-pool runs before the second ReLU: the two commute (ReLU is monotonic), so this is the seed's
     function, with a quarter of the ReLU work.

@@ -208,9 +208,10 @@ def check_server(uri: str, timeout: float = PREFLIGHT_TIMEOUT_S) -> None:
             # NO_PERMISSIONS default, a user sees the experiments they were given or created). Each call
             # on an experiment of theirs is checked by the server itself.
             return
+        said = masked(one_line(response.text))[:80]
         raise TrackingError(
-            f"{server}: refused (HTTP 403, {kind or 'no content type'}), and not by MLflow's permission check;"
-            " check MLFLOW_TRACKING_URI and any proxy in front of the server"
+            f"{server}: refused (HTTP 403, {kind or 'no content type'}: {said!r}), not by MLflow's permission"
+            " check; check MLFLOW_TRACKING_URI, the server's --allowed-hosts and any proxy in front of it"
         )
     if response.status_code >= 500:
         raise TrackingError(f"{server}: answered HTTP {response.status_code}; check the server's log")

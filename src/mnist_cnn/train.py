@@ -107,7 +107,9 @@ def fingerprint_difference(old: str, new: str, shown: int = 3) -> str:
             changes.append("other data files")
         if before["processes"] != after["processes"]:
             changes.append(f"{before['processes']} processes (now {after['processes']})")
-    except (ValueError, TypeError, KeyError):  # an older checkpoint kept a hash of these
+    except (ValueError, TypeError, KeyError, AttributeError, RecursionError):  # older ones kept a hash
+        return "other params or data"
+    if not changes:  # the same values written another way
         return "other params or data"
     more = f" and {len(changes) - shown} more" if len(changes) > shown else ""
     return ", ".join(changes[:shown]) + more
