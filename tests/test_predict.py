@@ -3,6 +3,7 @@ reported one line each through the real CLI while the good ones are still predic
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import re
@@ -128,13 +129,17 @@ def test_bad_files_get_one_line_each_and_the_good_ones_are_still_predicted(digit
     for name, body in bad.items():
         (tmp_path / name).write_bytes(body)
     Image.new("RGB", (60, 40), (240, 240, 235)).save(tmp_path / "blank.png")
+    tiff = io.BytesIO()
+    Image.new("L", (40, 40), 255).save(tiff, format="TIFF")
+    (tmp_path / "cut.tif").write_bytes(tiff.getvalue()[:8])  # the header, then nothing: "Corrupt EXIF"
     bomb = bomb_png(tmp_path / "bomb.png")
-    files = [good[0], *(tmp_path / name for name in bad), tmp_path / "blank.png", bomb, good[1]]
+    files = [good[0], *(tmp_path / name for name in bad), tmp_path / "blank.png", tmp_path / "cut.tif", bomb, good[1]]
     expected = {
         "not-an-image.png": "not an image",
         "empty.png": "empty file",
         "truncated.png": "truncated or corrupt image",
         "blank.png": "blank image",
+        "cut.tif": "not an image Pillow can read",
         "bomb.png": f"20000x20000 pixels, more than the {MAX_PIXELS:,} allowed",
     }
 
@@ -143,6 +148,7 @@ def test_bad_files_get_one_line_each_and_the_good_ones_are_still_predicted(digit
     assert "Traceback" not in result.stderr
     errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
     assert len(errors) == len(expected), result.stderr
+    assert "Warning" not in result.stderr, result.stderr  # Pillow's, about the cut TIFF's metadata
     for line, (name, fragment) in zip(errors, expected.items(), strict=True):
         assert line.startswith(f"error: {tmp_path / name}: ") and fragment in line, line
     in_process = {r.path: r for r in predict(good)}

@@ -43,6 +43,9 @@ def read_grayscale(path: Path) -> np.ndarray:
         Image.MAX_IMAGE_PIXELS = MAX_PIXELS
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
+            # Pillow warns of damaged metadata ("Corrupt EXIF data") on its way to the error below, or
+            # to a picture read without it: either way the warning says nothing the user can act on.
+            warnings.filterwarnings("ignore", category=UserWarning, module=r"PIL\.")
             with Image.open(path) as image:
                 if _is_animation(image):  # which frame holds the digit is anyone's guess
                     raise ImageError(f"{path}: {image.n_frames} frames (an animation), expected one image")
