@@ -41,9 +41,26 @@ def test_padding_keeps_the_maps_28_wide_and_an_old_architecture_loads_without_it
     assert padded.fc1.in_features == 48 * 14 * 14 and padded.conv1.padding == (1, 1)
     assert padded(torch.randn(2, 1, 28, 28)).shape == (2, 10)
     # A model registered before `padding` existed stored its architecture without the key.
-    old = {k: v for k, v in dataclasses.asdict(tiny_params.model).items() if k != "padding"}
+    new_keys = ("padding", "kernel_size", "dilation")
+    old = {k: v for k, v in dataclasses.asdict(tiny_params.model).items() if k not in new_keys}
     torch.save(Net(tiny_params.model).state_dict(), tmp_path / "old.pt")
     assert load_weights(ModelConfig(**old), tmp_path / "old.pt").fc1.in_features == 6912
+
+
+@pytest.mark.parametrize(
+    ("change", "in_features"),
+    [
+        ({"kernel_size": 5}, 48 * 10 * 10),  # 28 > 24 > 20 > pooled 10
+        ({"dilation": 2}, 48 * 11 * 11),  # 28 > 26 > 22 > pooled 11
+        ({"kernel_size": 5, "dilation": 2, "padding": 1}, 48 * 10 * 10),  # 28 > 26 > 20 > pooled 10
+    ],
+)
+def test_wider_kernels_and_dilation_size_fc1_to_the_pooled_map(tiny_params, change, in_features):
+    net = Net(dataclasses.replace(tiny_params.model, **change))
+    assert net.fc1.in_features == in_features
+    assert net.conv1.kernel_size == net.conv2.kernel_size == (change.get("kernel_size", 3),) * 2
+    assert net.conv2.dilation == (change.get("dilation", 1),) * 2 and net.conv1.dilation == (1, 1)
+    assert net(torch.randn(2, 1, 28, 28)).shape == (2, 10)
 
 
 def test_split_is_80_20_and_disjoint(project, tiny_params):
@@ -394,6 +411,8 @@ def test_the_last_clean_epochs_draw_no_augmentation(project, tiny_params, monkey
         ("train.monitor", "val_accuracy", "val_loss | val_acc"),
         ("model.batchnorm", "maybe", "true or false"),
         ("model.padding", 2, "0 (the seed's) or 1"),
+        ("model.kernel_size", 7, "3 (the seed's) or 5"),
+        ("model.dilation", 3, "1 (the seed's) or 2"),
         ("train.weight_decay", 1.5, "a number in [0, 1)"),
     ],
 )

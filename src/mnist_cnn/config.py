@@ -126,11 +126,15 @@ class ModelConfig:
     dropout1: float
     dropout2: float
     batchnorm: bool
-    # A default, unlike the other keys: models registered before it existed are rebuilt without it.
+    # Defaults, unlike the other keys: models registered before they existed are rebuilt without them.
     padding: int = 0
+    kernel_size: int = 3
+    dilation: int = 1
 
     def __post_init__(self) -> None:
         _require(self.padding in (0, 1), "model.padding", self.padding, "0 (the seed's) or 1")
+        _require(self.kernel_size in (3, 5), "model.kernel_size", self.kernel_size, "3 (the seed's) or 5")
+        _require(self.dilation in (1, 2), "model.dilation", self.dilation, "1 (the seed's) or 2")
         for name in ("hidden_1", "hidden_2", "hidden_3"):
             value = getattr(self, name)
             _require(value >= 1, f"model.{name}", value, "an integer >= 1")

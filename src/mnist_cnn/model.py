@@ -20,7 +20,10 @@ class Net(nn.Module):
     Dropout > Linear(h3,10) > log-softmax. With ``batchnorm``, a BatchNorm2d follows each convolution
     (the one change the augmented preset makes to the seed's layers). ``padding`` zero-pads each
     convolution's input (0, the seed's: 28 > 26 > 24 > pooled 12; 1: 28 > 28 > 28 > pooled 14, so a
-    border pixel falls in 6 of conv1's windows, not 3, and fc1 takes h2*14*14).
+    border pixel falls in 6 of conv1's windows, not 3, and fc1 takes h2*14*14). ``kernel_size`` 5 makes
+    both convolutions 5x5 and ``dilation`` 2 spreads conv2's taps two pixels apart: each widens what one
+    pooled feature sees (6x6 pixels in the seed's; 10x10 with 5x5 kernels, 8x8 with dilation) while
+    the layer widths stay the same.
 
     Max-pool runs before the second ReLU: the two commute (ReLU is monotonic), so this is the seed's
     function, with a quarter of the ReLU work.
@@ -28,9 +31,10 @@ class Net(nn.Module):
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
-        pooled = (IMAGE_SIZE - 4 + 4 * cfg.padding) // 2
-        self.conv1 = nn.Conv2d(1, cfg.hidden_1, 3, 1, padding=cfg.padding)
-        self.conv2 = nn.Conv2d(cfg.hidden_1, cfg.hidden_2, 3, 1, padding=cfg.padding)
+        k, pad = cfg.kernel_size, cfg.padding
+        pooled = (IMAGE_SIZE + 4 * pad - (k - 1) - cfg.dilation * (k - 1)) // 2
+        self.conv1 = nn.Conv2d(1, cfg.hidden_1, k, 1, padding=pad)
+        self.conv2 = nn.Conv2d(cfg.hidden_1, cfg.hidden_2, k, 1, padding=pad, dilation=cfg.dilation)
         self.bn1 = nn.BatchNorm2d(cfg.hidden_1) if cfg.batchnorm else nn.Identity()
         self.bn2 = nn.BatchNorm2d(cfg.hidden_2) if cfg.batchnorm else nn.Identity()
         # A Dropout(p=0) still draws a mask in training; Identity is the same function for free.
