@@ -1,0 +1,70 @@
+"""How many test errors the preset lines share: their registered models alone, and averaged.
+
+Loads the registered model of every finished run tagged with one of the given ``preset`` names (the
+same pyfunc that is served), scores the real test set as evaluate does, and prints each model's
+accuracy, the accuracy of all of them averaged (probabilities), and how many test images most of them
+get wrong. If the average is no better than the mean model, the lines differ in noise, not in what
+they learned: no variation of the same recipe will lift the mean much.
+
+    python benchmarks/shared_errors.py --preset augmented augmented-val10 augmented-shear10
+"""
+
+from __future__ import annotations
+
+import statistics
+
+import mlflow
+import torch
+from mlflow.tracking import MlflowClient
+
+from common import benchmark_parser
+from mnist_cnn import tracking
+from mnist_cnn.config import load_params
+from mnist_cnn.data import load_split, normalise
+from mnist_cnn.evaluate import score
+from mnist_cnn.runtime import select_precision
+
+
+def main() -> None:
+    parser = benchmark_parser(__doc__)
+    parser.add_argument("--preset", nargs="+", default=["augmented"], help="preset tags to pool")
+    args = parser.parse_args()
+    params = load_params(args.params)
+    tracking.configure()
+    client = MlflowClient()
+    experiment = client.get_experiment_by_name(params.mlflow.experiment)
+    test = load_split(args.data_dir, train=False)
+    x, y = normalise(test.images, params.data.dataset), test.labels
+    precision = select_precision(args.precision, torch.device("cpu"))
+    wrong, probability_sum, accuracies = [], torch.zeros(len(y), 10), []
+    for preset in args.preset:
+        runs = client.search_runs(
+            [experiment.experiment_id], f"tags.preset = '{preset}' and attributes.status = 'FINISHED'"
+        )
+        for run in sorted(runs, key=lambda r: int(r.data.params["train.seed"])):
+            versions = client.search_model_versions(f"run_id = '{run.info.run_id}'")
+            if not versions:  # a run whose evaluate stage never registered it
+                continue
+            model = mlflow.pyfunc.load_model(f"models:/{versions[0].name}/{versions[0].version}")
+            net = model.unwrap_python_model().classifier.net.eval()
+            with torch.inference_mode():
+                probabilities = score(net, x, params.evaluate, precision, x.amin().item()).float().exp()
+            predicted = probabilities.argmax(1)
+            wrong.append(predicted != y)
+            probability_sum += probabilities
+            accuracies.append(100.0 * (predicted == y).float().mean().item())
+            print(f"{preset} seed {run.data.params['train.seed']} (v{versions[0].version}): {accuracies[-1]:.2f}%")
+    if not accuracies:
+        raise SystemExit(f"error: no registered runs tagged preset = {' | '.join(args.preset)}")
+    errors = torch.stack(wrong).float().mean(0)
+    averaged = 100.0 * (probability_sum.argmax(1) == y).float().mean().item()
+    spread = statistics.stdev(accuracies) if len(accuracies) > 1 else 0.0
+    print(f"{len(accuracies)} models: mean {statistics.mean(accuracies):.3f}% ± {spread:.3f}; averaged {averaged:.2f}%")
+    print(
+        f"test images wrong in every model: {int((errors == 1).sum())}, in at least half: "
+        f"{int((errors >= 0.5).sum())}, in any: {int((errors > 0).sum())} (of {len(y):,})"
+    )
+
+
+if __name__ == "__main__":
+    main()
