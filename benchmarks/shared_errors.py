@@ -1,10 +1,11 @@
 """How many test errors the preset lines share: their registered models alone, and averaged.
 
 Loads the registered model of every finished run tagged with one of the given ``preset`` names (the
-same pyfunc that is served), scores the real test set as evaluate does, and prints each model's
-accuracy, the accuracy of all of them averaged (probabilities), and how many test images most of them
-get wrong. If the average is no better than the mean model, the lines differ in noise, not in what
-they learned: no variation of the same recipe will lift the mean much.
+same pyfunc that is served), scores the real test set as evaluate does (on the CPU, with this
+params.yaml's dataset and TTA setting), and prints each model's accuracy, the accuracy of all of them
+averaged (probabilities), and how many test images most of them get wrong. If the average is no
+better than the mean model, the lines differ in noise, not in what they learned: no variation of the
+same recipe will lift the mean much.
 
     python benchmarks/shared_errors.py --preset augmented augmented-val10 augmented-shear10
 """
@@ -29,22 +30,32 @@ def main() -> None:
     parser = benchmark_parser(__doc__)
     parser.add_argument("--preset", nargs="+", default=["augmented"], help="preset tags to pool")
     args = parser.parse_args()
+    if args.device not in ("auto", "cpu"):
+        raise SystemExit(f"error: --device {args.device}: this benchmark scores on the CPU only")
     params = load_params(args.params)
     tracking.configure()
     client = MlflowClient()
     experiment = client.get_experiment_by_name(params.mlflow.experiment)
+    if experiment is None:
+        raise SystemExit(f"error: no MLflow experiment {params.mlflow.experiment!r} in {mlflow.get_tracking_uri()}")
     test = load_split(args.data_dir, train=False)
     x, y = normalise(test.images, params.data.dataset), test.labels
     precision = select_precision(args.precision, torch.device("cpu"))
-    wrong, probability_sum, accuracies = [], torch.zeros(len(y), 10), []
+    wrong, probability_sum, accuracies, scored = [], torch.zeros(len(y), 10), [], set()
     for preset in args.preset:
         runs = client.search_runs(
             [experiment.experiment_id], f"tags.preset = '{preset}' and attributes.status = 'FINISHED'"
         )
-        for run in sorted(runs, key=lambda r: int(r.data.params["train.seed"])):
+        for run in sorted(runs, key=lambda r: int(r.data.params.get("train.seed", -1))):
+            seed = run.data.params.get("train.seed", "?")
             versions = client.search_model_versions(f"run_id = '{run.info.run_id}'")
-            if not versions:  # a run whose evaluate stage never registered it
+            if not versions:
+                # evaluate never ran, or found the same weights already registered under another run
+                print(f"{preset} seed {seed} ({run.info.run_name}): skipped, no registered version of its own")
                 continue
+            if versions[0].version in scored:
+                continue
+            scored.add(versions[0].version)
             model = mlflow.pyfunc.load_model(f"models:/{versions[0].name}/{versions[0].version}")
             net = model.unwrap_python_model().classifier.net.eval()
             with torch.inference_mode():
@@ -53,7 +64,7 @@ def main() -> None:
             wrong.append(predicted != y)
             probability_sum += probabilities
             accuracies.append(100.0 * (predicted == y).float().mean().item())
-            print(f"{preset} seed {run.data.params['train.seed']} (v{versions[0].version}): {accuracies[-1]:.2f}%")
+            print(f"{preset} seed {seed} (v{versions[0].version}): {accuracies[-1]:.2f}%")
     if not accuracies:
         raise SystemExit(f"error: no registered runs tagged preset = {' | '.join(args.preset)}")
     errors = torch.stack(wrong).float().mean(0)

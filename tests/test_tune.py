@@ -191,6 +191,11 @@ def test_two_workers_share_one_study_and_one_parent_run(project):
             "tune.space.model.dropout2.high: model.dropout2 = 1.5: expected a number in [0, 1)",
         ),
         ({"space": {"train.batch_size": {"choices": []}}}, "tune.space.train.batch_size.choices = []: expected"),
+        (
+            {"space": {"model.kernel_size": {"low": 3, "high": 5}}},
+            "tune.space.model.kernel_size (low..high holds 4; list the allowed values as choices): "
+            "model.kernel_size = 4: expected 3 (the seed's) or 5",
+        ),
         # Keys a trial does not take from its sampled values (or whose search is a mistake): never searched
         (
             {"space": {"train.device": {"choices": ["cpu", "cuda"]}}},

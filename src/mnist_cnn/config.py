@@ -454,6 +454,9 @@ class TuneConfig:
         _require(bool(self.space), "tune.space", {}, "at least one model.* or train.* key to search")
 
 
+MAX_CHECKED_INTS = 1000  # an integer range up to this wide has every value in it checked
+
+
 def _search_param(key: str, raw: Any, params: Params) -> SearchParam:
     where = f"tune.space.{key}"
     try:
@@ -496,6 +499,10 @@ def _search_param(key: str, raw: Any, params: Params) -> SearchParam:
     log = _check_type(f"{where}.log", raw.get("log", False), bool)
     _require(high > low, f"{where}.high", high, f"a number > low ({low}): an empty or inverted range")
     _require(not log or low > 0, f"{where}.low", low, "a number > 0 with log: true")
+    if kind is int and high - low <= MAX_CHECKED_INTS:
+        # A key with a few allowed values (model.kernel_size: 3 or 5) must not fail at a trial that draws 4.
+        for value in range(low + 1, high):
+            valid(value, f"{where} (low..high holds {value}; list the allowed values as choices)")
     return SearchParam(dotted, kind, low=low, high=high, log=log)
 
 
