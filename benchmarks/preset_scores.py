@@ -11,7 +11,6 @@ from __future__ import annotations
 import dataclasses
 import statistics
 
-import mlflow
 import torch
 from mlflow.tracking import MlflowClient
 
@@ -22,6 +21,7 @@ from mnist_cnn.data import load_split, normalise
 from mnist_cnn.evaluate import score
 from mnist_cnn.runtime import select_precision
 from mnist_cnn.train import loss_and_accuracy
+from presets import preset_runs, served_net
 
 
 def main() -> None:
@@ -30,20 +30,16 @@ def main() -> None:
     args = parser.parse_args()
     params = load_params(args.params)
     tracking.configure()
-    client = MlflowClient()
-    experiment = client.get_experiment_by_name(params.mlflow.experiment)
-    runs = client.search_runs(
-        [experiment.experiment_id], f"tags.preset = '{args.preset}' and attributes.status = 'FINISHED'"
-    )
+    runs = preset_runs(MlflowClient(), params.mlflow.experiment, args.preset)
     test = load_split(args.data_dir, train=False)
     x, y = normalise(test.images, params.data.dataset), test.labels
     background = x.amin().item()
     precision = select_precision(args.precision, torch.device("cpu"))  # as evaluate scored: auto = bf16 on AVX512-BF16
     rows = []
-    for run in sorted(runs, key=lambda r: int(r.data.params["train.seed"])):
-        (version,) = client.search_model_versions(f"run_id = '{run.info.run_id}'")
-        model = mlflow.pyfunc.load_model(f"models:/{version.name}/{version.version}")
-        net = model.unwrap_python_model().classifier.net.eval()
+    for run, version in runs:
+        if version is None:
+            raise SystemExit(f"error: run {run.info.run_name} ({args.preset}) has no registered version of its own")
+        net = served_net(version)
         accuracies = {}
         for tta in (False, True):
             cfg = dataclasses.replace(params.evaluate, tta=tta)

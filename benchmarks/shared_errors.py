@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import statistics
 
-import mlflow
 import torch
 from mlflow.tracking import MlflowClient
 
@@ -24,6 +23,7 @@ from mnist_cnn.config import load_params
 from mnist_cnn.data import load_split, normalise
 from mnist_cnn.evaluate import score
 from mnist_cnn.runtime import select_precision
+from presets import preset_runs, served_net
 
 
 def main() -> None:
@@ -35,36 +35,27 @@ def main() -> None:
     params = load_params(args.params)
     tracking.configure()
     client = MlflowClient()
-    experiment = client.get_experiment_by_name(params.mlflow.experiment)
-    if experiment is None:
-        raise SystemExit(f"error: no MLflow experiment {params.mlflow.experiment!r} in {mlflow.get_tracking_uri()}")
     test = load_split(args.data_dir, train=False)
     x, y = normalise(test.images, params.data.dataset), test.labels
+    background = x.amin().item()
     precision = select_precision(args.precision, torch.device("cpu"))
     wrong, probability_sum, accuracies, scored = [], torch.zeros(len(y), 10), [], set()
     for preset in args.preset:
-        runs = client.search_runs(
-            [experiment.experiment_id], f"tags.preset = '{preset}' and attributes.status = 'FINISHED'"
-        )
-        for run in sorted(runs, key=lambda r: int(r.data.params.get("train.seed", -1))):
+        for run, version in preset_runs(client, params.mlflow.experiment, preset):
             seed = run.data.params.get("train.seed", "?")
-            versions = client.search_model_versions(f"run_id = '{run.info.run_id}'")
-            if not versions:
-                # evaluate never ran, or found the same weights already registered under another run
+            if version is None:
                 print(f"{preset} seed {seed} ({run.info.run_name}): skipped, no registered version of its own")
                 continue
-            if versions[0].version in scored:
+            if version.version in scored:
                 continue
-            scored.add(versions[0].version)
-            model = mlflow.pyfunc.load_model(f"models:/{versions[0].name}/{versions[0].version}")
-            net = model.unwrap_python_model().classifier.net.eval()
+            scored.add(version.version)
             with torch.inference_mode():
-                probabilities = score(net, x, params.evaluate, precision, x.amin().item()).float().exp()
+                probabilities = score(served_net(version), x, params.evaluate, precision, background).float().exp()
             predicted = probabilities.argmax(1)
             wrong.append(predicted != y)
             probability_sum += probabilities
             accuracies.append(100.0 * (predicted == y).float().mean().item())
-            print(f"{preset} seed {seed} (v{versions[0].version}): {accuracies[-1]:.2f}%")
+            print(f"{preset} seed {seed} (v{version.version}): {accuracies[-1]:.2f}%")
     if not accuracies:
         raise SystemExit(f"error: no registered runs tagged preset = {' | '.join(args.preset)}")
     errors = torch.stack(wrong).float().mean(0)
