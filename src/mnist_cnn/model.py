@@ -18,14 +18,14 @@ NUM_CLASSES = 10
 class Net(nn.Module):
     """Conv(1,h1,k) > ReLU > Conv(h1,h2,k) > max-pool 2 > ReLU > Dropout > Linear(h2*s*s,h3) > ReLU >
     Dropout > Linear(h3,10) > log-softmax, where k is 3 and the pooled side s is 12 in the seed's.
+
     With ``batchnorm``, a BatchNorm2d follows each convolution (a change the augmented presets make to
-    the seed's layers). ``padding`` zero-pads each convolution's input (0, the seed's: 28 > 26 > 24 >
-    pooled 12; with 3x3 kernels, 1: 28 > 28 > 28 > pooled 14, so a
-    border pixel falls in 6 of conv1's windows, not 3, and fc1 takes h2*14*14). ``kernel_size`` 5 makes
-    both convolutions 5x5 and ``dilation`` 2 spreads conv2's taps two pixels apart: each widens what one
-    pooled feature sees (6x6 pixels in the seed's; 10x10 with 5x5 kernels, 8x8 with dilation) while
-    the layer widths stay the same. ``padding`` stays 1 pixel whatever the kernel, so only 3x3 with
-    dilation 1 keeps the maps 28x28; s follows from all three (``test_train`` checks the combinations).
+    the seed's layers). ``kernel_size`` 5 makes both convolutions 5x5 and ``dilation`` 2 spreads
+    conv2's taps two pixels apart: each widens what one pooled feature sees (6x6 pixels in the seed's;
+    10x10 with 5x5 kernels, 8x8 with dilation) while the layer widths stay the same. ``padding`` 1
+    zero-pads each convolution's input by one pixel, whatever the kernel: with the seed's 3x3 kernels
+    the maps stay 28x28 (pooled 14, so a border pixel falls in 6 of conv1's windows, not 3). s follows
+    from all three (``test_train`` checks the combinations).
 
     Max-pool runs before the second ReLU: the two commute (ReLU is monotonic), so this is the seed's
     function, with a quarter of the ReLU work.
