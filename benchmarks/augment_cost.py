@@ -17,9 +17,9 @@ import torch
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from common import benchmark_parser, trainer_bench
-from mnist_cnn.augment import Distortions
-from mnist_cnn.config import load_params
-from mnist_cnn.train import Augmentation, train_epoch
+from mnist_cnn.core.augment import Distortions
+from mnist_cnn.core.loop import Augmentation, train_epoch
+from mnist_cnn.core.params import load_params
 
 # The augmented preset's settings (README: Accuracy presets), and the elastic warp tried beside them.
 PRESET = {"shift": 2.0, "rotate": 10.0, "scale": 0.1, "ema_decay": 0.999, "elastic": 34.0, "sigma": 4.0}

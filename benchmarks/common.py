@@ -9,10 +9,12 @@ from pathlib import Path
 
 import torch
 
-from mnist_cnn.config import Params
-from mnist_cnn.model import Net
-from mnist_cnn.runtime import select_device, select_precision
-from mnist_cnn.train import Tensors, load_train_val, make_optimizer, prepare_model
+from mnist_cnn.core.data import Tensors, load_train_val
+from mnist_cnn.core.inference import prepare_model
+from mnist_cnn.core.model import Net
+from mnist_cnn.core.optim import make_optimizer
+from mnist_cnn.core.params import Params
+from mnist_cnn.core.runtime import select_device, select_precision
 
 
 def benchmark_parser(doc: str) -> argparse.ArgumentParser:

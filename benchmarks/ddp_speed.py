@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 from common import benchmark_parser
+from mnist_cnn.core import distributed
 
 RESULT = "samples/s="
 
@@ -28,11 +29,13 @@ RESULT = "samples/s="
 def worker(args: argparse.Namespace) -> None:
     from torch.nn.parallel import DistributedDataParallel
 
-    from mnist_cnn import distributed
-    from mnist_cnn.config import load_params
-    from mnist_cnn.model import Net
-    from mnist_cnn.runtime import select_device, select_precision
-    from mnist_cnn.train import Tensors, load_train_val, make_optimizer, prepare_model, train_epoch
+    from mnist_cnn.core.data import Tensors, load_train_val
+    from mnist_cnn.core.inference import prepare_model
+    from mnist_cnn.core.loop import train_epoch
+    from mnist_cnn.core.model import Net
+    from mnist_cnn.core.optim import make_optimizer
+    from mnist_cnn.core.params import load_params
+    from mnist_cnn.core.runtime import select_device, select_precision
 
     world = distributed.from_env()
     params = load_params(args.params, {"train.device": args.device, "train.precision": args.precision})

@@ -16,9 +16,9 @@ from pathlib import Path
 import torch
 
 from common import benchmark_parser
-from mnist_cnn.config import load_params
-from mnist_cnn.evaluate import evaluate
-from mnist_cnn.train import train
+from mnist_cnn.core.params import load_params
+from mnist_cnn.stages.evaluate import evaluate
+from mnist_cnn.stages.train import train
 
 # The preset, as `dvc exp run -S` takes it (printed below for the README).
 # Same layers as the seed; dropout off (one epoch leaves nothing to regularise, and no masks to draw).

@@ -17,9 +17,9 @@ import numpy as np
 from PIL import Image
 
 from common import benchmark_parser
-from mnist_cnn import tracking
-from mnist_cnn.data import load_split
-from mnist_cnn.images import load_digit
+from mnist_cnn.core.data import load_split
+from mnist_cnn.core.images import load_digit
+from mnist_cnn.tracking import store
 
 
 def main() -> None:
@@ -27,7 +27,7 @@ def main() -> None:
     parser.add_argument("--count", type=int, default=2000)
     parser.add_argument("--model-uri", default="models:/mnist-cnn@champion")
     args = parser.parse_args()
-    tracking.configure()
+    store.configure()
     model = mlflow.pyfunc.load_model(args.model_uri)
     test = load_split(args.data_dir, train=False)
     raw = test.images[: args.count].numpy().astype(np.float32)

@@ -15,12 +15,12 @@ import torch
 from mlflow.tracking import MlflowClient
 
 from common import benchmark_parser
-from mnist_cnn import tracking
-from mnist_cnn.config import load_params
-from mnist_cnn.data import load_split, normalise
-from mnist_cnn.evaluate import score
-from mnist_cnn.runtime import select_precision
-from mnist_cnn.train import loss_and_accuracy
+from mnist_cnn.core.data import load_split, normalise
+from mnist_cnn.core.inference import loss_and_accuracy
+from mnist_cnn.core.params import load_params
+from mnist_cnn.core.runtime import select_precision
+from mnist_cnn.stages.evaluate import score
+from mnist_cnn.tracking import store
 from presets import preset_runs, served_net
 
 
@@ -29,7 +29,7 @@ def main() -> None:
     parser.add_argument("--preset", default="augmented")
     args = parser.parse_args()
     params = load_params(args.params)
-    tracking.configure()
+    store.configure()
     runs = preset_runs(MlflowClient(), params.mlflow.experiment, args.preset)
     test = load_split(args.data_dir, train=False)
     x, y = normalise(test.images, params.data.dataset), test.labels

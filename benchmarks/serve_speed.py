@@ -34,10 +34,11 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # the tiny data set's writer
 
 from common import benchmark_parser  # noqa: E402
-from mnist_cnn import pipeline  # noqa: E402
-from mnist_cnn.config import load_params  # noqa: E402
-from mnist_cnn.data import load_split  # noqa: E402
-from mnist_cnn.scoring import scoring_server  # noqa: E402
+from mnist_cnn.core import files
+from mnist_cnn.core.data import load_split
+from mnist_cnn.core.params import load_params
+from mnist_cnn.ops.scoring import scoring_server
+from mnist_cnn.stages import evaluate, train
 from tinydata import write_checksums, write_tiny_mnist  # noqa: E402
 
 CHAMPION = "models:/mnist-cnn@champion"
@@ -51,9 +52,9 @@ def train_tiny_champion(params_file: Path, root: Path) -> None:
     os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{root / 'mlflow.db'}"
     overrides = {"train.epochs": 1, "train.device": "cpu", "train.precision": "fp32", "train.resume": "never"}
     params = load_params(params_file, overrides)
-    paths = pipeline.Paths(root=root, params_file=params_file)
-    pipeline.run_train(params, paths, show_progress=False)
-    pipeline.run_evaluate(params, paths)
+    paths = files.Paths(root=root, params_file=params_file)
+    train.run_train(params, paths, show_progress=False)
+    evaluate.run_evaluate(params, paths)
     print(f"model: hidden {params.model.hidden_1}/{params.model.hidden_2}/{params.model.hidden_3}, 1 epoch, tiny data")
 
 

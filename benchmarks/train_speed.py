@@ -26,10 +26,10 @@ from torchvision import transforms
 from tqdm import tqdm
 
 from common import benchmark_parser, trainer_bench
-from mnist_cnn import tracking
-from mnist_cnn.config import load_params
-from mnist_cnn.data import NORMALISATION, load_split
-from mnist_cnn.train import EpochStats, Tensors, train_epoch
+from mnist_cnn.core.data import NORMALISATION, Tensors, load_split
+from mnist_cnn.core.loop import EpochStats, train_epoch
+from mnist_cnn.core.params import load_params
+from mnist_cnn.tracking import runs, store
 
 
 class ReferenceNet(nn.Module):
@@ -173,8 +173,8 @@ def overhead(params, epoch_seconds: float, steps_per_epoch: int, epochs: int = 2
     """
     with tempfile.TemporaryDirectory() as tmp:
         mlflow.set_tracking_uri(f"sqlite:///{tmp}/mlflow.db")
-        with mlflow.start_run(experiment_id=tracking.experiment_id("bench", Path(tmp))):
-            logger = tracking.EpochLogger()
+        with mlflow.start_run(experiment_id=store.experiment_id("bench", Path(tmp))):
+            logger = runs.EpochLogger()
             logger.log_epoch(EpochStats(0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0))  # first call starts the logger thread
             mlflow.flush_async_logging()
             start = time.perf_counter()

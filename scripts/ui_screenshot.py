@@ -21,7 +21,9 @@ from pathlib import Path
 from mlflow.tracking import MlflowClient
 from PIL import Image
 
-from mnist_cnn import tracking, ui
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # the UI driver is a test helper
+import ui_driver as ui  # noqa: E402
+from mnist_cnn.tracking.store import tracking_uri
 
 TIMEOUT_MS = 90_000
 
@@ -71,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=Path("docs/mlflow-run.png"))
     parser.add_argument("--experiment", default="mnist-cnn")
     args = parser.parse_args(argv)
-    store = args.store or tracking.tracking_uri()
+    store = args.store or tracking_uri()
     out = screenshot(store, args.out, args.experiment)
     print(f"{out}: {out.stat().st_size // 1024} KiB")
     return 0

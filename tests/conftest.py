@@ -15,9 +15,10 @@ import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 
-from mnist_cnn import tracking
-from mnist_cnn.config import Params, parse_params
-from mnist_cnn.pipeline import Paths
+from mnist_cnn.core.files import Paths
+from mnist_cnn.core.params import Params, parse_params
+from mnist_cnn.stages import evaluate, train
+from mnist_cnn.tracking import store
 from tinydata import write_checksums, write_tiny_mnist
 
 REPO = Path(__file__).resolve().parents[1]
@@ -44,7 +45,7 @@ def tiny_mirror(tmp_path_factory) -> Path:
 def isolated_env(tmp_path, monkeypatch, tiny_mirror):
     """Each test: its own MLflow store, the tiny data's checksums, no mirror or run inherited from outside."""
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
-    # mlflow.set_registry_uri (tracking.configure) exports MLFLOW_REGISTRY_URI: never let one test's leak
+    # mlflow.set_registry_uri (store.configure) exports MLFLOW_REGISTRY_URI: never let one test's leak
     # into the next one's subprocesses.
     monkeypatch.setenv("MLFLOW_REGISTRY_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
     monkeypatch.setenv("MNIST_MD5S", str(tiny_mirror.parent / "md5s.json"))
@@ -164,7 +165,7 @@ def wait_for_line(proc: subprocess.Popen, needle: str, timeout: float = 120) -> 
 
 
 def the_runs(experiment="mnist-cnn"):
-    tracking.configure()
+    store.configure()
     exp = mlflow.get_experiment_by_name(experiment)
     return MlflowClient().search_runs([exp.experiment_id], order_by=["start_time ASC"]) if exp else []
 
@@ -175,7 +176,6 @@ def champion_store(tmp_path_factory, tiny_mirror):
     champion (serving, predict): its tracking URI, project directory and a local copy of the champion."""
     from types import SimpleNamespace
 
-    from mnist_cnn import pipeline, tracking
 
     root = tmp_path_factory.mktemp("champion")
     uri = f"sqlite:///{root / 'mlflow.db'}"
@@ -189,8 +189,8 @@ def champion_store(tmp_path_factory, tiny_mirror):
         mp.setenv("MNIST_MD5S", str(tiny_mirror.parent / "md5s.json"))
         params = parse_params(repo_params_raw(), TINY_OVERRIDES)
         paths = Paths(root=project, params_file=params_file)
-        pipeline.run_train(params, paths, show_progress=False)
-        pipeline.run_evaluate(params, paths)
-        tracking.configure()
+        train.run_train(params, paths, show_progress=False)
+        evaluate.run_evaluate(params, paths)
+        store.configure()
         local = mlflow.artifacts.download_artifacts("models:/mnist-cnn@champion", dst_path=str(root / "champion"))
     return SimpleNamespace(uri=uri, project=project, local=Path(local))

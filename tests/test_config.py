@@ -5,8 +5,9 @@ import yaml
 
 from conftest import REPO, repo_params_raw
 from mnist_cnn.cli import main, parse_overrides
-from mnist_cnn.config import ConfigError, flatten, load_params, load_tune, parse_params, yaml_load
-from mnist_cnn.errors import masked
+from mnist_cnn.core.errors import masked
+from mnist_cnn.core.params import ConfigError, flatten, load_params, parse_params, yaml_load
+from mnist_cnn.core.search import load_tune
 
 
 def test_params_yaml_holds_the_seed_defaults():
@@ -85,7 +86,7 @@ def test_cli_bad_param_is_one_line_and_exit_2(tmp_path: Path, capsys):
 def test_one_line_takes_the_first_line_mlflows_message_or_the_type():
     from mlflow.exceptions import MlflowException
 
-    from mnist_cnn.errors import one_line
+    from mnist_cnn.core.errors import one_line
 
     assert one_line(ValueError("\n  bad value\nTraceback (most recent call last): ...")) == "bad value"
     assert one_line(MlflowException("no such model\nmore")) == "no such model"

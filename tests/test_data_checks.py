@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from mnist_cnn import data
-from mnist_cnn import download as dl
-from mnist_cnn.data import FILES, DataError, verified_md5s
+from mnist_cnn.core import data
+from mnist_cnn.core.data import FILES, DataError, verified_md5s
+from mnist_cnn.stages import download
 
 
 def _copy(tiny_mirror: Path, dest: Path) -> Path:
@@ -55,6 +55,6 @@ def test_a_bad_checksums_file_is_named(tiny_mirror, tmp_path, monkeypatch):
 @pytest.mark.parametrize("dataset", ["mnist", "fashion-mnist"])
 def test_download_and_the_check_share_torchvisions_checksums(dataset, monkeypatch):
     monkeypatch.delenv("MNIST_MD5S")
-    assert dl.resources is data.resources
+    assert download.resources is data.resources
     # The override (MNIST_MD5S) is read by FILES' names: they must be torchvision's, in its order.
     assert [name for name, _ in data.resources(dataset)] == list(FILES.values())

@@ -13,10 +13,12 @@ import torch
 from mlflow.tracking import MlflowClient
 
 from conftest import stage, the_runs, wait_for_line, write_tiny_params
-from mnist_cnn import distributed, layout
-from mnist_cnn.config import load_params
-from mnist_cnn.model import load_weights
-from mnist_cnn.train import predict_log_probs
+from mnist_cnn.core import distributed, runtime
+from mnist_cnn.core.files import CHECKPOINT, WEIGHTS
+from mnist_cnn.core.inference import predict_log_probs
+from mnist_cnn.core.model import load_weights
+from mnist_cnn.core.params import load_params
+from mnist_cnn.ops import signals
 
 pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed is not built in")
 
@@ -76,7 +78,7 @@ def test_a_rank_that_dies_ends_the_others_and_the_run_failed(project):
     assert output.rstrip().splitlines()[-1] == "error: training with train.processes = 2 failed (torchrun exit 1)"
     (run,) = the_runs()
     assert run.info.status == "FAILED"
-    assert not (project.models / layout.WEIGHTS.name).exists()
+    assert not (project.models / WEIGHTS.name).exists()
     time.sleep(1)
     assert not processes_in(project.root)
 
@@ -87,8 +89,8 @@ def test_sigterm_to_the_launcher_stops_every_worker_and_a_rerun_resumes_to_the_s
     straight = stage(project, "train")
     output, _ = straight.communicate(timeout=300)
     assert straight.returncode == 0, output
-    expected = torch.load(project.models / layout.WEIGHTS.name, weights_only=True)
-    (project.models / layout.WEIGHTS.name).unlink()
+    expected = torch.load(project.models / WEIGHTS.name, weights_only=True)
+    (project.models / WEIGHTS.name).unlink()
 
     interrupted = stage(project, "train")
     wait_for_line(interrupted, "epoch   2/")
@@ -97,15 +99,15 @@ def test_sigterm_to_the_launcher_stops_every_worker_and_a_rerun_resumes_to_the_s
     assert interrupted.returncode == 130, output
     assert not processes_in(project.root)  # torchrun and both ranks ended with the stage
     assert the_runs()[-1].info.status == "KILLED"
-    assert not (project.models / layout.WEIGHTS.name).exists()
-    checkpoint = torch.load(project.models / layout.CHECKPOINT.name, weights_only=True)
+    assert not (project.models / WEIGHTS.name).exists()
+    checkpoint = torch.load(project.models / CHECKPOINT.name, weights_only=True)
     assert 2 <= checkpoint["epoch"] < 6 and len(checkpoint["random_streams"]) == 2
 
     resumed = stage(project, "train")
     output, _ = resumed.communicate(timeout=300)
     assert resumed.returncode == 0, output
     assert output.count("resuming after epoch") == 2  # both ranks, from rank 0's copy of the checkpoint
-    weights = torch.load(project.models / layout.WEIGHTS.name, weights_only=True)
+    weights = torch.load(project.models / WEIGHTS.name, weights_only=True)
     # Each rank's own dropout and augmentation streams came back: the same bits as never stopped.
     assert weights.keys() == expected.keys() and all(torch.equal(weights[k], expected[k]) for k in weights)
 
@@ -136,7 +138,7 @@ def fake_cgroup(tmp_path, proc: str, files: dict[str, str]):
     for name, text in files.items():
         (tmp_path / "fs" / name).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / "fs" / name).write_text(text)
-    return distributed.cpu_quota(tmp_path / "self_cgroup", tmp_path / "fs")
+    return runtime.cpu_quota(tmp_path / "self_cgroup", tmp_path / "fs")
 
 
 @pytest.mark.parametrize(
@@ -171,16 +173,16 @@ def test_a_cpu_quota_bounds_the_usable_cores(tmp_path, proc, files, cores):
 
 def test_usable_cores_takes_the_smaller_of_affinity_and_quota(monkeypatch):
     affinity = len(os.sched_getaffinity(0))
-    monkeypatch.setattr(distributed, "cpu_quota", lambda: 1)
-    assert distributed.usable_cores() == 1
-    monkeypatch.setattr(distributed, "cpu_quota", lambda: None)
-    assert distributed.usable_cores() == affinity
+    monkeypatch.setattr(runtime, "cpu_quota", lambda: 1)
+    assert runtime.usable_cores() == 1
+    monkeypatch.setattr(runtime, "cpu_quota", lambda: None)
+    assert runtime.usable_cores() == affinity
 
 
 def test_under_torchrun_sigterm_means_a_peer_failed_but_sighup_a_closed_terminal(monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("RANK", "1")
-    assert isinstance(distributed.stop_signal_error(signal.SIGTERM), distributed.WorkerStopped)  # run FAILED
-    assert isinstance(distributed.stop_signal_error(signal.SIGHUP), KeyboardInterrupt)  # run KILLED
+    assert isinstance(signals.stop_signal_error(signal.SIGTERM), signals.WorkerStopped)  # run FAILED
+    assert isinstance(signals.stop_signal_error(signal.SIGHUP), KeyboardInterrupt)  # run KILLED
     monkeypatch.setenv("WORLD_SIZE", "1")
-    assert isinstance(distributed.stop_signal_error(signal.SIGTERM), KeyboardInterrupt)
+    assert isinstance(signals.stop_signal_error(signal.SIGTERM), KeyboardInterrupt)

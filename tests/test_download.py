@@ -20,28 +20,28 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from mnist_cnn import download as dl
-from mnist_cnn.config import DataConfig
-from mnist_cnn.data import FILES, DataError, load_split, md5sum, read_idx
+from mnist_cnn.core.data import FILES, DataError, load_split, md5sum, read_idx
+from mnist_cnn.core.params import DataConfig
+from mnist_cnn.stages import download
 
 MNIST = DataConfig("mnist")
 REPO = Path(__file__).resolve().parents[1]
 
 
 def test_download_from_local_mirror_verifies_every_file(tiny_mirror, tmp_path):
-    sums = dl.download(MNIST, tmp_path / "raw", mirror=str(tiny_mirror))
+    sums = download.download(MNIST, tmp_path / "raw", mirror=str(tiny_mirror))
     assert sorted(sums) == sorted(FILES.values())
     for name, md5 in sums.items():
         assert md5sum(tmp_path / "raw" / name) == md5
     assert not [p for p in (tmp_path / "raw").iterdir() if p.name.startswith(".")], "temporary files left"
-    assert not dl.partial_dir(tmp_path / "raw").exists()
+    assert not download.partial_dir(tmp_path / "raw").exists()
     train = load_split(tmp_path / "raw", train=True)
     assert train.images.shape == (1500, 28, 28) and train.labels.shape == (1500,)
 
 
 def test_mirror_from_environment(tiny_mirror, tmp_path, monkeypatch):
     monkeypatch.setenv("MNIST_MIRROR", str(tiny_mirror))
-    dl.download(MNIST, tmp_path / "raw")
+    download.download(MNIST, tmp_path / "raw")
     assert (tmp_path / "raw" / FILES["test_labels"]).is_file()
 
 
@@ -62,18 +62,18 @@ def test_corrupt_mirror_file_is_rejected_and_never_used(tiny_mirror, tmp_path, h
     bad = _corrupt_copy(tiny_mirror, tmp_path / "bad", how)
     out = tmp_path / "raw"
     with pytest.raises(
-        dl.DownloadError,
+        download.DownloadError,
         match="train-images-idx3-ubyte.gz: no source gave a verified copy.*checksum mismatch",
     ):
-        dl.download(MNIST, out, mirror=str(bad))
+        download.download(MNIST, out, mirror=str(bad))
     assert not (out / FILES["train_images"]).exists()
     assert not [p for p in out.iterdir() if p.name.startswith(".")], "temporary files left"
-    assert not dl.partial_dir(out).exists()
+    assert not download.partial_dir(out).exists()
 
 
 def test_corrupt_file_already_in_place_is_replaced(tiny_mirror, tmp_path):
     out = _corrupt_copy(tiny_mirror, tmp_path / "raw", "flip")
-    sums = dl.download(MNIST, out, mirror=str(tiny_mirror))
+    sums = download.download(MNIST, out, mirror=str(tiny_mirror))
     assert md5sum(out / FILES["train_images"]) == sums[FILES["train_images"]]
 
 
@@ -81,14 +81,14 @@ def test_offline_fails_fast_naming_what_it_tried(tmp_path, monkeypatch):
     def no_network(url, timeout):
         raise urllib.error.URLError("[Errno -3] Temporary failure in name resolution")
 
-    monkeypatch.setattr(dl.urllib.request, "urlopen", no_network)
+    monkeypatch.setattr(download.urllib.request, "urlopen", no_network)
     start = time.perf_counter()
-    with pytest.raises(dl.DownloadError) as info:
-        dl.download(MNIST, tmp_path / "raw")
+    with pytest.raises(download.DownloadError) as info:
+        download.download(MNIST, tmp_path / "raw")
     message = str(info.value)
     assert time.perf_counter() - start < 5
     assert "\n" not in message
-    for mirror in dl.default_mirrors("mnist"):
+    for mirror in download.default_mirrors("mnist"):
         assert mirror in message
     assert "MNIST_MIRROR=" in message and "--mirror" in message
     assert not (tmp_path / "raw" / FILES["train_images"]).exists()
@@ -96,20 +96,20 @@ def test_offline_fails_fast_naming_what_it_tried(tmp_path, monkeypatch):
 
 def test_unreachable_url_mirror_fails_within_seconds(tmp_path):
     start = time.perf_counter()
-    with pytest.raises(dl.DownloadError, match=r"http://127\.0\.0\.1:9"):
-        dl.download(MNIST, tmp_path / "raw", mirror="http://127.0.0.1:9", timeout=2)
+    with pytest.raises(download.DownloadError, match=r"http://127\.0\.0\.1:9"):
+        download.download(MNIST, tmp_path / "raw", mirror="http://127.0.0.1:9", timeout=2)
     assert time.perf_counter() - start < 10
 
 
 def test_missing_mirror_directory_is_named(tmp_path):
-    with pytest.raises(dl.DownloadError, match=r"mirror '.*nowhere': not a directory"):
-        dl.download(MNIST, tmp_path / "raw", mirror=str(tmp_path / "nowhere"))
+    with pytest.raises(download.DownloadError, match=r"mirror '.*nowhere': not a directory"):
+        download.download(MNIST, tmp_path / "raw", mirror=str(tmp_path / "nowhere"))
 
 
 def test_mirror_under_an_unknown_users_home_is_named(tmp_path, monkeypatch):
     monkeypatch.setenv("MNIST_MIRROR", "~no-such-user-here/mnist")
-    with pytest.raises(dl.DownloadError, match=r"mirror '~no-such-user-here/mnist': cannot expand ~"):
-        dl.download(MNIST, tmp_path / "raw")
+    with pytest.raises(download.DownloadError, match=r"mirror '~no-such-user-here/mnist': cannot expand ~"):
+        download.download(MNIST, tmp_path / "raw")
     assert not (tmp_path / "raw" / FILES["test_labels"]).exists()
 
 
@@ -118,9 +118,9 @@ def test_checksums_are_torchvisions_for_both_datasets(monkeypatch):
     from torchvision.datasets import FashionMNIST
 
     monkeypatch.delenv("MNIST_MD5S")
-    assert dl.resources("mnist") == list(TvMNIST.resources)
-    assert dl.resources("fashion-mnist") == list(FashionMNIST.resources)
-    assert dl.default_mirrors("fashion-mnist") == list(FashionMNIST.mirrors)
+    assert download.resources("mnist") == list(TvMNIST.resources)
+    assert download.resources("fashion-mnist") == list(FashionMNIST.resources)
+    assert download.default_mirrors("fashion-mnist") == list(FashionMNIST.mirrors)
 
 
 def test_bad_checksums_file_is_named(tmp_path, monkeypatch):
@@ -128,7 +128,7 @@ def test_bad_checksums_file_is_named(tmp_path, monkeypatch):
     bad.write_text(json.dumps({"train-images-idx3-ubyte.gz": "x"}))
     monkeypatch.setenv("MNIST_MD5S", str(bad))
     with pytest.raises(DataError, match=r"MNIST_MD5S=.*sums\.json: expected a JSON file"):
-        dl.resources("mnist")
+        download.resources("mnist")
 
 
 def test_read_idx_rejects_truncated_and_foreign_files(tmp_path):
@@ -255,44 +255,44 @@ BROKEN = {
 def test_broken_reply_is_that_sources_failure_and_the_next_source_is_tried(tiny_mirror, tmp_path, monkeypatch, kind):
     handler, _ = BROKEN[kind]
     with serving(handler) as broken, serving(mirror_handler(tiny_mirror)) as good:
-        monkeypatch.setattr(dl, "default_mirrors", lambda dataset: [broken, good])
-        sums = dl.download(MNIST, tmp_path / "raw", timeout=2)
+        monkeypatch.setattr(download, "default_mirrors", lambda dataset: [broken, good])
+        sums = download.download(MNIST, tmp_path / "raw", timeout=2)
     assert sorted(sums) == sorted(FILES.values())
     assert sorted(p.name for p in (tmp_path / "raw").iterdir()) == sorted(FILES.values())
-    assert not dl.partial_dir(tmp_path / "raw").exists()
+    assert not download.partial_dir(tmp_path / "raw").exists()
 
 
 def test_all_sources_broken_is_one_line_naming_each_and_why(tmp_path, monkeypatch):
     with contextlib.ExitStack() as stack:
         urls = [stack.enter_context(serving(handler)) for handler, _ in BROKEN.values()]
-        monkeypatch.setattr(dl, "default_mirrors", lambda dataset: urls)
-        with pytest.raises(dl.DownloadError) as info:
-            dl.download(MNIST, tmp_path / "raw", timeout=2)
+        monkeypatch.setattr(download, "default_mirrors", lambda dataset: urls)
+        with pytest.raises(download.DownloadError) as info:
+            download.download(MNIST, tmp_path / "raw", timeout=2)
     message = str(info.value)
     assert "\n" not in message and message.startswith("train-images-idx3-ubyte.gz: no source gave a verified copy")
     for url, (_, reason) in zip(urls, BROKEN.values(), strict=True):
         assert f"{url}: {reason}" in message
     assert list((tmp_path / "raw").iterdir()) == []
-    assert not dl.partial_dir(tmp_path / "raw").exists()
+    assert not download.partial_dir(tmp_path / "raw").exists()
 
 
 def test_trickling_server_fails_at_the_deadline(tiny_mirror, tmp_path):
     with serving(trickle_handler(tiny_mirror)) as slow:
         start = time.perf_counter()
-        with pytest.raises(dl.DownloadError, match=rf"{re.escape(slow)}: too slow: \d+ bytes in 1 s\)"):
-            dl.download(MNIST, tmp_path / "raw", mirror=slow, timeout=2, deadline=1)
+        with pytest.raises(download.DownloadError, match=rf"{re.escape(slow)}: too slow: \d+ bytes in 1 s\)"):
+            download.download(MNIST, tmp_path / "raw", mirror=slow, timeout=2, deadline=1)
         # The deadline is checked as bytes arrive: it ends within deadline + one read's timeout, where
         # the per-read timeout alone would let the trickle go on for days.
         assert time.perf_counter() - start < 3.5
     assert list((tmp_path / "raw").iterdir()) == []
-    assert not dl.partial_dir(tmp_path / "raw").exists()
+    assert not download.partial_dir(tmp_path / "raw").exists()
 
 
 def test_downloaded_files_get_the_umasks_mode(tiny_mirror, tmp_path):
     old = os.umask(0o002)
     try:
         with serving(mirror_handler(tiny_mirror)) as good:
-            dl.download(MNIST, tmp_path / "raw", mirror=good)
+            download.download(MNIST, tmp_path / "raw", mirror=good)
     finally:
         os.umask(old)
     for name in FILES.values():
@@ -314,7 +314,7 @@ def _wait_for(condition: Callable[[], bool], seconds: float) -> bool:
 def test_download_stopped_mid_file_leaves_nothing_in_the_output(tiny_mirror, tmp_path, sig):
     root = tmp_path / "project"
     raw = root / "data" / "raw"
-    partial = dl.partial_dir(raw)
+    partial = download.partial_dir(raw)
     command = [
         sys.executable,
         "-m",

@@ -10,7 +10,7 @@ import mlflow
 from mlflow.tracking import MlflowClient
 
 from conftest import dvc, git, run_queue, sh
-from mnist_cnn import tracking
+from mnist_cnn.tracking import store
 
 
 def ran_stages(output: str) -> list[str]:
@@ -82,7 +82,7 @@ def test_download_without_network_or_mirror_fails_fast_with_one_clear_line(dvc_r
 
 def test_store_path_is_absolute_in_the_repo(dvc_repo, monkeypatch):
     monkeypatch.chdir(dvc_repo)
-    assert tracking.tracking_uri() == f"sqlite:///{dvc_repo.resolve()}/mlflow.db"
+    assert store.tracking_uri() == f"sqlite:///{dvc_repo.resolve()}/mlflow.db"
 
 
 def test_queue_of_four_experiments_two_at_a_time_on_sqlite(dvc_repo):

@@ -2,7 +2,7 @@
 
 import numpy as np
 
-from mnist_cnn import figures
+from mnist_cnn.core import figures
 
 
 def titles(fig):

@@ -12,8 +12,8 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from conftest import copy_project_files, write_tiny_params
-from mnist_cnn import tracking
-from mnist_cnn.data import load_split
+from mnist_cnn.core.data import load_split
+from mnist_cnn.tracking.store import configure
 
 
 def test_mlflow_run_main_entry_point(tmp_path, tiny_mirror):
@@ -46,7 +46,7 @@ def test_mlflow_run_main_entry_point(tmp_path, tiny_mirror):
     )
     assert result.returncode == 0, result.stdout + result.stderr
 
-    tracking.configure()
+    configure()
     experiment = mlflow.get_experiment_by_name("mnist-cnn")
     runs = MlflowClient().search_runs([experiment.experiment_id])
     assert len(runs) == 1, "mlflow run must not start a second run"
@@ -75,10 +75,10 @@ def test_mlproject_parameters_are_params_yaml_keys():
     import yaml
 
     from conftest import REPO
-    from mnist_cnn.config import resolve_key
+    from mnist_cnn.core.params import resolve_key
 
     spec = yaml.safe_load((REPO / "MLproject").read_text())
-    from mnist_cnn.config import TUNE_KEYS
+    from mnist_cnn.core.search import TUNE_KEYS
 
     assert set(spec["entry_points"]) == {"main", "download", "train", "evaluate", "tune", "predict"}
     for entry_name, entry in spec["entry_points"].items():
@@ -128,7 +128,7 @@ def test_mlflow_run_whose_environment_fails_is_closed_by_runs_clean(tmp_path, ti
         timeout=300,
     )
     assert failed.returncode != 0
-    tracking.configure()
+    configure()
     experiment = mlflow.get_experiment_by_name("mnist-cnn")  # MLFLOW_EXPERIMENT_NAME picked the experiment
     (left,) = MlflowClient().search_runs([experiment.experiment_id])
     assert left.info.status == "RUNNING"  # MLflow's doing: it made the run, then failed before our code
@@ -167,7 +167,7 @@ def test_mlflow_run_builds_its_environment(env_manager, tmp_path, tiny_mirror, m
         timeout=3000,
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    tracking.configure()
+    configure()
     (run,) = MlflowClient().search_runs([mlflow.get_experiment_by_name("mnist-cnn").experiment_id])
     assert run.info.status == "FINISHED" and "test_acc" in run.data.metrics
     assert run.data.tags["mlflow.project.env"] == env_manager
@@ -199,7 +199,7 @@ def test_four_mlflow_runs_at_once_on_one_store(tmp_path, tiny_mirror, monkeypatc
     ]
     outputs = [proc.communicate(timeout=600)[0] for proc in procs]
     assert [proc.returncode for proc in procs] == [0] * 4, "\n".join(outputs)
-    tracking.configure()
+    configure()
     runs = MlflowClient().search_runs([mlflow.get_experiment_by_name("mnist-cnn").experiment_id])
     assert len(runs) == 4 and {run.info.status for run in runs} == {"FINISHED"}
     assert sorted(run.data.params["train.seed"] for run in runs) == ["0", "1", "2", "3"]

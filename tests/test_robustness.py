@@ -22,10 +22,12 @@ import torch
 from mlflow.tracking import MlflowClient
 
 from conftest import stage, the_runs, wait_for_line, write_tiny_params
-from mnist_cnn import pipeline, runs, tracking
 from mnist_cnn.cli import main
-from mnist_cnn.config import load_params
-from mnist_cnn.train import fingerprint_difference, training_fingerprint
+from mnist_cnn.core.checkpoint import fingerprint_difference, training_fingerprint
+from mnist_cnn.core.params import load_params
+from mnist_cnn.stages import evaluate, train
+from mnist_cnn.tracking import owners
+from mnist_cnn.tracking.store import TrackingError, check_server, configure, experiment_id
 
 EPOCH_LINE = "epoch {epoch:>3}/"
 
@@ -105,9 +107,9 @@ def test_sigkill_leaves_a_stale_run_that_runs_clean_closes(project, capsys):
     assert killed.info.status == "RUNNING"
     # A run another host is running on the same (shared) store: never touched.
     client = MlflowClient()
-    other = client.create_run(killed.info.experiment_id, tags={tracking.HOST_TAG: "elsewhere", tracking.PID_TAG: "1"})
+    other = client.create_run(killed.info.experiment_id, tags={owners.HOST_TAG: "elsewhere", owners.PID_TAG: "1"})
 
-    states = {r.run_id: r.state for r in runs.running("mnist-cnn")}
+    states = {r.run_id: r.state for r in owners.running("mnist-cnn")}
     assert states == {killed.info.run_id: "stale", other.info.run_id: "unknown"}
     assert main(["runs", "--clean", "--params", str(project.params_file), "--root", str(project.root)]) == 0
     out = capsys.readouterr().out
@@ -117,14 +119,14 @@ def test_sigkill_leaves_a_stale_run_that_runs_clean_closes(project, capsys):
 
 
 def test_next_training_closes_stale_runs_of_this_host(project, tiny_params):
-    tracking.configure()
-    exp_id = tracking.experiment_id("mnist-cnn")
+    configure()
+    exp_id = experiment_id("mnist-cnn")
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
     stale = MlflowClient().create_run(
-        exp_id, tags={tracking.HOST_TAG: socket.gethostname(), tracking.PID_TAG: str(dead.pid)}
+        exp_id, tags={owners.HOST_TAG: socket.gethostname(), owners.PID_TAG: str(dead.pid)}
     )
-    pipeline.run_train(tiny_params, project, show_progress=False)
+    train.run_train(tiny_params, project, show_progress=False)
     assert MlflowClient().get_run(stale.info.run_id).info.status == "KILLED"
 
 
@@ -194,7 +196,7 @@ def test_a_checkpoint_of_other_params_is_not_resumed(project, tiny_params, caplo
     proc.wait(timeout=30)
     assert (project.models / "checkpoint.pt").exists()
     caplog.set_level("INFO")
-    run_id, result = pipeline.run_train(tiny_params, project, show_progress=False)  # other epochs/patience
+    run_id, result = train.run_train(tiny_params, project, show_progress=False)  # other epochs/patience
     assert (
         f"from a training with train.epochs = 500 (now {tiny_params.train.epochs}), train.patience = 500" in caplog.text
     )
@@ -223,24 +225,23 @@ def test_a_checkpoint_that_does_not_match_says_what_changed(tiny_params):
 def test_a_crash_after_the_weights_are_written_resumes_with_nothing_to_train(project, tiny_params, monkeypatch):
     """The weights are on disk but the run is not fully recorded (no train.json): the checkpoint stays,
     and the rerun finishes the same run from it instead of training again in a new one."""
-    import mnist_cnn.pipeline as pipeline_module
 
     def crash(*args, **kwargs):
         raise RuntimeError("killed while recording")
 
-    write_train_info = pipeline_module.write_train_info
-    monkeypatch.setattr(pipeline_module, "write_train_info", crash)
+    write_train_info = train.write_train_info
+    monkeypatch.setattr(train, "write_train_info", crash)
     stale = project.models / "train.json"  # an earlier training's, naming its run
     stale.parent.mkdir(parents=True, exist_ok=True)
     stale.write_text('{"run_id": "0123456789abcdef", "val_split": 0.2, "seed": 1}\n')
     with pytest.raises(RuntimeError, match="killed while recording"):
-        pipeline.run_train(tiny_params, project, show_progress=False)
+        train.run_train(tiny_params, project, show_progress=False)
     assert (project.models / "model.pt").exists() and (project.models / "checkpoint.pt").exists()
     assert not stale.exists()  # evaluate cannot file the new weights under the old run
     (crashed,) = the_runs()
-    monkeypatch.setattr(pipeline_module, "write_train_info", write_train_info)
+    monkeypatch.setattr(train, "write_train_info", write_train_info)
 
-    run_id, result = pipeline.run_train(tiny_params, project, show_progress=False)
+    run_id, result = train.run_train(tiny_params, project, show_progress=False)
     assert run_id == crashed.info.run_id and MlflowClient().get_run(run_id).info.status == "FINISHED"
     assert result.train_seconds < crashed.data.metrics["train_seconds"] + 1.0  # nothing trained again
     assert [m.step for m in MlflowClient().get_metric_history(run_id, "val_loss")] == [1, 2]
@@ -276,8 +277,8 @@ def test_unreachable_tracking_server_fails_in_seconds_with_one_line(project, mon
 
 
 def test_a_password_in_the_tracking_uri_stays_out_of_every_reason():
-    with pytest.raises(tracking.TrackingError) as caught:  # an invalid port: MLflow's text quotes the URL
-        tracking.check_server("http://bob:s3cret@127.0.0.1:99999")
+    with pytest.raises(TrackingError) as caught:  # an invalid port: MLflow's text quotes the URL
+        check_server("http://bob:s3cret@127.0.0.1:99999")
     assert "s3cret" not in str(caught.value) and "bob:***@127.0.0.1:99999" in str(caught.value)
 
 
@@ -434,8 +435,8 @@ def test_a_403_that_is_not_mlflows_permission_check_is_one_line(project, monkeyp
 
 # 5. Evaluate does not rewrite history
 def test_failed_evaluate_keeps_the_run_finished_and_the_champion(project, tiny_params, capsys):
-    run_id, _ = pipeline.run_train(tiny_params, project, show_progress=False)
-    pipeline.run_evaluate(tiny_params, project)
+    run_id, _ = train.run_train(tiny_params, project, show_progress=False)
+    evaluate.run_evaluate(tiny_params, project)
     client = MlflowClient()
     (project.models / "model.pt").write_bytes(b"PK\x03\x04 not really a zip")
     code = main(["evaluate", "--params", str(project.params_file), "--root", str(project.root)])
@@ -451,9 +452,9 @@ def test_failed_evaluate_keeps_the_run_finished_and_the_champion(project, tiny_p
 
 
 def test_evaluating_the_same_weights_again_registers_no_new_version(project, tiny_params):
-    run_id, _ = pipeline.run_train(tiny_params, project, show_progress=False)
-    pipeline.run_evaluate(tiny_params, project)
-    pipeline.run_evaluate(tiny_params, project)
+    run_id, _ = train.run_train(tiny_params, project, show_progress=False)
+    evaluate.run_evaluate(tiny_params, project)
+    evaluate.run_evaluate(tiny_params, project)
     versions = MlflowClient().search_model_versions("name = 'mnist-cnn'")
     assert [(str(v.version), v.run_id) for v in versions] == [("1", run_id)]
     run = MlflowClient().get_run(run_id)
@@ -461,7 +462,7 @@ def test_evaluating_the_same_weights_again_registers_no_new_version(project, tin
 
 
 def test_evaluate_with_another_split_than_training_is_refused(project, tiny_params, capsys):
-    run_id, _ = pipeline.run_train(tiny_params, project, show_progress=False)
+    run_id, _ = train.run_train(tiny_params, project, show_progress=False)
     args = ["evaluate", "--params", str(project.params_file), "--root", str(project.root)]
     assert main([*args, "--val_split", "0.3"]) == 1
     err = error_line(capsys.readouterr().err)
@@ -491,7 +492,7 @@ def mounted():
 
 @pytest.mark.parametrize("fault", ["full", "read-only"])
 def test_full_or_read_only_reports_dir_is_one_line_and_leaves_nothing(project, tiny_params, fault, mounted, capsys):
-    pipeline.run_train(tiny_params, project, show_progress=False)
+    train.run_train(tiny_params, project, show_progress=False)
     reports = project.reports
     shutil.rmtree(reports)
     reports.mkdir()
@@ -533,7 +534,7 @@ def test_stage_run_directly_refuses_data_changed_since_download(project, capsys)
 def test_outputs_follow_the_umask(project, tiny_params):
     previous = os.umask(0o002)
     try:
-        pipeline.run_train(tiny_params, project, show_progress=False)
+        train.run_train(tiny_params, project, show_progress=False)
     finally:
         os.umask(previous)
     for path in (project.models / "model.pt", project.models / "train.json", project.reports / "history.csv"):
@@ -588,7 +589,7 @@ def test_killed_training_whose_run_was_deleted_starts_a_new_run(project, tiny_pa
     proc.wait(timeout=30)
     (killed,) = the_runs()
     MlflowClient().delete_run(killed.info.run_id)
-    run_id, result = pipeline.run_train(tiny_params, project, show_progress=False)
+    run_id, result = train.run_train(tiny_params, project, show_progress=False)
     assert run_id != killed.info.run_id
     assert MlflowClient().get_run(run_id).info.status == "FINISHED"
     assert [m.step for m in MlflowClient().get_metric_history(run_id, "val_loss")] == [1, 2]

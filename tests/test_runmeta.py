@@ -1,8 +1,8 @@
 """Run names, launch tags and descriptions from the environment and a run's facts (no MLflow needed)."""
 
 from conftest import repo_params_raw
-from mnist_cnn import runmeta
-from mnist_cnn.config import parse_params
+from mnist_cnn.core.params import parse_params
+from mnist_cnn.tracking import runmeta
 
 # As DVC 3.67 sets them for a stage command (checked with the real CLI: tests/test_dvc_pipeline.py).
 REPRO_ENV = {"DVC_ROOT": "/repo", "DVC_STAGE": "train"}

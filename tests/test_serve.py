@@ -17,9 +17,9 @@ import pytest
 import requests
 from mlflow.exceptions import MlflowException
 
-from mnist_cnn.data import load_split
-from mnist_cnn.scoring import scoring_server
-from mnist_cnn.served import OUTPUT_COLUMNS, PROBABILITY_COLUMNS
+from mnist_cnn.core.data import load_split
+from mnist_cnn.ops.scoring import scoring_server
+from mnist_cnn.tracking.pyfunc import OUTPUT_COLUMNS, PROBABILITY_COLUMNS
 
 CHAMPION = "models:/mnist-cnn@champion"
 

@@ -15,8 +15,9 @@ import pytest
 import requests
 
 from conftest import dvc, run_queue
-from mnist_cnn import pipeline, server
 from mnist_cnn.cli import main
+from mnist_cnn.ops import server
+from mnist_cnn.stages import evaluate, train
 
 ADMIN_PASSWORD = "admin-password-for-tests"
 USERS = {"alice": "alice-password-1", "bob": "bob-password-22"}
@@ -85,8 +86,8 @@ def test_pipeline_against_the_team_server(team_server, project, tiny_params, dvc
     assert not (project.models / "model.pt").exists()
 
     as_user(monkeypatch, cfg, "alice")
-    run_id, _ = pipeline.run_train(tiny_params, project, show_progress=False)
-    pipeline.run_evaluate(tiny_params, project)
+    run_id, _ = train.run_train(tiny_params, project, show_progress=False)
+    evaluate.run_evaluate(tiny_params, project)
 
     run = api(cfg, "GET", "runs/get", "alice", params={"run_id": run_id}).json()["run"]
     assert run["info"]["status"] == "FINISHED"

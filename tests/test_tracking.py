@@ -12,23 +12,25 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from conftest import TINY_OVERRIDES, write_tiny_params
-from mnist_cnn import distributed, pipeline, tracking
-from mnist_cnn.data import load_split
+from mnist_cnn.core.data import load_split
+from mnist_cnn.ops import signals
+from mnist_cnn.stages import evaluate, train
+from mnist_cnn.tracking import registry, store
 
 EPOCH_METRICS = ("train_loss", "train_acc", "val_loss", "val_acc", "lr", "epoch_seconds")
 
 
 def only_run(experiment="mnist-cnn"):
-    tracking.configure()
+    store.configure()
     runs = MlflowClient().search_runs([mlflow.get_experiment_by_name(experiment).experiment_id])
     assert len(runs) == 1
     return runs[0]
 
 
 def test_train_then_evaluate_is_one_finished_run_with_everything(project, tiny_params):
-    run_id, result = pipeline.run_train(tiny_params, project, show_progress=False)
+    run_id, result = train.run_train(tiny_params, project, show_progress=False)
     assert MlflowClient().get_run(run_id).info.status == "FINISHED"
-    eval_run_id, evaluation = pipeline.run_evaluate(tiny_params, project)
+    eval_run_id, evaluation = evaluate.run_evaluate(tiny_params, project)
     assert eval_run_id == run_id
     run = only_run()
     assert run.info.run_id == run_id and run.info.status == "FINISHED"
@@ -72,8 +74,8 @@ def test_train_then_evaluate_is_one_finished_run_with_everything(project, tiny_p
 
 
 def test_registered_champion_predicts_digits_from_raw_pixels(project, tiny_params):
-    pipeline.run_train(tiny_params, project, show_progress=False)
-    _, evaluation = pipeline.run_evaluate(tiny_params, project)
+    train.run_train(tiny_params, project, show_progress=False)
+    _, evaluation = evaluate.run_evaluate(tiny_params, project)
     model = mlflow.pyfunc.load_model("models:/mnist-cnn@champion")
     pixels = load_split(project.data, train=False).images.numpy().astype(np.float32)  # 0-255, not normalised
     assert pixels.max() == 255.0
@@ -90,18 +92,18 @@ def test_registered_champion_predicts_digits_from_raw_pixels(project, tiny_param
 
 
 def test_champion_moves_only_to_a_better_version(tmp_path):
-    tracking.configure()
+    store.configure()
     client = MlflowClient()
     client.create_registered_model("m")
     with mlflow.start_run() as run:
         mlflow.log_text("x", "model/MLmodel")
     for _ in range(3):
         client.create_model_version("m", f"runs:/{run.info.run_id}/model", run.info.run_id)
-    assert tracking.promote_if_better("m", "1", 90.0) is True
-    assert tracking.promote_if_better("m", "2", 85.0) is False
+    assert registry.promote_if_better("m", "1", 90.0) is True
+    assert registry.promote_if_better("m", "2", 85.0) is False
     assert str(client.get_model_version_by_alias("m", "champion").version) == "1"
-    assert tracking.promote_if_better("m", "3", 90.0) is False  # a tie is not a win
-    assert tracking.promote_if_better("m", "3", 95.5) is True
+    assert registry.promote_if_better("m", "3", 90.0) is False  # a tie is not a win
+    assert registry.promote_if_better("m", "3", 95.5) is True
     assert str(client.get_model_version_by_alias("m", "champion").version) == "3"
     assert client.get_model_version("m", "2").tags["test_acc"] == "85.0000"
 
@@ -110,9 +112,9 @@ def test_crash_ends_the_run_failed(project, tiny_params, monkeypatch):
     def crashed(*args, **kwargs):
         raise RuntimeError("CUDA out of memory")
 
-    monkeypatch.setattr(pipeline, "train", crashed)
+    monkeypatch.setattr(train, "train", crashed)
     with pytest.raises(RuntimeError, match="out of memory"):
-        pipeline.run_train(tiny_params, project, show_progress=False)
+        train.run_train(tiny_params, project, show_progress=False)
     assert only_run().info.status == "FAILED"
     assert not (project.models / "model.pt").exists()
 
@@ -121,9 +123,9 @@ def test_interrupt_ends_the_run_killed(project, tiny_params, monkeypatch):
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(pipeline, "train", interrupted)
+    monkeypatch.setattr(train, "train", interrupted)
     with pytest.raises(KeyboardInterrupt):
-        pipeline.run_train(tiny_params, project, show_progress=False)
+        train.run_train(tiny_params, project, show_progress=False)
     assert only_run().info.status == "KILLED"
 
 
@@ -133,8 +135,8 @@ def test_a_hangup_while_a_run_ends_is_held_to_the_end():
     previous = signal.signal(signal.SIGHUP, signal.SIG_DFL)  # a terminal's, whatever the test runner's is
     try:
         steps = []
-        with distributed.stop_signals_interrupt():  # as cli.main runs every stage
-            with pytest.raises(KeyboardInterrupt), tracking.signals_deferred():
+        with signals.stop_signals_interrupt():  # as cli.main runs every stage
+            with pytest.raises(KeyboardInterrupt), signals.signals_deferred():
                 signal.raise_signal(signal.SIGHUP)
                 steps.append("run ended")
         assert steps == ["run ended"]
@@ -154,7 +156,7 @@ def start_long_training(project, sighup) -> subprocess.Popen:
         text=True,
         preexec_fn=lambda: signal.signal(signal.SIGHUP, sighup),
     )
-    tracking.configure()
+    store.configure()
     deadline = time.time() + 120
     while time.time() < deadline:
         experiment = mlflow.get_experiment_by_name("mnist-cnn")
@@ -187,36 +189,36 @@ def test_under_nohup_sighup_stays_ignored(project):
 
 
 def test_mlflow_run_id_from_environment_is_reused(project, tiny_params, monkeypatch):
-    tracking.configure()
-    experiment_id = tracking.experiment_id("mnist-cnn")
+    store.configure()
+    experiment_id = store.experiment_id("mnist-cnn")
     created = MlflowClient().create_run(experiment_id)
     monkeypatch.setenv("MLFLOW_RUN_ID", created.info.run_id)
-    run_id, _ = pipeline.run_train(tiny_params, project, show_progress=False)
+    run_id, _ = train.run_train(tiny_params, project, show_progress=False)
     assert run_id == created.info.run_id
     assert only_run().info.run_id == created.info.run_id
 
 
 def test_param_already_logged_by_mlflow_run_is_not_a_clash(project, tiny_params, monkeypatch):
-    tracking.configure()
-    created = MlflowClient().create_run(tracking.experiment_id("mnist-cnn"))
+    store.configure()
+    created = MlflowClient().create_run(store.experiment_id("mnist-cnn"))
     MlflowClient().log_param(created.info.run_id, "train.epochs", "2")  # as `mlflow run -P train.epochs=2` does
     MlflowClient().log_param(created.info.run_id, "epochs", "''")
     monkeypatch.setenv("MLFLOW_RUN_ID", created.info.run_id)
-    pipeline.run_train(tiny_params, project, show_progress=False)
+    train.run_train(tiny_params, project, show_progress=False)
     assert only_run().data.params["train.epochs"] == "2"
 
 
 def test_store_defaults_to_project_root_and_survives_dvc_temp_dirs(tmp_path, monkeypatch):
     monkeypatch.delenv("MLFLOW_TRACKING_URI")
-    assert tracking.tracking_uri(tmp_path) == f"sqlite:///{tmp_path}/mlflow.db"
+    assert store.tracking_uri(tmp_path) == f"sqlite:///{tmp_path}/mlflow.db"
     temp_copy = tmp_path / ".dvc" / "tmp" / "exps" / "tmpabc123"
     temp_copy.mkdir(parents=True)
-    assert tracking.project_root(temp_copy) == tmp_path
+    assert store.project_root(temp_copy) == tmp_path
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "sqlite:///rel.db")
-    assert tracking.tracking_uri() == f"sqlite:///{tmp_path}/rel.db"
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://tracking.example:5000")
-    assert tracking.tracking_uri() == "http://tracking.example:5000"
+    assert store.tracking_uri() == f"sqlite:///{tmp_path}/rel.db"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://store.example:5000")
+    assert store.tracking_uri() == "http://store.example:5000"
 
 
 def test_tiny_overrides_are_what_the_tests_assume():
@@ -224,13 +226,13 @@ def test_tiny_overrides_are_what_the_tests_assume():
 
 
 def test_run_is_named_described_lists_its_datasets_and_samples_system_metrics(project, monkeypatch):
-    from mnist_cnn.config import load_params
-    from mnist_cnn.data import split_digests, verified_md5s
+    from mnist_cnn.core.data import split_digests, verified_md5s
+    from mnist_cnn.core.params import load_params
 
     # MLflow samples every 10 s by default: longer than this whole tiny training.
     monkeypatch.setenv("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", "0.2")
     params = load_params(project.params_file, {"lr": "0.2"})
-    run_id, result = pipeline.run_train(params, project, show_progress=False)
+    run_id, result = train.run_train(params, project, show_progress=False)
     client = MlflowClient()
     trained = client.get_run(run_id)
     assert trained.info.run_name == "train lr=0.2"
@@ -239,7 +241,7 @@ def test_run_is_named_described_lists_its_datasets_and_samples_system_metrics(pr
     system = {key for key in trained.data.metrics if key.startswith("system/")}
     assert {"system/cpu_utilization_percentage", "system/system_memory_usage_megabytes"} <= system
 
-    _, evaluation = pipeline.run_evaluate(params, project)
+    _, evaluation = evaluate.run_evaluate(params, project)
     run = client.get_run(run_id)
     description = run.data.tags["mlflow.note.content"]
     assert description.startswith(f"**Test accuracy {evaluation.metrics['test']['accuracy']:.2f}%**")

@@ -6,25 +6,17 @@ import pytest
 import torch
 
 from conftest import TINY_OVERRIDES, repo_params_raw
-from mnist_cnn import layout
-from mnist_cnn.augment import Distortions, _elastic_field, random_distort, shift
-from mnist_cnn.config import ConfigError, ModelConfig, parse_params
-from mnist_cnn.data import DataError
-from mnist_cnn.evaluate import evaluate
-from mnist_cnn.model import Net, load_weights
-from mnist_cnn.runtime import select_device, select_precision
-from mnist_cnn.train import (
-    EpochStats,
-    Tensors,
-    _Loop,
-    fit,
-    load_train_val,
-    loss_and_accuracy,
-    make_optimizer,
-    monitor_value,
-    predict_log_probs,
-    train,
-)
+from mnist_cnn.core import files, loop
+from mnist_cnn.core.augment import Distortions, _elastic_field, random_distort, shift
+from mnist_cnn.core.data import DataError, Tensors, load_train_val
+from mnist_cnn.core.inference import loss_and_accuracy, predict_log_probs
+from mnist_cnn.core.loop import EpochStats, _Loop, fit
+from mnist_cnn.core.model import Net, load_weights
+from mnist_cnn.core.optim import make_optimizer, monitor_value
+from mnist_cnn.core.params import ConfigError, ModelConfig, parse_params
+from mnist_cnn.core.runtime import select_device, select_precision
+from mnist_cnn.stages.evaluate import evaluate
+from mnist_cnn.stages.train import train
 
 
 def test_seed_architecture_and_shapes(tiny_params):
@@ -156,16 +148,16 @@ def test_same_params_same_metrics_to_the_last_digit(project, tiny_params, tmp_pa
 def test_evaluate_writes_seed_table_confusion_rows_and_report(project, tiny_params):
     train(tiny_params, project.data, project.models, project.reports, show_progress=False)
     _, result = evaluate(tiny_params, project.data, project.models, project.reports)
-    metrics = json.loads((project.reports / layout.METRICS.name).read_text())
+    metrics = json.loads((project.reports / files.METRICS.name).read_text())
     assert set(metrics) == {"train", "val", "test"}
     for split in metrics.values():
         assert set(split) == {"loss", "accuracy"} and 0 <= split["accuracy"] <= 100
-    rows = (project.reports / layout.PREDICTIONS.name).read_text().splitlines()
+    rows = (project.reports / files.PREDICTIONS.name).read_text().splitlines()
     assert rows[0] == "actual,predicted" and len(rows) == 1 + 297
     correct = sum(a == p for a, p in (r.split(",") for r in rows[1:]))
     assert 100.0 * correct / 297 == pytest.approx(metrics["test"]["accuracy"], abs=1e-3)
     assert result.confusion.sum() == 297 and result.confusion.trace() == correct
-    assert "precision" in (project.reports / layout.CLASSIFICATION_REPORT.name).read_text()
+    assert "precision" in (project.reports / files.CLASSIFICATION_REPORT.name).read_text()
 
 
 def test_evaluate_without_weights_names_the_missing_file(project, tiny_params):
@@ -382,12 +374,11 @@ def test_augmented_ema_batchnorm_training_repeats_and_saves_the_validated_averag
 
 
 def test_the_last_clean_epochs_draw_no_augmentation(project, tiny_params, monkeypatch):
-    import mnist_cnn.train as train_module
 
     batches_per_epoch = -(-1200 // tiny_params.train.batch_size)
     distorted = []
-    real = train_module.random_distort
-    monkeypatch.setattr(train_module, "random_distort", lambda x, *a: distorted.append(len(x)) or real(x, *a))
+    real = random_distort
+    monkeypatch.setattr(loop, "random_distort", lambda x, *a: distorted.append(len(x)) or real(x, *a))
     train_data, val_data = load_train_val(project.data, "mnist", 0.2, 1, torch.device("cpu"))
     for clean, augmented_epochs in ((1, 2), (0, 3)):
         distorted.clear()

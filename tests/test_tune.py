@@ -17,10 +17,11 @@ from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
 
 from conftest import REPO, dvc, write_tiny_params
-from mnist_cnn import tracking
 from mnist_cnn.cli import main
-from mnist_cnn.config import load_params, load_tune, parse_params
-from mnist_cnn.tune import OWNER_ATTR, PARENT_ATTR, RUN_ATTR, TuneError, open_storage, tune
+from mnist_cnn.core.params import load_params, parse_params
+from mnist_cnn.core.search import load_tune
+from mnist_cnn.stages.tune import OWNER_ATTR, PARENT_ATTR, RUN_ATTR, TuneError, open_storage, tune
+from mnist_cnn.tracking import store
 
 # lr 1e-5 learns nothing in an epoch: once a trial with lr 1.0 has finished, the median pruner stops
 # every 1e-5 trial after its first epoch.
@@ -53,7 +54,7 @@ def journal(root: Path, name: str = "mnist-cnn") -> optuna.Study:
 
 def tune_runs(root: Path) -> tuple[list, list]:
     """(parents, children) of the experiment mnist-cnn."""
-    tracking.configure(root)
+    store.configure(root)
     experiment = mlflow.get_experiment_by_name("mnist-cnn")
     runs = MlflowClient().search_runs([experiment.experiment_id], max_results=1000)
     parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
@@ -107,7 +108,7 @@ def check_study_and_runs(root: Path, n_trials: int, epochs: int) -> tuple[optuna
 
 
 def test_tune_runs_a_study_with_pruning_and_nested_runs(project, monkeypatch):
-    import mnist_cnn.tune as tune_module
+    import mnist_cnn.stages.tune as tune_module
 
     calls = {"load_train_val": 0, "fit": 0}
 
@@ -328,7 +329,7 @@ def test_database_lock_is_exclusive_across_workers_and_a_stale_one_is_broken(tmp
     import threading
     import time
 
-    from mnist_cnn.tune import DatabaseLock
+    from mnist_cnn.stages.tune import DatabaseLock
 
     url = f"sqlite:///{tmp_path / 'optuna.db'}"
     optuna.storages.RDBStorage(url)  # the tables, once
@@ -465,7 +466,7 @@ def test_a_worker_with_another_space_is_refused_before_the_first_worker_records_
 def test_a_second_ctrl_c_while_the_parent_ends_waits_and_the_parent_ends_killed(project, capsys, monkeypatch):
     import signal
 
-    import mnist_cnn.tune as tune_module
+    import mnist_cnn.stages.tune as tune_module
 
     real_fit, real_plots = tune_module.fit, tune_module._log_plots
     fits = []
@@ -480,8 +481,8 @@ def test_a_second_ctrl_c_while_the_parent_ends_waits_and_the_parent_ends_killed(
         signal.raise_signal(signal.SIGINT)  # and again while the parent is being ended
         real_plots(*args)
 
-    monkeypatch.setattr(tune_module, "fit", fit)
-    monkeypatch.setattr(tune_module, "_log_plots", log_plots)
+    monkeypatch.setattr(tune, "fit", fit)
+    monkeypatch.setattr(tune, "_log_plots", log_plots)
     write_tune_params(project.params_file, n_trials=3, epochs=1, pruner="none")
     code, err = run_tune_cli(project, capsys)
 

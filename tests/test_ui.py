@@ -12,9 +12,11 @@ import pytest
 from mlflow.tracking import MlflowClient
 from PIL import Image
 
+import ui_driver as ui
 from conftest import REPO
-from mnist_cnn import pipeline, tracking, ui
-from mnist_cnn.config import load_params
+from mnist_cnn.core.params import load_params
+from mnist_cnn.stages import evaluate, train
+from mnist_cnn.tracking import store
 
 pytest.importorskip("playwright.sync_api", reason="Playwright for Python is not installed (pip install -e .[dev])")
 if ui.chromium_path() is None:
@@ -37,9 +39,9 @@ def served_run(project, tmp_path, monkeypatch):
     # A tiny training lasts a few seconds: sample system metrics often enough to record some.
     monkeypatch.setenv("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", "0.2")
     params = load_params(project.params_file, {"lr": "0.2"})
-    run_id, _ = pipeline.run_train(params, project, show_progress=False)
-    pipeline.run_evaluate(params, project)
-    with ui.mlflow_server(tracking.tracking_uri(), tmp_path / "server.log") as url:
+    run_id, _ = train.run_train(params, project, show_progress=False)
+    evaluate.run_evaluate(params, project)
+    with ui.mlflow_server(store.tracking_uri(), tmp_path / "server.log") as url:
         yield url, MlflowClient().get_run(run_id)
 
 
@@ -92,7 +94,7 @@ def test_ui_shows_the_run_its_params_curve_artifact_and_champion(served_run, tmp
         image = page.locator('img[alt="confusion_matrix.png"]')
         image.wait_for()
         page.wait_for_function("img => img.complete && img.naturalWidth > 0", arg=image.element_handle())
-        logged = (tracking.tracking_uri(), run_id)
+        logged = (store.tracking_uri(), run_id)
         width = png_width(_artifact_bytes(*logged, "confusion_matrix.png"))
         assert image.evaluate("img => img.naturalWidth") == width
         assert page.get_by_text("confident_mistakes.png").count() >= 1

@@ -15,9 +15,13 @@ import logging
 import sys
 from pathlib import Path
 
-from . import distributed, layout
-from .config import ConfigError, Params, load_params, load_section, load_tune
-from .errors import one_line
+from mnist_cnn.core import distributed, files, runtime
+from mnist_cnn.core.errors import one_line
+from mnist_cnn.core.params import ConfigError, Params, load_params, load_section
+from mnist_cnn.core.search import load_tune
+from mnist_cnn.ops import lock, server, signals, torchrun
+from mnist_cnn.stages import evaluate, train
+from mnist_cnn.tracking import owners, store
 
 STAGES = ("download", "train", "evaluate", "all", "tune", "runs", "server", "predict")
 
@@ -43,7 +47,7 @@ def parse_overrides(tokens: list[str]) -> dict[str, str]:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mnist-cnn", description=__doc__.splitlines()[0], allow_abbrev=False)
     parser.add_argument("stage", choices=STAGES)
-    parser.add_argument("--params", type=Path, default=layout.PARAMS, help="params file (default: params.yaml)")
+    parser.add_argument("--params", type=Path, default=files.PARAMS, help="params file (default: params.yaml)")
     parser.add_argument(
         "--root", type=Path, default=Path("."), help="project directory holding data/, models/, reports/"
     )
@@ -61,11 +65,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def run_stages(stage: str, args: argparse.Namespace, overrides: dict[str, str]) -> None:
     # Imported here so that --help, argument errors and the download stage answer without MLflow.
-    from .download import download
+    from mnist_cnn.stages.download import download
 
     if stage == "download":
         # Only the section it reads: `dvc exp run -S train.lr=-1` must fail in train, not here.
-        download(load_section(args.params, "data", overrides), args.root / layout.DATA_DIR, args.mirror or None)
+        download(load_section(args.params, "data", overrides), args.root / files.DATA_DIR, args.mirror or None)
         return
     if stage == "runs":
         show_runs(load_section(args.params, "mlflow", overrides).experiment, args)
@@ -82,58 +86,57 @@ def run_stages(stage: str, args: argparse.Namespace, overrides: dict[str, str]) 
                 f"(run `python -m mnist_cnn {stage}` without torchrun)"
             )
         # Rank 0 alone writes models/: it alone takes the directory's lock.
-        with layout.stage_lock(args.root / layout.MODEL_DIR) if world.is_main else contextlib.nullcontext():
+        with lock.stage_lock(args.root / files.MODEL_DIR) if world.is_main else contextlib.nullcontext():
             _train_and_evaluate(stage, params, args)
         return
     if stage in ("train", "all") and params.train.processes > 1:
         _launch_training(stage, params, args, overrides)
         return
-    with layout.stage_lock(args.root / layout.MODEL_DIR):
+    with lock.stage_lock(args.root / files.MODEL_DIR):
         _train_and_evaluate(stage, params, args)
 
 
 def _launch_training(stage: str, params: Params, args: argparse.Namespace, overrides: dict[str, str]) -> None:
     """``train.processes: N``: the train stage runs as N torchrun workers; evaluate follows here."""
-    from .download import download
+    from mnist_cnn.stages.download import download
 
     _check_processes(params.train.processes, params.train.device)
     if stage == "all":
-        download(params.data, args.root / layout.DATA_DIR, args.mirror or None)
+        download(params.data, args.root / files.DATA_DIR, args.mirror or None)
     argv = ["train", "--params", str(args.params), "--root", str(args.root)]
     argv += ["--no-progress"] * args.no_progress + [f"{key}={value}" for key, value in overrides.items()]
-    code = distributed.launch(params.train.processes, argv)
+    code = torchrun.launch(params.train.processes, argv)
     if code != 0:
         raise RuntimeError(f"training with train.processes = {params.train.processes} failed (torchrun exit {code})")
     if stage == "all":
-        with layout.stage_lock(args.root / layout.MODEL_DIR):
+        with lock.stage_lock(args.root / files.MODEL_DIR):
             _train_and_evaluate("evaluate", params, args)
 
 
 def _check_processes(processes: int, device_name: str) -> None:
     """Said once, here, before torchrun starts workers that would each fail with a traceback."""
-    from .runtime import select_device
+    from mnist_cnn.core.runtime import select_device
 
     device = select_device(device_name)
-    limit = distributed.process_limit(device)
+    limit = runtime.process_limit(device)
     if processes > limit:
         raise ConfigError(
             f"train.processes = {processes}: expected at most {limit} on {device.type} here "
-            f"({distributed.PROCESS_LIMIT_REASON[device.type]})"
+            f"({runtime.PROCESS_LIMIT_REASON[device.type]})"
         )
 
 
 def _train_and_evaluate(stage: str, params: Params, args: argparse.Namespace) -> None:
-    from .download import download
+    from mnist_cnn.stages.download import download
 
     if stage == "all":
-        download(params.data, args.root / layout.DATA_DIR, args.mirror or None)
-    from . import pipeline
+        download(params.data, args.root / files.DATA_DIR, args.mirror or None)
 
-    paths = pipeline.Paths(root=args.root, params_file=args.params)
+    paths = files.Paths(root=args.root, params_file=args.params)
     if stage in ("train", "all"):
-        pipeline.run_train(params, paths, False if args.no_progress else None, stage=stage)
+        train.run_train(params, paths, False if args.no_progress else None, stage=stage)
     if stage in ("evaluate", "all"):
-        _, result = pipeline.run_evaluate(params, paths)
+        _, result = evaluate.run_evaluate(params, paths)
         for split, values in result.metrics.items():
             print(f"{split:>5}: loss {values['loss']:.4f}  accuracy {values['accuracy']:.2f}%")
 
@@ -143,19 +146,18 @@ def run_tune(args: argparse.Namespace, overrides: dict[str, str]) -> None:
     tune_overrides = {k: v for k, v in overrides.items() if k.startswith("tune.")}
     params = load_params(args.params, {k: v for k, v in overrides.items() if k not in tune_overrides})
     cfg = load_tune(args.params, params, tune_overrides)
-    from .tune import describe, tune
+    from mnist_cnn.stages.tune import describe, tune
 
     print(describe(tune(params, cfg, args.root, False if args.no_progress else None)))
 
 
 def show_runs(experiment: str, args: argparse.Namespace) -> None:
-    from . import runs, tracking
 
-    root = tracking.project_root(args.root.resolve())
+    root = store.project_root(args.root.resolve())
     if args.clean:
-        closed = runs.clean(experiment, root)
+        closed = owners.clean(experiment, root)
         print(f"closed {len(closed)} stale run(s) as KILLED" + "".join(f"\n  {run_id}" for run_id in closed))
-    listed = runs.running(experiment, root)
+    listed = owners.running(experiment, root)
     print(f"{len(listed)} RUNNING run(s) in experiment {experiment!r}")
     for run in listed:
         print(f"  {run.run_id}  {run.state:<7}  {run.host}:{run.pid}  {run.name}")
@@ -163,7 +165,6 @@ def show_runs(experiment: str, args: argparse.Namespace) -> None:
 
 def server_main(argv: list[str]) -> int:
     """``mnist-cnn server start|stop|status|add-user NAME``: the team's tracking server."""
-    from . import server
 
     parser = argparse.ArgumentParser(prog="mnist-cnn server", description=server.__doc__.splitlines()[0])
     parser.add_argument("action", choices=("start", "stop", "status", "add-user"))
@@ -211,7 +212,7 @@ def predict_main(argv: list[str]) -> int:
     """``mnist-cnn predict PATH... [--model-uri URI] [--json]``: the digit in each image file."""
     import json
 
-    from .predict import DEFAULT_MODEL_URI, predict
+    from mnist_cnn.stages.predict import DEFAULT_MODEL_URI, predict
 
     parser = argparse.ArgumentParser(prog="mnist-cnn predict", description=predict_main.__doc__.split(": ", 1)[1])
     parser.add_argument("paths", nargs="+", type=Path, metavar="PATH", help="PNG/JPEG files, or directories of them")
@@ -263,7 +264,7 @@ def main(argv: list[str] | None = None) -> int:
         return predict_main(argv[1:])
     args, extra = build_parser().parse_known_args(argv)
     try:
-        with distributed.stop_signals_interrupt():  # SIGTERM and SIGHUP unwind like Ctrl-C
+        with signals.stop_signals_interrupt():  # SIGTERM and SIGHUP unwind like Ctrl-C
             run_stages(args.stage, args, parse_overrides(extra))
     except ConfigError as exc:
         print(f"error: {one_line(exc)}", file=sys.stderr)
@@ -282,8 +283,8 @@ def main(argv: list[str] | None = None) -> int:
 
 def _is_expected(exc: Exception) -> bool:
     """Errors with a message meant for the user (bad data, no network, no device, store refused)."""
-    from .data import DataError
-    from .download import DownloadError
+    from mnist_cnn.core.data import DataError
+    from mnist_cnn.stages.download import DownloadError
 
     if isinstance(exc, (DataError, DownloadError, RuntimeError, OSError)):  # incl. torchrun's WorkerStopped
         return True

@@ -22,15 +22,22 @@ from mlflow.models.model import ModelInfo
 from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 from mlflow.types import ColSpec, Schema, TensorSpec
 
-from .config import ModelConfig
-from .model import IMAGE_SIZE, NUM_CLASSES, RawPixelClassifier, load_weights
-from .runtime import memory_format
+from mnist_cnn.core.model import IMAGE_SIZE, NUM_CLASSES, RawPixelClassifier, load_weights
+from mnist_cnn.core.params import ModelConfig
+from mnist_cnn.core.runtime import memory_format
 
 PROBABILITY_COLUMNS = [f"p{k}" for k in range(NUM_CLASSES)]
+
+
 OUTPUT_COLUMNS = ["digit", "probability", *PROBABILITY_COLUMNS]
+
+
 # Images per forward pass: 10,000 images at once would need about 1.3 GB for the first conv's output.
 CHUNK = 500
+
+
 WEIGHTS_ARTIFACT = "weights"
+
 
 SIGNATURE = ModelSignature(
     inputs=Schema([TensorSpec(np.dtype(np.float32), (-1, IMAGE_SIZE, IMAGE_SIZE))]),

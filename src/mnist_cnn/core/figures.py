@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import matplotlib
-
-matplotlib.use("Agg")  # no display on servers and CI
-
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
+
+matplotlib.use("Agg")  # no display on servers and CI
 
 
 def learning_curves(history) -> Figure:

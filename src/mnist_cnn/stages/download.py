@@ -20,13 +20,16 @@ import urllib.request
 from pathlib import Path
 from typing import BinaryIO
 
-from .config import DataConfig
-from .data import md5sum, resources, torchvision_dataset
-from .layout import publish
+from mnist_cnn.core.data import md5sum, resources, torchvision_dataset
+from mnist_cnn.core.files import publish
+from mnist_cnn.core.params import DataConfig
 
 log = logging.getLogger(__name__)
 
+
 MIRROR_ENV = "MNIST_MIRROR"
+
+
 _BLOCK = 1 << 16
 
 

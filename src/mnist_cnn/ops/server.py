@@ -27,7 +27,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 ADMIN = "admin"
+
+
 DB_USER = "mlflow"
+
+
 DATABASES = ("mlflow", "mlflow_auth")  # runs and registry; users and permissions
 
 

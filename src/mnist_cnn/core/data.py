@@ -24,13 +24,16 @@ FILES = {
     "test_labels": "t10k-labels-idx1-ubyte.gz",
 }
 
+
 # Per-dataset pixel mean and std (of the 60k training images, pixels scaled to [0, 1]).
 NORMALISATION = {
     "mnist": (0.1307, 0.3081),
     "fashion-mnist": (0.2860, 0.3530),
 }
 
+
 _IDX_DTYPE = {0x08: np.uint8}
+
 
 # A JSON file {file name: MD5} that replaces torchvision's checksums: for private variants of the data
 # (the test suite's tiny data set). The files are verified all the same, against these sums.
@@ -180,3 +183,23 @@ def verified_md5s(data_dir: Path, dataset: str) -> dict[str, str]:
             )
         sums[name] = actual
     return sums
+
+
+@dataclass(frozen=True)
+class Tensors:
+    """Normalised images (N, 1, 28, 28) and labels, resident on the training device."""
+
+    x: torch.Tensor
+    y: torch.Tensor
+
+
+def load_train_val(
+    data_dir: Path, dataset: str, val_split: float, seed: int, device: torch.device
+) -> tuple[Tensors, Tensors]:
+    """The 60k training images once, normalised, on ``device``, cut by the seeded 80/20 split."""
+    split = load_split(data_dir, train=True)
+    x = normalise(split.images, dataset).to(device)
+    y = split.labels.to(device)
+    train_idx, val_idx = split_indices(len(y), val_split, seed)
+    train_idx, val_idx = train_idx.to(device), val_idx.to(device)
+    return Tensors(x[train_idx], y[train_idx]), Tensors(x[val_idx], y[val_idx])

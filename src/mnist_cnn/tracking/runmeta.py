@@ -9,18 +9,28 @@ import os
 from collections.abc import Mapping
 from typing import Any
 
-from .config import ALIASES, Params, flatten
+from mnist_cnn.core.params import ALIASES, Params, flatten
 
 LAUNCH_TAG = "launched_by"
+
+
 DESCRIPTION_TAG = "mlflow.note.content"  # what the MLflow UI shows as the run's description
+
+
 NAME_MAX = 250  # MLflow refuses longer run names
+
 
 # Set by DVC 3.67 for every stage command (`dvc repro`, and the stages of `dvc exp run`).
 DVC_STAGE_ENV = ("DVC_STAGE", "DVC_ROOT")
+
+
 # Set by `dvc exp run` (workspace, --temp or queued) on top of those: the experiment's name.
 DVC_EXP_ENV = "DVC_EXP_NAME"
+
+
 # `mlflow run` creates the run first, passes it in MLFLOW_RUN_ID and tags it mlflow.source.type=PROJECT.
 MLFLOW_RUN_ENV = "MLFLOW_RUN_ID"
+
 
 _SHORT_NAMES = {dotted: short for short, dotted in ALIASES.items()}
 

@@ -8,10 +8,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .config import ModelConfig
-from .data import NORMALISATION, DataError
+from mnist_cnn.core.data import NORMALISATION, DataError
+from mnist_cnn.core.params import ModelConfig
 
 IMAGE_SIZE = 28
+
+
 NUM_CLASSES = 10
 
 

@@ -8,9 +8,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from . import tracking
-from .errors import masked, one_line
-from .images import ImageError, image_files, load_digit
+from mnist_cnn.core.errors import masked, one_line
+from mnist_cnn.core.images import ImageError, image_files, load_digit
+from mnist_cnn.tracking.store import configure, sqlite_path, tracking_uri
 
 DEFAULT_MODEL_URI = "models:/mnist-cnn@champion"
 
@@ -35,8 +35,8 @@ def load_model(model_uri: str):
 
     where = ""
     if model_uri.startswith(STORE_SCHEMES):
-        uri = tracking.tracking_uri()
-        store = tracking.sqlite_path(uri)
+        uri = tracking_uri()
+        store = sqlite_path(uri)
         # Opening a missing (or 0-byte) file would make an empty store of it.
         if store is not None and (not store.is_file() or store.stat().st_size == 0):
             empty = " (an empty file)" if store.is_file() else ""
@@ -44,7 +44,7 @@ def load_model(model_uri: str):
                 f"{model_uri}: no MLflow store at {store}{empty}; "
                 "run in the project directory or set MLFLOW_TRACKING_URI"
             )
-        tracking.configure()
+        configure()
         where = f" (store {masked(uri)})"
     try:
         return mlflow.pyfunc.load_model(model_uri)

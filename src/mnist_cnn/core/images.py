@@ -11,20 +11,30 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 from scipy import ndimage
 
-from .model import IMAGE_SIZE
+from mnist_cnn.core.model import IMAGE_SIZE
 
 BOX = 20  # MNIST's digits fit a 20x20 box inside the 28x28 field
+
+
 # Decompression-bomb guard: a 48-megapixel phone photo passes, a 20000x20000 PNG of a few hundred KB does
 # not. Pillow warns above this and raises above twice it; the warning is made an error below.
 MAX_PIXELS = 64_000_000
+
+
 # Ink is what stands out from the background by more than this share of the image's contrast: it
 # keeps paper grain and JPEG noise out of the crop.
 INK_THRESHOLD = 0.2
+
+
 # A contrast below this many grey levels (of 255) is a blank image, not a faint digit.
 MIN_CONTRAST = 24
+
+
 # The ink's longer side, in pixels, below which it is a speck of dust, not a digit (MNIST's digits span
 # 20; a hand-drawn 8x8 scikit-learn digit still spans 5 or more).
 MIN_DIGIT_SPAN = 3
+
+
 SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp")
 
 

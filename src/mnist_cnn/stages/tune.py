@@ -30,22 +30,40 @@ from mlflow.entities import RunTag
 from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
 
-from . import figures, layout, tracking
-from .config import TUNABLE_SECTIONS, ConfigError, Params, SearchParam, TuneConfig, flatten, with_values
-from .data import verified_md5s
-from .errors import masked, one_line, without_driver_prefix
-from .runtime import select_device, select_precision
-from .train import EpochStats, Tensors, fit, load_train_val
+from mnist_cnn.core import figures, files
+from mnist_cnn.core.data import Tensors, load_train_val, verified_md5s
+from mnist_cnn.core.errors import masked, one_line, without_driver_prefix
+from mnist_cnn.core.loop import EpochStats, fit
+from mnist_cnn.core.params import ConfigError, Params, flatten, with_values
+from mnist_cnn.core.runtime import select_device, select_precision
+from mnist_cnn.core.search import TUNABLE_SECTIONS, SearchParam, TuneConfig
+from mnist_cnn.ops import signals
+from mnist_cnn.tracking import owners, runs, store
 
 log = logging.getLogger(__name__)
 
+
 PARENT_ATTR = "mnist_cnn.parent_run_id"  # study user attr: the study's MLflow parent run
+
+
 WORKERS_ATTR = "mnist_cnn.workers"  # study user attr: workers that joined (each samples with seed + index)
+
+
 ACTIVE_ATTR = "mnist_cnn.active_workers"  # study user attr: owner tags of the workers still working
+
+
 SPACE_ATTR = "mnist_cnn.space"  # study user attr: the first worker's search space, {key: Optuna's JSON}
+
+
 OWNER_ATTR = "mnist_cnn.owner"  # trial user attr: host, pid and pid start of the worker running it
+
+
 RUN_ATTR = "mnist_cnn.run_id"  # trial user attr: the trial's MLflow child run
+
+
 STATE_TAG = "optuna.state"  # complete | pruned | fail, on every child run
+
+
 LOCK_WAIT_S, LOCK_STALE_S = 300.0, 120.0
 
 
@@ -242,9 +260,9 @@ def _claim_parent(client: MlflowClient, parent: str) -> None:
     """The parent is RUNNING while any worker works, owned by a live one: reopen it if a worker that
     thought it was the last ended it, or if its owner is gone."""
     run = client.get_run(parent)
-    if run.info.status != "RUNNING" or tracking.run_is_stale(run.data.tags, tracking.is_local_store()):
+    if run.info.status != "RUNNING" or owners.run_is_stale(run.data.tags, store.is_local_store()):
         client.update_run(parent, status="RUNNING")
-        client.log_batch(parent, tags=_tags(tracking.owner_tags()))
+        client.log_batch(parent, tags=_tags(owners.owner_tags()))
 
 
 def _tune_params(cfg: TuneConfig) -> dict[str, str]:
@@ -277,14 +295,14 @@ def _join(
         study.set_user_attr(SPACE_ATTR, space)
     client = MlflowClient()
     parent = study.user_attrs.get(PARENT_ATTR)
-    if parent is None or not tracking.run_exists(parent, root):
+    if parent is None or not runs.run_exists(parent, root):
         tags = {
-            **tracking.owner_tags(),
-            **tracking.git_lineage(root),
+            **owners.owner_tags(),
+            **runs.git_lineage(root),
             "optuna.study_name": cfg.study_name,
             "mnist_cnn.stage": "tune",
         }
-        if launcher and tracking.run_exists(launcher, root):
+        if launcher and runs.run_exists(launcher, root):
             parent = launcher
             client.update_run(parent, name=cfg.study_name)
             client.log_batch(parent, tags=_tags(tags))
@@ -300,7 +318,7 @@ def _join(
             client.set_tag(launcher, "mnist_cnn.tune_parent", parent)  # a later worker's `mlflow run`
     worker = study.user_attrs.get(WORKERS_ATTR, 0)
     study.set_user_attr(WORKERS_ATTR, worker + 1)
-    study.set_user_attr(ACTIVE_ATTR, [*_active_workers(study), tracking.owner_tags()])
+    study.set_user_attr(ACTIVE_ATTR, [*_active_workers(study), owners.owner_tags()])
     # Workers with the same seed would sample the same first configurations: each its own.
     study.sampler = optuna.samplers.TPESampler(seed=cfg.sampler_seed + worker)
     study.pruner = make_pruner(cfg)
@@ -321,7 +339,7 @@ def _run_trial(
     # A trial's value is the validation loss of the epoch it keeps, so it keeps the lowest one.
     trial_params = with_values(params, {**values, "train.epochs": cfg.epochs, "train.monitor": "val_loss"})
     tags = {"optuna.study_name": cfg.study_name, "optuna.trial_number": str(trial.number)}
-    with tracking.run(
+    with runs.run(
         params.mlflow.experiment,
         root=root,
         parent_run_id=parent,
@@ -348,8 +366,8 @@ def _run_trial(
 def _active_workers(study: optuna.Study) -> list[dict[str, str]]:
     """The workers of the study still working: alive, or on another host (where that cannot be told);
     one killed (``kill -9``) drops out here."""
-    local = tracking.is_local_store()
-    return [w for w in study.user_attrs.get(ACTIVE_ATTR, []) if tracking.run_is_stale(w, local) is not True]
+    local = store.is_local_store()
+    return [w for w in study.user_attrs.get(ACTIVE_ATTR, []) if owners.run_is_stale(w, local) is not True]
 
 
 def best_params_yaml(study: optuna.Study) -> str:
@@ -421,7 +439,7 @@ def _leave(study: optuna.Study, parent: str, outcome: str, reports: Path) -> boo
     them; else (the last worker) write the best params and plots, and end the parent."""
     client = MlflowClient()
     best = _summarise(client, parent, study)
-    me = tracking.owner_tags()
+    me = owners.owner_tags()
     others = [w for w in _active_workers(study) if w != me]
     study.set_user_attr(ACTIVE_ATTR, others)
     if others:
@@ -432,13 +450,13 @@ def _leave(study: optuna.Study, parent: str, outcome: str, reports: Path) -> boo
     try:
         if best is not None:
             text = best_params_yaml(study)
-            layout.write_text_atomic(reports / layout.BEST_PARAMS.name, text)
+            files.write_text_atomic(reports / files.BEST_PARAMS.name, text)
             written = True
-            log.info("best trial %d (validation loss %.4g) written to %s", best.number, best.value, layout.BEST_PARAMS)
+            log.info("best trial %d (validation loss %.4g) written to %s", best.number, best.value, files.BEST_PARAMS)
             client.log_text(parent, text, "best_params.yaml")
             _log_plots(client, parent, study)
         else:
-            log.warning("study %r: no trial completed; %s not written", study.study_name, layout.BEST_PARAMS)
+            log.warning("study %r: no trial completed; %s not written", study.study_name, files.BEST_PARAMS)
     except BaseException:  # reports/ read-only, a full disk: the parent is never left RUNNING
         client.set_terminated(parent, "FAILED")
         raise
@@ -463,11 +481,11 @@ def tune(params: Params, cfg: TuneConfig, root: Path = Path("."), show_progress:
     """Run trials of the study ``cfg.study_name`` until it holds ``cfg.n_trials`` (counting every worker's)
     or ``cfg.timeout`` seconds have passed; return what this worker did and the study's best."""
     root = Path(root)
-    store_root = tracking.project_root(root.resolve())
+    store_root = store.project_root(root.resolve())
     storage, lock = open_storage(cfg.storage, root, cfg.study_name)  # an unreachable database fails here
-    tracking.configure(store_root)  # so does a dead tracking server
-    data = _load_data(params, root / layout.DATA_DIR)
-    exp_id = tracking.experiment_id(params.mlflow.experiment, store_root)
+    store.configure(store_root)  # so does a dead tracking server
+    data = _load_data(params, root / files.DATA_DIR)
+    exp_id = store.experiment_id(params.mlflow.experiment, store_root)
     # Under `mlflow run`, MLflow made a run for this process; trials must not resume it (start_run
     # reads the variable), so it is taken out of the environment and offered as the parent.
     launcher = os.environ.pop("MLFLOW_RUN_ID", None)
@@ -477,14 +495,14 @@ def tune(params: Params, cfg: TuneConfig, root: Path = Path("."), show_progress:
     outcome, parent = "FAILED", None
     try:
         # Ctrl-C while the parent is claimed would leave it RUNNING: it waits, then ends the parent KILLED.
-        with lock, tracking.signals_deferred():
+        with lock, signals.signals_deferred():
             study, parent = _join(storage, cfg, exp_id, store_root, launcher)
         while deadline is None or time.monotonic() < deadline:
             with lock:  # count and ask together: the study gets exactly n_trials, whatever the workers
                 if len(study.get_trials(deepcopy=False)) >= cfg.n_trials:
                     break
                 trial = study.ask({p.key: distribution(p) for p in cfg.space})
-                trial.set_user_attr(OWNER_ATTR, tracking.owner_tags())
+                trial.set_user_attr(OWNER_ATTR, owners.owner_tags())
                 _claim_parent(client, parent)
             ran.append(trial.number)
             try:
@@ -492,14 +510,14 @@ def tune(params: Params, cfg: TuneConfig, root: Path = Path("."), show_progress:
             except optuna.TrialPruned as exc:
                 study.tell(trial, state=TrialState.PRUNED)
                 log.info("%s", exc)
-            except tracking.TrackingError:  # the tracking server went away: no point in further trials
+            except store.TrackingError:  # the tracking server went away: no point in further trials
                 study.tell(trial, state=TrialState.FAIL)
                 raise
             except RuntimeError as exc:  # diverged, out of memory: this configuration fails, the study goes on
                 study.tell(trial, state=TrialState.FAIL)
                 log.warning("trial %d failed: %s", trial.number, one_line(exc))
             except BaseException:
-                with tracking.signals_deferred():  # a second Ctrl-C must not leave the trial RUNNING
+                with signals.signals_deferred():  # a second Ctrl-C must not leave the trial RUNNING
                     study.tell(trial, state=TrialState.FAIL)
                 raise
             else:
@@ -512,8 +530,8 @@ def tune(params: Params, cfg: TuneConfig, root: Path = Path("."), show_progress:
     finally:
         if parent is not None:
             # A second Ctrl-C (or SIGTERM) waits until the parent has ended, then interrupts.
-            with tracking.signals_deferred(), lock:
-                written = _leave(study, parent, outcome, root / layout.REPORTS_DIR)
+            with signals.signals_deferred(), lock:
+                written = _leave(study, parent, outcome, root / files.REPORTS_DIR)
     try:
         best = study.best_trial
     except ValueError:

@@ -2,30 +2,51 @@
 
 from __future__ import annotations
 
-import contextlib
-import logging
 import os
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
-from filelock import FileLock, Timeout
-
-log = logging.getLogger(__name__)
+from mnist_cnn.core import files
 
 PARAMS = Path("params.yaml")
+
+
 DATA_DIR = Path("data/raw")
+
+
 MODEL_DIR = Path("models")
+
+
 WEIGHTS = MODEL_DIR / "model.pt"
+
+
 TRAIN_INFO = MODEL_DIR / "train.json"  # best/stopped epoch, device, precision and the MLflow run id
+
+
 # Written after every epoch, removed when training completes; not a DVC output (dvc repro keeps it).
 CHECKPOINT = MODEL_DIR / "checkpoint.pt"
+
+
 REPORTS_DIR = Path("reports")
+
+
 HISTORY = REPORTS_DIR / "history.csv"
+
+
 METRICS = REPORTS_DIR / "metrics.json"
+
+
 PREDICTIONS = REPORTS_DIR / "predictions.csv"
+
+
 CLASSIFICATION_REPORT = REPORTS_DIR / "classification_report.txt"
+
+
 BEST_PARAMS = REPORTS_DIR / "best_params.yaml"  # the tune stage's best trial, in params.yaml's shape
+
+
 CONFIDENT_MISTAKES = REPORTS_DIR / "confident_mistakes.png"
 
 
@@ -80,18 +101,21 @@ def write_text_atomic(path: Path, text: str) -> None:
     write_atomic(path, lambda tmp: tmp.write_text(text))
 
 
-@contextlib.contextmanager
-def stage_lock(model_dir: Path) -> Iterator[None]:
-    """One training or evaluation at a time per project directory: two at once would share
-    ``models/`` (weights, checkpoint, train.json). A second one waits for the first to finish."""
-    Path(model_dir).mkdir(parents=True, exist_ok=True)
-    lock = FileLock(str(Path(model_dir) / ".lock"))
-    try:
-        lock.acquire(timeout=0)
-    except Timeout:
-        log.info("another training or evaluation is running in %s; waiting for it to finish", model_dir.parent)
-        lock.acquire()
-    try:
-        yield
-    finally:
-        lock.release()
+@dataclass(frozen=True)
+class Paths:
+    """Where the stages read and write; defaults are the project layout, tests point them at tmp dirs."""
+
+    root: Path = Path(".")
+    params_file: Path = files.PARAMS
+
+    @property
+    def data(self) -> Path:
+        return self.root / files.DATA_DIR
+
+    @property
+    def models(self) -> Path:
+        return self.root / files.MODEL_DIR
+
+    @property
+    def reports(self) -> Path:
+        return self.root / files.REPORTS_DIR

@@ -3,16 +3,11 @@
 from __future__ import annotations
 
 import copy
-import csv
-import io
-import json
 import logging
 import math
 import random
 import time
-from collections.abc import Mapping
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
@@ -23,13 +18,23 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from tqdm import tqdm
 
-from . import layout
-from .augment import Distortions, random_distort
-from .config import Params, TrainConfig, flatten
-from .data import load_split, normalise, split_indices, verified_md5s
-from .distributed import SINGLE, World, all_sum, device_for, from_main, gathered, process_group, shard, shard_size
-from .model import NUM_CLASSES, Net
-from .runtime import autocast, memory_format, seed_everything, select_device, select_precision
+from mnist_cnn.core.augment import Distortions, random_distort
+from mnist_cnn.core.checkpoint import CHECKPOINT_FORMAT, Checkpointing, save_torch
+from mnist_cnn.core.data import Tensors
+from mnist_cnn.core.distributed import (
+    SINGLE,
+    World,
+    all_sum,
+    from_main,
+    gathered,
+    shard,
+    shard_size,
+)
+from mnist_cnn.core.inference import prepare_model, validate
+from mnist_cnn.core.model import Net
+from mnist_cnn.core.optim import make_optimizer, monitor_value
+from mnist_cnn.core.params import Params, TrainConfig
+from mnist_cnn.core.runtime import autocast, memory_format, seed_everything
 
 log = logging.getLogger(__name__)
 
@@ -61,182 +66,6 @@ class Reporter(Protocol):
     """Where per-epoch metrics go (MLflow in the pipeline; nothing in a bare call)."""
 
     def log_epoch(self, stats: EpochStats) -> None: ...
-
-
-CHECKPOINT_FORMAT = 4
-
-
-@dataclass(frozen=True)
-class Checkpointing:
-    """Where to save a checkpoint after every epoch, what identifies this training, and (``state``) a
-    checkpoint of the same training to continue from."""
-
-    path: Path
-    fingerprint: str
-    run_id: str | None = None
-    state: dict[str, Any] | None = None
-
-
-def training_fingerprint(params: Params, data_md5s: Mapping[str, str], processes: int = 1) -> str:
-    """What a checkpoint must match to be continued: every data/model/train value, the data's MD5s and
-    the number of processes (each keeps random streams of its own). Plain JSON, not a hash: a
-    checkpoint that does not match can then say what changed."""
-    values = {
-        k: v
-        for k, v in flatten(params).items()
-        if k.split(".")[0] in ("data", "model", "train") and k != "train.resume"
-    }
-    return json.dumps(
-        {"params": values, "data": dict(sorted(data_md5s.items())), "processes": processes}, sort_keys=True
-    )
-
-
-def fingerprint_difference(old: str, new: str, shown: int = 3) -> str:
-    """What differs between two ``training_fingerprint`` values, for a log line."""
-    try:
-        before, after = json.loads(old), json.loads(new)
-        changes = []
-        for key in sorted(set(before["params"]) | set(after["params"])):
-            if key not in before["params"]:
-                changes.append(f"no {key} (a newer param)")
-            elif key not in after["params"]:
-                changes.append(f"{key} (no longer a param)")
-            elif before["params"][key] != after["params"][key]:
-                changes.append(f"{key} = {before['params'][key]!r} (now {after['params'][key]!r})")
-        if before["data"] != after["data"]:
-            changes.append("other data files")
-        if before["processes"] != after["processes"]:
-            changes.append(f"{before['processes']} processes (now {after['processes']})")
-    except (ValueError, TypeError, KeyError, AttributeError, RecursionError):  # older ones kept a hash
-        return "other params or data"
-    if not changes:  # the same values written another way
-        return "other params or data"
-    more = f" and {len(changes) - shown} more" if len(changes) > shown else ""
-    return ", ".join(changes[:shown]) + more
-
-
-def load_checkpoint(path: Path, fingerprint: str) -> dict[str, Any] | None:
-    """The checkpoint at ``path`` if it belongs to this very training, else None (and a line saying why)."""
-    if not Path(path).is_file():
-        return None
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # any unreadable file means "start over", never a crash
-        log.warning("%s: unreadable checkpoint (%s); training from scratch", path, type(exc).__name__)
-        return None
-    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
-        log.warning("%s: not a checkpoint of this version; training from scratch", path)
-        return None
-    if state.get("fingerprint") != fingerprint:
-        difference = fingerprint_difference(str(state.get("fingerprint")), fingerprint)
-        log.info("%s: from a training with %s; training from scratch", path, difference)
-        return None
-    return state
-
-
-@dataclass(frozen=True)
-class Tensors:
-    """Normalised images (N, 1, 28, 28) and labels, resident on the training device."""
-
-    x: torch.Tensor
-    y: torch.Tensor
-
-
-def load_train_val(
-    data_dir: Path, dataset: str, val_split: float, seed: int, device: torch.device
-) -> tuple[Tensors, Tensors]:
-    """The 60k training images once, normalised, on ``device``, cut by the seeded 80/20 split."""
-    split = load_split(data_dir, train=True)
-    x = normalise(split.images, dataset).to(device)
-    y = split.labels.to(device)
-    train_idx, val_idx = split_indices(len(y), val_split, seed)
-    train_idx, val_idx = train_idx.to(device), val_idx.to(device)
-    return Tensors(x[train_idx], y[train_idx]), Tensors(x[val_idx], y[val_idx])
-
-
-def prepare_model(net: nn.Module, device: torch.device) -> nn.Module:
-    return net.to(device, memory_format=memory_format(device))
-
-
-@torch.no_grad()
-def predict_log_probs(model: nn.Module, x: torch.Tensor, batch_size: int, precision: str = "fp32") -> torch.Tensor:
-    """Log-probabilities (N, 10) in float32, in eval mode, batch by batch."""
-    was_training = model.training
-    model.eval()
-    layout_of_batches = memory_format(x.device)
-    outputs = []
-    with autocast(x.device, precision):
-        for start in range(0, len(x), batch_size):
-            batch = x[start : start + batch_size].contiguous(memory_format=layout_of_batches)
-            outputs.append(model(batch).float())
-    model.train(was_training)
-    if not outputs:  # a rank's share of a tiny validation set can be empty
-        return torch.empty((0, NUM_CLASSES), device=x.device)
-    return torch.cat(outputs)
-
-
-def validate(
-    model: nn.Module, data: Tensors, batch_size: int, precision: str, world: World = SINGLE
-) -> tuple[float, float]:
-    """(mean NLL loss, accuracy %) over ``data``; with several processes each scores its share and the
-    sums are added up, so every rank sees the same numbers and takes the same early-stopping decision."""
-    x, y = data.x[world.rank :: world.size], data.y[world.rank :: world.size]
-    log_probs = predict_log_probs(model, x, batch_size, precision)
-    sums = torch.stack(
-        [
-            F.nll_loss(log_probs, y, reduction="sum").double(),
-            (log_probs.argmax(dim=1) == y).sum().double(),
-            torch.tensor(float(len(y)), dtype=torch.float64, device=y.device),
-        ]
-    )
-    loss_sum, correct, count = all_sum(sums, world).tolist()
-    return loss_sum / count, 100.0 * correct / count
-
-
-def loss_and_accuracy(log_probs: torch.Tensor, y: torch.Tensor) -> tuple[float, float]:
-    """(mean NLL loss, accuracy in percent)."""
-    loss = F.nll_loss(log_probs, y).item()
-    accuracy = 100.0 * (log_probs.argmax(dim=1) == y).float().mean().item()
-    return loss, accuracy
-
-
-# Accuracy moves in steps of one validation image (1/12,000 of 100 at the default split): any gain counts,
-# where the loss keeps ReduceLROnPlateau's default relative threshold.
-PLATEAU_MODE = {"val_loss": {"mode": "min"}, "val_acc": {"mode": "max", "threshold": 0.0}}
-
-
-def monitor_value(cfg: TrainConfig, val_loss: float, val_acc: float) -> float:
-    """What ``plateau`` follows: the value that keeps weights and stops early (``train.monitor``)."""
-    return val_acc if cfg.monitor == "val_acc" else val_loss
-
-
-def make_optimizer(
-    model: nn.Module, cfg: TrainConfig, steps_per_epoch: int
-) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler | None]:
-    """The optimizer and its schedule: ``step`` decays every epoch, ``plateau`` when the monitored
-    value (``monitor_value``) stalls for ``lr_patience`` epochs, ``onecycle`` moves every batch."""
-    if cfg.optimizer == "adadelta":
-        optimizer = torch.optim.Adadelta(model.parameters(), lr=cfg.lr)
-    elif cfg.optimizer == "adamw":
-        optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    else:
-        optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=0.9, nesterov=True)
-    if cfg.scheduler == "step":
-        scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=1, gamma=cfg.lr_gamma)
-    elif cfg.scheduler == "plateau":
-        scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
-            optimizer, factor=cfg.lr_gamma, patience=cfg.lr_patience, **PLATEAU_MODE[cfg.monitor]
-        )
-    elif cfg.scheduler == "onecycle":
-        scheduler = torch.optim.lr_scheduler.OneCycleLR(
-            optimizer,
-            max_lr=cfg.lr,
-            total_steps=cfg.epochs * steps_per_epoch,
-            cycle_momentum=cfg.optimizer != "adadelta",  # Adadelta has no momentum to cycle
-        )
-    else:
-        scheduler = None
-    return optimizer, scheduler
 
 
 @dataclass
@@ -553,72 +382,3 @@ def fit(
         history=history,
     )
     return net.eval(), result
-
-
-def save_torch(path: Path, obj: Any) -> None:
-    """``torch.save`` atomically. Serialised in memory first: written straight to a full disk, torch
-    fails with an internal assertion ("unexpected pos") instead of the OSError that names the cause."""
-    buffer = io.BytesIO()
-    torch.save(obj, buffer)
-    layout.write_atomic(path, lambda tmp: tmp.write_bytes(buffer.getbuffer()))
-
-
-def history_csv(history: list[EpochStats]) -> str:
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=list(asdict(history[0])), lineterminator="\n")
-    writer.writeheader()
-    for stats in history:
-        writer.writerow({k: round(v, 6) if isinstance(v, float) else v for k, v in asdict(stats).items()})
-    return buffer.getvalue()
-
-
-def train(
-    params: Params,
-    data_dir: Path = layout.DATA_DIR,
-    model_dir: Path = layout.MODEL_DIR,
-    reports_dir: Path = layout.REPORTS_DIR,
-    reporter: Reporter | None = None,
-    show_progress: bool | None = None,
-    checkpointing: Checkpointing | None = None,
-    world: World = SINGLE,
-) -> TrainResult:
-    """Train on ``data_dir``; write the best weights (a state_dict) and the per-epoch history.
-
-    The data files are checked against their expected MD5s first. With ``checkpointing``, the
-    checkpoint stays: the caller removes it once everything of the run is recorded (a kill before
-    that resumes, with nothing left to train). Of several processes, rank 0 writes.
-    """
-    verified_md5s(data_dir, params.data.dataset)
-    device = device_for(world, select_device(params.train.device))
-    precision = select_precision(params.train.precision, device)
-    if device.type == "cuda":
-        torch.backends.cudnn.benchmark = True
-    train_data, val_data = load_train_val(
-        data_dir, params.data.dataset, params.train.val_split, params.train.seed, device
-    )
-    log.info(
-        "training on %s (%s): %d train / %d validation samples%s",
-        device,
-        precision,
-        len(train_data.y),
-        len(val_data.y),
-        f", rank {world.rank} of {world.size} processes" if world.distributed else "",
-    )
-    with process_group(world, device):
-        net, result = fit(
-            params, train_data, val_data, device, precision, reporter, show_progress, checkpointing, world
-        )
-    if not world.is_main:
-        return result
-    cpu_state = {k: v.detach().cpu() for k, v in net.state_dict().items()}
-    save_torch(Path(model_dir) / layout.WEIGHTS.name, cpu_state)
-    layout.write_text_atomic(Path(reports_dir) / layout.HISTORY.name, history_csv(result.history))
-    return result
-
-
-def write_train_info(result: TrainResult, model_dir: Path, run_id: str | None, cfg: TrainConfig) -> None:
-    """``train.json``: the result, the MLflow run, and the split the weights were trained on (evaluate
-    refuses another split: its "validation" set would overlap the training data)."""
-    info = {k: v for k, v in asdict(result).items() if k != "history"}
-    info.update(run_id=run_id, val_split=cfg.val_split, seed=cfg.seed, monitor=cfg.monitor)
-    layout.write_text_atomic(Path(model_dir) / layout.TRAIN_INFO.name, json.dumps(info, indent=2) + "\n")

@@ -1,0 +1,106 @@
+"""Data-parallel training across processes: the world torchrun describes, and launching through it.
+
+torchrun (``torch.distributed.run``) starts the processes and sets RANK, WORLD_SIZE and LOCAL_RANK;
+this module only reads them, joins the process group and sums (or shares) values across it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class World:
+    rank: int = 0
+    size: int = 1
+    local_rank: int = 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.size > 1
+
+    @property
+    def is_main(self) -> bool:
+        """Rank 0: the one process that logs to MLflow and writes models/ and reports/."""
+        return self.rank == 0
+
+
+SINGLE = World()
+
+
+def from_env() -> World:
+    """The world torchrun set up for this process (a single process when not under torchrun)."""
+    size = int(os.environ.get("WORLD_SIZE", "1"))
+    if size <= 1:
+        return SINGLE
+    return World(rank=int(os.environ["RANK"]), size=size, local_rank=int(os.environ.get("LOCAL_RANK", "0")))
+
+
+def under_torchrun() -> bool:
+    return from_env().distributed
+
+
+def device_for(world: World, device: torch.device) -> torch.device:
+    """One GPU per process: LOCAL_RANK picks it."""
+    if world.distributed and device.type == "cuda":
+        torch.cuda.set_device(world.local_rank)
+        return torch.device("cuda", world.local_rank)
+    return device
+
+
+@contextlib.contextmanager
+def process_group(world: World, device: torch.device) -> Iterator[None]:
+    """Join the group (NCCL on GPUs, Gloo on CPUs) for the block; nothing to do for one process."""
+    if not world.distributed:
+        yield
+        return
+    dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
+
+
+def all_sum(values: torch.Tensor, world: World) -> torch.Tensor:
+    """``values`` summed over every process (in place); unchanged for one process."""
+    if world.distributed:
+        dist.all_reduce(values, op=dist.ReduceOp.SUM)
+    return values
+
+
+def from_main(value: Any, world: World) -> Any:
+    """Rank 0's ``value``, on every rank (a picklable object); unchanged for one process."""
+    if not world.distributed:
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def gathered(value: Any, world: World) -> list[Any]:
+    """Every rank's ``value``, in rank order, on every rank (a picklable object)."""
+    if not world.distributed:
+        return [value]
+    values: list[Any] = [None] * world.size
+    dist.all_gather_object(values, value)
+    return values
+
+
+def shard_size(n: int, world: World) -> int:
+    """How many of ``n`` samples each rank takes: the same number on every rank (DDP hangs otherwise)."""
+    return n // world.size
+
+
+def shard(order: torch.Tensor, world: World) -> torch.Tensor:
+    """This rank's share of an epoch's permutation: every ``size``-th index from ``rank``, cut to
+    ``shard_size`` so that all ranks take the same number of steps."""
+    if not world.distributed:
+        return order
+    return order[world.rank : shard_size(len(order), world) * world.size : world.size]

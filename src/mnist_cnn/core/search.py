@@ -1,0 +1,197 @@
+"""Tune's section of params.yaml: the search space, sampler and pruner, checked against the params it searches."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any, get_type_hints
+
+from mnist_cnn.core.params import (
+    ConfigError,
+    Params,
+    _check_keys,
+    _check_type,
+    _read_yaml,
+    _require,
+    parse_value,
+    resolve_key,
+    with_values,
+)
+
+PRUNERS = ("median", "hyperband", "none")
+
+
+TUNABLE_SECTIONS = ("model", "train")
+
+
+TUNE_KEYS = (
+    "study_name",
+    "storage",
+    "n_trials",
+    "timeout",
+    "sampler_seed",
+    "pruner",
+    "pruner_startup_trials",
+    "pruner_warmup_epochs",
+    "epochs",
+    "space",
+)
+
+
+# Keys a trial takes from the worker, not from its sampled values, or whose search is a mistake: searched,
+# they would be logged and recommended while every trial trained the same way.
+NOT_SEARCHABLE = {
+    "train.epochs": "trial epochs are tune.epochs",
+    "train.monitor": "the study minimises the validation loss, so trials keep their weights by it",
+    "train.device": "every trial trains on the worker's device; set it with --train.device",
+    "train.precision": "every trial trains in the worker's precision; set it with --train.precision",
+    "train.processes": "each trial trains in one process; start several tune workers instead",
+    "train.compile": "it changes the speed, not the validation loss",
+    "train.resume": "trials never resume from a checkpoint",
+    "train.val_split": "every trial is scored on the same validation split, made once per worker",
+    "train.seed": "a seed that happens to score well is luck, not a better configuration",
+}
+
+
+@dataclass(frozen=True)
+class SearchParam:
+    """One searched key: a range (``low``..``high``, ``log`` scale or not) or a list of ``choices``."""
+
+    key: str  # dotted params.yaml key, e.g. train.lr
+    kind: type  # int | float (a range) or object (choices)
+    low: float = 0.0
+    high: float = 0.0
+    log: bool = False
+    choices: tuple[Any, ...] = ()
+
+
+@dataclass(frozen=True)
+class TuneConfig:
+    study_name: str
+    storage: str  # a journal file (path) or a database URL (postgresql+psycopg://..., sqlite:///...)
+    n_trials: int  # the study's total over all workers
+    timeout: float | None  # seconds per worker; None: no limit
+    sampler_seed: int
+    pruner: str
+    pruner_startup_trials: int
+    pruner_warmup_epochs: int
+    epochs: int  # train.epochs of every trial
+    space: tuple[SearchParam, ...]
+
+    def __post_init__(self) -> None:
+        _require(bool(self.study_name.strip()), "tune.study_name", self.study_name, "a non-empty name")
+        _require(bool(self.storage.strip()), "tune.storage", self.storage, "a journal file path or a database URL")
+        _require(self.n_trials >= 1, "tune.n_trials", self.n_trials, "an integer >= 1")
+        _require(self.timeout is None or self.timeout > 0, "tune.timeout", self.timeout, "null or a number > 0")
+        _require(self.sampler_seed >= 0, "tune.sampler_seed", self.sampler_seed, "an integer >= 0")
+        _require(self.pruner in PRUNERS, "tune.pruner", self.pruner, " | ".join(PRUNERS))
+        for name in ("pruner_startup_trials", "pruner_warmup_epochs"):
+            _require(getattr(self, name) >= 0, f"tune.{name}", getattr(self, name), "an integer >= 0")
+        _require(self.epochs >= 1, "tune.epochs", self.epochs, "an integer >= 1")
+        _require(bool(self.space), "tune.space", {}, "at least one model.* or train.* key to search")
+
+
+MAX_CHECKED_INTS = 1000  # an integer range up to this wide has every value in it checked
+
+
+def _search_param(key: str, raw: Any, params: Params) -> SearchParam:
+    where = f"tune.space.{key}"
+    try:
+        dotted = resolve_key(key)
+    except ConfigError:
+        dotted = key
+    section, _, name = dotted.partition(".")
+    tunable = [f"{s}.{f.name}" for s in TUNABLE_SECTIONS for f in fields(getattr(params, s))]
+    if dotted in NOT_SEARCHABLE:
+        raise ConfigError(f"{where}: not searchable ({NOT_SEARCHABLE[dotted]})")
+    if dotted not in tunable:
+        raise ConfigError(
+            f"{where}: unknown parameter (expected a model.* or train.* key of params.yaml, e.g. train.lr)"
+        )
+    kind = get_type_hints(type(getattr(params, section)))[name]
+    if not isinstance(raw, Mapping):
+        raise ConfigError(f"{where} = {raw!r}: expected {{low: .., high: .., log: true|false}} or {{choices: [..]}}")
+    allowed = {"choices"} if "choices" in raw else {"low", "high", "log"}
+    unknown = sorted(set(raw) - allowed)
+    if unknown:
+        raise ConfigError(f"{where}.{unknown[0]}: unknown key (expected {', '.join(sorted(allowed))})")
+
+    def valid(value: Any, at: str) -> Any:
+        value = _check_type(at, value, kind)
+        try:
+            with_values(params, {dotted: value})
+        except ConfigError as exc:
+            raise ConfigError(f"{at}: {exc}") from None
+        return value
+
+    if "choices" in raw:
+        choices = raw["choices"]
+        _require(isinstance(choices, list) and len(choices) >= 1, f"{where}.choices", choices, "a non-empty list")
+        return SearchParam(dotted, object, choices=tuple(valid(c, f"{where}.choices") for c in choices))
+    _require(kind in (int, float), where, dict(raw), f"choices: {dotted} is not a number")
+    for end in ("low", "high"):
+        if end not in raw:
+            raise ConfigError(f"{where}.{end}: missing key")
+    low, high = valid(raw["low"], f"{where}.low"), valid(raw["high"], f"{where}.high")
+    log = _check_type(f"{where}.log", raw.get("log", False), bool)
+    _require(high > low, f"{where}.high", high, f"a number > low ({low}): an empty or inverted range")
+    _require(not log or low > 0, f"{where}.low", low, "a number > 0 with log: true")
+    if kind is int and high - low <= MAX_CHECKED_INTS:
+        # A key with a few allowed values (model.kernel_size: 3 or 5) must not fail at a trial that draws 4.
+        for value in range(low + 1, high):
+            valid(value, f"{where} (low..high holds {value}; list the allowed values as choices)")
+    return SearchParam(dotted, kind, low=low, high=high, log=log)
+
+
+def parse_tune(raw: Any, params: Params, overrides: Mapping[str, Any] | None = None) -> TuneConfig:
+    """Validate the ``tune`` section (after ``overrides`` such as ``{"tune.n_trials": "4"}``); the searched
+    values are checked against ``params`` (a dropout range must stay in [0, 1))."""
+    if not isinstance(raw, Mapping):
+        raise ConfigError(f"tune: expected a mapping of keys, got {raw!r}")
+    raw = dict(raw)
+    for key, value in (overrides or {}).items():
+        name = key.removeprefix("tune.")
+        if name not in TUNE_KEYS or name == "space":
+            raise ConfigError(f"{key}: unknown parameter (expected one of tune.{', tune.'.join(TUNE_KEYS[:-1])})")
+        raw[name] = parse_value(value)
+    _check_keys("tune", raw, TUNE_KEYS)
+    # Trials train one after another in this process: torchrun is never started, so N would be ignored.
+    processes = params.train.processes
+    _require(
+        processes == 1,
+        "train.processes",
+        processes,
+        "1 for tune (each trial trains in one process; start several tune workers to use more)",
+    )
+    space = raw["space"]
+    if not isinstance(space, Mapping):
+        raise ConfigError(f"tune.space = {space!r}: expected a mapping of params.yaml keys to ranges")
+    timeout = raw["timeout"]
+    values = {
+        "study_name": _check_type("tune.study_name", raw["study_name"], str),
+        "storage": _check_type("tune.storage", raw["storage"], str),
+        "n_trials": _check_type("tune.n_trials", raw["n_trials"], int),
+        "timeout": None if timeout is None else _check_type("tune.timeout", timeout, float),
+        "sampler_seed": _check_type("tune.sampler_seed", raw["sampler_seed"], int),
+        "pruner": _check_type("tune.pruner", raw["pruner"], str),
+        "pruner_startup_trials": _check_type("tune.pruner_startup_trials", raw["pruner_startup_trials"], int),
+        "pruner_warmup_epochs": _check_type("tune.pruner_warmup_epochs", raw["pruner_warmup_epochs"], int),
+        "epochs": _check_type("tune.epochs", raw["epochs"], int),
+        "space": tuple(_search_param(str(k), v, params) for k, v in space.items()),
+    }
+    keys = [p.key for p in values["space"]]
+    for key in keys:
+        _require(keys.count(key) == 1, "tune.space", list(space), f"each key once ({key} is given twice)")
+    return TuneConfig(**values)
+
+
+def load_tune(path: Path, params: Params, overrides: Mapping[str, Any] | None = None) -> TuneConfig:
+    """Read and validate ``params.yaml``'s ``tune`` section."""
+    raw = _read_yaml(path)
+    try:
+        if not isinstance(raw, Mapping) or "tune" not in raw:
+            raise ConfigError("tune: missing section")
+        return parse_tune(raw["tune"], params, overrides)
+    except ConfigError as exc:
+        raise ConfigError(f"{path}: {exc}") from None

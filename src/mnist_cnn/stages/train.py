@@ -1,0 +1,205 @@
+"""The stages as the pipeline runs them: each training is one MLflow run, shared by train and evaluate.
+
+``dvc.yaml`` (through the CLI), ``MLproject`` and the tests all call these functions.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import logging
+import os
+from dataclasses import asdict
+from pathlib import Path
+
+import mlflow
+import torch
+
+from mnist_cnn.core import distributed, figures, files
+from mnist_cnn.core.checkpoint import Checkpointing, load_checkpoint, save_torch, training_fingerprint
+from mnist_cnn.core.data import (
+    load_train_val,
+    split_digests,
+    verified_md5s,
+)
+from mnist_cnn.core.distributed import (
+    SINGLE,
+    World,
+    device_for,
+    process_group,
+)
+from mnist_cnn.core.files import Paths
+from mnist_cnn.core.loop import EpochStats, Reporter, TrainResult, fit
+from mnist_cnn.core.params import ConfigError, Params, TrainConfig, flatten, load_params
+from mnist_cnn.core.runtime import select_device, select_precision
+from mnist_cnn.tracking import runmeta, runs, store
+
+log = logging.getLogger(__name__)
+
+
+TRAIN_SECTIONS = ("data", "model", "train")
+
+
+def _section_params(params: Params, sections: tuple[str, ...]) -> dict:
+    return {k: v for k, v in flatten(params).items() if k.split(".")[0] in sections}
+
+
+def _run_name(stage: str, params: Params, paths: Paths) -> str:
+    """``$DVC_EXP_NAME``, else the stage and the params that differ from the params file."""
+    try:
+        base = load_params(paths.params_file) if paths.params_file.is_file() else None
+    except ConfigError:
+        base = None
+    return runmeta.run_name(stage, runmeta.changed_params(params, base))
+
+
+DATASET_SOURCE_ENV = "MNIST_MIRROR"
+
+
+def _log_datasets(params: Params, paths: Paths, md5s: dict[str, str], contexts: tuple[str, ...]) -> None:
+    # The source is where the files came from when a mirror is named, else the directory read.
+    source = os.environ.get(DATASET_SOURCE_ENV) or str(paths.data.resolve())
+    digests = split_digests(md5s, params.train.val_split, params.train.seed)
+    runs.log_datasets(params.data.dataset, source, {context: digests[context] for context in contexts})
+
+
+def run_train(
+    params: Params,
+    paths: Paths,
+    show_progress: bool | None = None,
+    stage: str = "train",
+    world: World | None = None,
+) -> tuple[str | None, TrainResult]:
+    """Train inside a new MLflow run (or the one ``mlflow run`` made); return (run id, result).
+
+    The run is named after ``stage`` (``train`` or ``all``) and what differs from the params file,
+    samples system metrics while it trains, and gets a description evaluate completes later.
+    With ``train.resume: auto``, a checkpoint of this same training (left by a killed or crashed
+    run) is continued, in the MLflow run it was started in. Under torchrun only rank 0 tracks and
+    writes; the other ranks train their shards and return (None, result).
+    """
+    world = world or distributed.from_env()
+    root = store.project_root(paths.root.resolve())
+    md5s = verified_md5s(paths.data, params.data.dataset)
+    fingerprint = training_fingerprint(params, md5s, world.size)
+    checkpoint_path = paths.models / files.CHECKPOINT.name
+    if not world.is_main:  # rank 0 alone holds the lock and reads the checkpoint; fit hands it on
+        checkpointing = Checkpointing(checkpoint_path, fingerprint)
+        return None, train(params, paths.data, paths.models, paths.reports, None, False, checkpointing, world)
+    state = load_checkpoint(checkpoint_path, fingerprint) if params.train.resume == "auto" else None
+    resumed_run = state["run_id"] if state is not None and runs.run_exists(state["run_id"], root) else None
+    name = _run_name(stage, params, paths)
+    with runs.run(
+        params.mlflow.experiment, run_id=resumed_run, root=root, name=name, system_metrics=True
+    ) as active:
+        run_id = active.info.run_id
+        mlflow.set_tags(
+            {
+                "dataset": params.data.dataset,
+                **({"preset": params.mlflow.preset} if params.mlflow.preset else {}),
+                **runs.git_lineage(root),
+                **{f"data_md5.{name}": md5 for name, md5 in md5s.items()},
+            }
+        )
+        runs.log_params_once(
+            {
+                **_section_params(params, TRAIN_SECTIONS),
+                "mlflow.experiment": params.mlflow.experiment,
+                "mlflow.preset": params.mlflow.preset,
+            }
+        )
+        if paths.params_file.is_file():
+            mlflow.log_artifact(str(paths.params_file))
+        if resumed_run is None:  # a resumed run logged them when it started
+            _log_datasets(params, paths, md5s, ("training", "validation"))
+        if state is not None:
+            # Epochs logged before the interruption stay; those it did not get to log are added.
+            runs.log_missing_epochs(state["history"])
+            mlflow.set_tag("resumed_after_epoch", str(state["epoch"]))
+        checkpointing = Checkpointing(checkpoint_path, fingerprint, run_id, state)
+        # The old train.json names the run of the weights about to be replaced: a kill after the new
+        # weights are written must not let evaluate file them under that run.
+        (paths.models / files.TRAIN_INFO.name).unlink(missing_ok=True)
+        result = train(
+            params, paths.data, paths.models, paths.reports, runs.EpochLogger(), show_progress, checkpointing, world
+        )
+        runs.log_params_once({"device": result.device, "precision": result.precision, "world_size": world.size})
+        mlflow.log_metrics(
+            {
+                "best_epoch": result.best_epoch,
+                "stopped_epoch": result.stopped_epoch,
+                "best_val_loss": result.best_val_loss,
+                "best_val_acc": result.best_val_acc,
+                "train_seconds": result.train_seconds,
+            }
+        )
+        fig = figures.learning_curves(result.history)
+        mlflow.log_figure(fig, "learning_curves.png")
+        figures.close(fig)
+        runs.describe_active_run()
+        write_train_info(result, paths.models, run_id, params.train)
+        # Last: a kill before this line leaves the checkpoint, and the rerun records what is missing.
+        checkpoint_path.unlink(missing_ok=True)
+    return run_id, result
+
+
+def history_csv(history: list[EpochStats]) -> str:
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=list(asdict(history[0])), lineterminator="\n")
+    writer.writeheader()
+    for stats in history:
+        writer.writerow({k: round(v, 6) if isinstance(v, float) else v for k, v in asdict(stats).items()})
+    return buffer.getvalue()
+
+
+def train(
+    params: Params,
+    data_dir: Path = files.DATA_DIR,
+    model_dir: Path = files.MODEL_DIR,
+    reports_dir: Path = files.REPORTS_DIR,
+    reporter: Reporter | None = None,
+    show_progress: bool | None = None,
+    checkpointing: Checkpointing | None = None,
+    world: World = SINGLE,
+) -> TrainResult:
+    """Train on ``data_dir``; write the best weights (a state_dict) and the per-epoch history.
+
+    The data files are checked against their expected MD5s first. With ``checkpointing``, the
+    checkpoint stays: the caller removes it once everything of the run is recorded (a kill before
+    that resumes, with nothing left to train). Of several processes, rank 0 writes.
+    """
+    verified_md5s(data_dir, params.data.dataset)
+    device = device_for(world, select_device(params.train.device))
+    precision = select_precision(params.train.precision, device)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+    train_data, val_data = load_train_val(
+        data_dir, params.data.dataset, params.train.val_split, params.train.seed, device
+    )
+    log.info(
+        "training on %s (%s): %d train / %d validation samples%s",
+        device,
+        precision,
+        len(train_data.y),
+        len(val_data.y),
+        f", rank {world.rank} of {world.size} processes" if world.distributed else "",
+    )
+    with process_group(world, device):
+        net, result = fit(
+            params, train_data, val_data, device, precision, reporter, show_progress, checkpointing, world
+        )
+    if not world.is_main:
+        return result
+    cpu_state = {k: v.detach().cpu() for k, v in net.state_dict().items()}
+    save_torch(Path(model_dir) / files.WEIGHTS.name, cpu_state)
+    files.write_text_atomic(Path(reports_dir) / files.HISTORY.name, history_csv(result.history))
+    return result
+
+
+def write_train_info(result: TrainResult, model_dir: Path, run_id: str | None, cfg: TrainConfig) -> None:
+    """``train.json``: the result, the MLflow run, and the split the weights were trained on (evaluate
+    refuses another split: its "validation" set would overlap the training data)."""
+    info = {k: v for k, v in asdict(result).items() if k != "history"}
+    info.update(run_id=run_id, val_split=cfg.val_split, seed=cfg.seed, monitor=cfg.monitor)
+    files.write_text_atomic(Path(model_dir) / files.TRAIN_INFO.name, json.dumps(info, indent=2) + "\n")

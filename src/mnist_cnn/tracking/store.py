@@ -1,0 +1,231 @@
+"""MLflow: one run per training, shared by the train and evaluate stages; a champion alias in the registry.
+
+Every stage reaches MLflow through this module, so the store, the run and the names are decided here.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import random
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import mlflow
+from filelock import FileLock
+from mlflow.exceptions import MlflowException
+from mlflow.tracking import MlflowClient
+
+from mnist_cnn.core.errors import masked, one_line, without_driver_prefix
+
+STORE_FILE = "mlflow.db"
+
+
+ARTIFACTS_DIR = "mlartifacts"
+
+
+# MLflow retries an unreachable server for minutes by default (7 retries, backoff factor 2, 120 s
+# timeout); bounded here unless the user set them. The pre-flight check below fails in seconds.
+HTTP_DEFAULTS = {
+    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "3",
+    "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+    "MLFLOW_HTTP_REQUEST_TIMEOUT": "30",
+}
+
+
+PREFLIGHT_TIMEOUT_S = 5.0
+
+
+class TrackingError(RuntimeError):
+    """The tracking server cannot be reached or refuses this client."""
+
+
+def project_root(cwd: Path | None = None) -> Path:
+    """The project directory; inside ``dvc exp run --temp`` (``<root>/.dvc/tmp/exps/...``) the real one."""
+    cwd = (cwd or Path.cwd()).resolve()
+    parts = cwd.parts
+    for i in range(len(parts) - 2):
+        if parts[i : i + 3] == (".dvc", "tmp", "exps"):
+            return Path(*parts[:i])
+    return cwd
+
+
+def tracking_uri(root: Path | None = None) -> str:
+    """``$MLFLOW_TRACKING_URI`` if set (relative SQLite paths made absolute), else ``<root>/mlflow.db``."""
+    uri = os.environ.get("MLFLOW_TRACKING_URI", "")
+    if not uri:
+        return f"sqlite:///{(root or project_root()) / STORE_FILE}"
+    prefix = "sqlite:///"
+    if uri.startswith(prefix) and not Path(uri[len(prefix) :]).is_absolute():
+        return prefix + str(Path(uri[len(prefix) :]).resolve())
+    return uri
+
+
+_checked: set[str] = set()
+
+
+def configure(root: Path | None = None) -> str:
+    """Point MLflow at the store; check it once per process, so a dead server fails in seconds."""
+    uri = tracking_uri(root)
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    if uri not in _checked:
+        if uri.startswith(("http://", "https://")):
+            for name, value in HTTP_DEFAULTS.items():
+                os.environ.setdefault(name, value)
+            check_server(uri)
+        elif uri.startswith("sqlite:"):
+            create_store(uri)
+        _checked.add(uri)
+    return uri
+
+
+def sqlite_path(uri: str) -> Path | None:
+    return Path(uri[len("sqlite:///") :]) if uri.startswith("sqlite:///") else None
+
+
+def store_lock(uri: str | None = None) -> contextlib.AbstractContextManager:
+    """A lock every process on this machine shares for a SQLite store (a file beside it); for a
+    server, a lock every client shares, held in the server's registry (``registry_lock``)."""
+    uri = uri or mlflow.get_tracking_uri()
+    path = sqlite_path(uri)
+    if path is None:
+        return registry_lock() if uri.startswith(("http://", "https://")) else contextlib.nullcontext()
+    check_store_path(path, uri)
+    path.parent.mkdir(parents=True, exist_ok=True)  # a new store in a new folder is fine
+    return FileLock(str(path) + ".lock", timeout=300)
+
+
+def check_store_path(path: Path, uri: str) -> None:
+    """Said before MLflow opens it: given a directory, its engine retries for about two minutes, and
+    a file where a folder should be ends in a raw ``File exists``."""
+    if path.is_dir():
+        raise TrackingError(f"MLflow store {uri}: {path} is a directory, not a SQLite file; check MLFLOW_TRACKING_URI")
+    for level in (path, *path.parents):  # the first that exists decides
+        if level.is_symlink() and not level.exists():
+            raise TrackingError(f"MLflow store {uri}: {level} is a broken link; check MLFLOW_TRACKING_URI")
+        if level.exists():
+            if level != path and not level.is_dir():
+                raise TrackingError(
+                    f"MLflow store {uri}: {level} is a file, not a directory; check MLFLOW_TRACKING_URI"
+                )
+            return
+
+
+LOCK_MODEL = "mnist-cnn.promotion-lock"
+
+
+@contextlib.contextmanager
+def registry_lock(wait_s: float = 300.0, stale_s: float = 120.0) -> Iterator[None]:
+    """A mutex for clients of one tracking server, on a machine each: creating a registered model is
+    atomic on the server (names are unique), so whoever creates ``LOCK_MODEL`` holds the lock and
+    deletes it to release. One older than ``stale_s`` (its holder died) is broken."""
+    client = MlflowClient()
+    deadline = time.time() + wait_s
+    while True:
+        try:
+            client.create_registered_model(LOCK_MODEL, description="held while a champion alias moves")
+            break
+        except MlflowException as exc:
+            if exc.error_code != "RESOURCE_ALREADY_EXISTS":
+                raise
+        with contextlib.suppress(MlflowException):
+            held = client.get_registered_model(LOCK_MODEL)
+            if time.time() - held.creation_timestamp / 1000 > stale_s:
+                client.delete_registered_model(LOCK_MODEL)
+                continue
+        if time.time() > deadline:
+            raise TrackingError(f"registered model {LOCK_MODEL!r} held for over {wait_s:.0f} s; delete it if stale")
+        time.sleep(0.2 + random.random() * 0.3)
+    try:
+        yield
+    finally:
+        with contextlib.suppress(MlflowException):
+            client.delete_registered_model(LOCK_MODEL)
+
+
+def create_store(uri: str) -> None:
+    """Create (or migrate) the SQLite store's tables under the lock: processes that open a new store at
+    once otherwise race in MLflow's schema creation (``duplicate column name: step``)."""
+    from sqlalchemy.exc import SQLAlchemyError
+
+    with store_lock(uri):
+        try:
+            client = MlflowClient(uri, uri)  # opens the database (and creates its tables) right here
+            client.search_experiments(max_results=1)
+            client.search_registered_models(max_results=1)
+        except (SQLAlchemyError, MlflowException) as exc:  # not a database, a directory, no permission
+            reason = without_driver_prefix(one_line(exc))
+            raise TrackingError(f"MLflow store {uri}: cannot be opened ({reason}); check MLFLOW_TRACKING_URI") from None
+
+
+# The body of every 403 from MLflow's auth app (Flask and FastAPI routes alike).
+MLFLOW_FORBIDDEN = "Permission denied"
+
+
+def check_server(uri: str, timeout: float = PREFLIGHT_TIMEOUT_S) -> None:
+    """One request, no retries: raise a one-line ``TrackingError`` if the server is down or refuses us."""
+    import requests
+    from mlflow.tracking._tracking_service.utils import get_default_host_creds
+    from mlflow.utils.rest_utils import http_request
+
+    server = f"tracking server {masked(uri)}"  # never print a password from the URI
+    try:
+        response = http_request(
+            get_default_host_creds(uri),
+            "/api/2.0/mlflow/experiments/get-by-name",
+            "GET",
+            max_retries=0,
+            timeout=timeout,
+            params={"experiment_name": "Default"},
+        )
+    except (requests.exceptions.RequestException, MlflowException, OSError) as exc:
+        reason = masked(one_line(exc))  # MLflow's text repeats the URL, password included
+        if "Connection refused" in reason:
+            reason = "connection refused"
+        elif "timed out" in reason.lower() or "timeout" in reason.lower():
+            reason = f"no answer in {timeout:.0f} s"
+        raise TrackingError(f"{server}: unreachable ({reason}); check MLFLOW_TRACKING_URI") from None
+    if response.status_code == 401:
+        raise TrackingError(
+            f"{server}: refused the login (HTTP 401); set MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD"
+        )
+    kind = response.headers.get("Content-Type", "").split(";")[0].strip().lower()  # media types ignore case
+    if response.status_code == 403:
+        if response.text.strip() == MLFLOW_FORBIDDEN:
+            # The login is good; MLflow's auth only withholds experiment "Default", the probe (under a
+            # NO_PERMISSIONS default, a user sees the experiments they were given or created). Each call
+            # on an experiment of theirs is checked by the server itself.
+            return
+        said = masked(one_line(response.text))[:80]
+        raise TrackingError(
+            f"{server}: refused (HTTP 403, {kind or 'no content type'}: {said!r}), not by MLflow's permission"
+            " check; check MLFLOW_TRACKING_URI, the server's --allowed-hosts and any proxy in front of it"
+        )
+    if response.status_code >= 500:
+        raise TrackingError(f"{server}: answered HTTP {response.status_code}; check the server's log")
+    if kind != "application/json":  # MLflow answers JSON, errors included; this is some other web server
+        raise TrackingError(
+            f"{server}: not an MLflow tracking server (HTTP {response.status_code},"
+            f" {kind or 'no content type'}); check MLFLOW_TRACKING_URI"
+        )
+
+
+def experiment_id(name: str, root: Path | None = None) -> str:
+    """The id of experiment ``name``, created with artifacts beside the store if it is new."""
+    experiment = mlflow.get_experiment_by_name(name)
+    if experiment is not None:
+        return experiment.experiment_id
+    artifacts = None
+    if mlflow.get_tracking_uri().startswith("sqlite:"):
+        artifacts = ((root or project_root()) / ARTIFACTS_DIR).as_uri()
+    try:
+        return mlflow.create_experiment(name, artifact_location=artifacts)
+    except MlflowException:  # created meanwhile by a parallel run
+        return mlflow.get_experiment_by_name(name).experiment_id
+
+
+def is_local_store() -> bool:
+    """A SQLite file: only processes of this machine write to it."""
+    return sqlite_path(mlflow.get_tracking_uri()) is not None
