@@ -10,17 +10,16 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
+
+from mnist_cnn.ops.net import free_port, is_healthy
 
 CHROMIUM_ENV = "CHROMIUM"  # a Chromium binary other than the system's
 # Headless in a container: no sandbox (we run as root), no GPU, nothing fetched in the background.
@@ -41,12 +40,6 @@ def chromium_path() -> str | None:
     if named:
         return named if Path(named).is_file() else None
     return shutil.which("chromium") or shutil.which("chromium-browser")
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def runs_url(base: str, experiment_id: str) -> str:
@@ -70,14 +63,6 @@ def model_url(base: str, name: str) -> str:
     return f"{base}/#/models/{quote(name)}"
 
 
-def _healthy(url: str) -> bool:
-    try:
-        with urllib.request.urlopen(f"{url}/health", timeout=2) as response:
-            return response.status == 200
-    except (urllib.error.URLError, OSError):
-        return False
-
-
 @contextlib.contextmanager
 def mlflow_server(store_uri: str, log: Path, wait_s: float = 120.0) -> Iterator[str]:
     """``mlflow server`` on ``store_uri`` at a free port of 127.0.0.1; yield its URL, stop it after.
@@ -92,7 +77,7 @@ def mlflow_server(store_uri: str, log: Path, wait_s: float = 120.0) -> Iterator[
         proc = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
     try:
         deadline = time.monotonic() + wait_s
-        while not _healthy(url):
+        while not is_healthy(url):
             if proc.poll() is not None:
                 raise RuntimeError(f"mlflow server exited with {proc.returncode}; see {log}")
             if time.monotonic() > deadline:

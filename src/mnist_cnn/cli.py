@@ -13,15 +13,15 @@ import argparse
 import contextlib
 import logging
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
-from mnist_cnn.core import distributed, files, runtime
+# Light imports only: --help, argument errors and the download stage answer without torch or MLflow;
+# every stage imports what it needs when it runs.
+from mnist_cnn.core import errors, files
 from mnist_cnn.core.errors import one_line
 from mnist_cnn.core.params import ConfigError, Params, load_params, load_section
-from mnist_cnn.core.search import load_tune
-from mnist_cnn.ops import lock, server, signals, torchrun
-from mnist_cnn.stages import evaluate, train
-from mnist_cnn.tracking import owners, store
+from mnist_cnn.ops import lock, signals
 
 STAGES = ("download", "train", "evaluate", "all", "tune", "runs", "server", "predict")
 
@@ -45,26 +45,35 @@ def parse_overrides(tokens: list[str]) -> dict[str, str]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="mnist-cnn", description=__doc__.splitlines()[0], allow_abbrev=False)
+    parser = argparse.ArgumentParser(
+        prog="mnist-cnn",
+        description="Run a stage of the pipeline (download, train, evaluate, or all three), a tuning study, or "
+        "list the MLflow runs left RUNNING. Any --KEY VALUE overrides params.yaml for this call.",
+        allow_abbrev=False,
+    )
     parser.add_argument("stage", choices=STAGES)
-    parser.add_argument("--params", type=Path, default=files.PARAMS, help="params file (default: params.yaml)")
+    parser.add_argument("--params", type=Path, default=files.PARAMS, help="The params file (default: params.yaml).")
     parser.add_argument(
-        "--root", type=Path, default=Path("."), help="project directory holding data/, models/, reports/"
+        "--root",
+        type=Path,
+        default=Path("."),
+        help="The project directory holding data/, models/ and reports/ (default: here).",
     )
     parser.add_argument(
         "--mirror",
         default=None,
-        help="local directory or base URL with the four .gz files (default: $MNIST_MIRROR, else torchvision's mirrors)",
+        help="A local directory or base URL with the four .gz files (default: $MNIST_MIRROR, else torchvision's "
+        "mirrors).",
     )
-    parser.add_argument("--no-progress", action="store_true", help="no progress bars, only per-epoch lines")
+    parser.add_argument("--no-progress", action="store_true", help="Print one line per epoch, no progress bars.")
     parser.add_argument(
-        "--clean", action="store_true", help="runs: end as KILLED the runs whose process on this host is gone"
+        "--clean", action="store_true", help="With runs: end as KILLED the runs whose process on this host is gone."
     )
     return parser
 
 
 def run_stages(stage: str, args: argparse.Namespace, overrides: dict[str, str]) -> None:
-    # Imported here so that --help, argument errors and the download stage answer without MLflow.
+    from mnist_cnn.core import distributed
     from mnist_cnn.stages.download import download
 
     if stage == "download":
@@ -98,6 +107,7 @@ def run_stages(stage: str, args: argparse.Namespace, overrides: dict[str, str]) 
 
 def _launch_training(stage: str, params: Params, args: argparse.Namespace, overrides: dict[str, str]) -> None:
     """``train.processes: N``: the train stage runs as N torchrun workers; evaluate follows here."""
+    from mnist_cnn.ops import torchrun
     from mnist_cnn.stages.download import download
 
     _check_processes(params.train.processes, params.train.device)
@@ -107,7 +117,9 @@ def _launch_training(stage: str, params: Params, args: argparse.Namespace, overr
     argv += ["--no-progress"] * args.no_progress + [f"{key}={value}" for key, value in overrides.items()]
     code = torchrun.launch(params.train.processes, argv)
     if code != 0:
-        raise RuntimeError(f"training with train.processes = {params.train.processes} failed (torchrun exit {code})")
+        raise torchrun.TrainingFailed(
+            f"training with train.processes = {params.train.processes} failed (torchrun exit {code})"
+        )
     if stage == "all":
         with lock.stage_lock(args.root / files.MODEL_DIR):
             _train_and_evaluate("evaluate", params, args)
@@ -115,9 +127,9 @@ def _launch_training(stage: str, params: Params, args: argparse.Namespace, overr
 
 def _check_processes(processes: int, device_name: str) -> None:
     """Said once, here, before torchrun starts workers that would each fail with a traceback."""
-    from mnist_cnn.core.runtime import select_device
+    from mnist_cnn.core import runtime
 
-    device = select_device(device_name)
+    device = runtime.select_device(device_name)
     limit = runtime.process_limit(device)
     if processes > limit:
         raise ConfigError(
@@ -127,11 +139,11 @@ def _check_processes(processes: int, device_name: str) -> None:
 
 
 def _train_and_evaluate(stage: str, params: Params, args: argparse.Namespace) -> None:
+    from mnist_cnn.stages import evaluate, train
     from mnist_cnn.stages.download import download
 
     if stage == "all":
         download(params.data, args.root / files.DATA_DIR, args.mirror or None)
-
     paths = files.Paths(root=args.root, params_file=args.params)
     if stage in ("train", "all"):
         train.run_train(params, paths, False if args.no_progress else None, stage=stage)
@@ -145,6 +157,8 @@ def run_tune(args: argparse.Namespace, overrides: dict[str, str]) -> None:
     """Both the base params and the tune section are checked before any trial (or MLflow) starts."""
     tune_overrides = {k: v for k, v in overrides.items() if k.startswith("tune.")}
     params = load_params(args.params, {k: v for k, v in overrides.items() if k not in tune_overrides})
+    from mnist_cnn.core.search import load_tune
+
     cfg = load_tune(args.params, params, tune_overrides)
     from mnist_cnn.stages.tune import describe, tune
 
@@ -152,6 +166,7 @@ def run_tune(args: argparse.Namespace, overrides: dict[str, str]) -> None:
 
 
 def show_runs(experiment: str, args: argparse.Namespace) -> None:
+    from mnist_cnn.tracking import owners, store
 
     root = store.project_root(args.root.resolve())
     if args.clean:
@@ -165,17 +180,34 @@ def show_runs(experiment: str, args: argparse.Namespace) -> None:
 
 def server_main(argv: list[str]) -> int:
     """``mnist-cnn server start|stop|status|add-user NAME``: the team's tracking server."""
+    from mnist_cnn.ops import server
 
-    parser = argparse.ArgumentParser(prog="mnist-cnn server", description=server.__doc__.splitlines()[0])
+    description = " ".join(server.__doc__.split("\n\n")[0].split())  # the docstring's first paragraph, whole
+    parser = argparse.ArgumentParser(prog="mnist-cnn server", description=description)
     parser.add_argument("action", choices=("start", "stop", "status", "add-user"))
-    parser.add_argument("username", nargs="?", help="add-user: the login to create (its password on stdin)")
+    parser.add_argument(
+        "username", nargs="?", help="With add-user: the login to create; its password is read from stdin."
+    )
     defaults = server.ServerConfig()
-    parser.add_argument("--home", type=Path, default=defaults.home, help="PostgreSQL data, artifacts, logs")
-    parser.add_argument("--host", default=defaults.host, help="the MLflow server's address (default: 127.0.0.1)")
-    parser.add_argument("--port", type=int, default=defaults.port)
-    parser.add_argument("--db-port", type=int, default=defaults.db_port, help="PostgreSQL, on 127.0.0.1")
-    parser.add_argument("--artifacts-destination", default=None, help="default: HOME/artifacts; or s3://...")
-    parser.add_argument("--allowed-hosts", default=None, help="host names clients use, when not an IP")
+    parser.add_argument(
+        "--home",
+        type=Path,
+        default=defaults.home,
+        help="The directory holding PostgreSQL's data, the artifacts and the logs.",
+    )
+    parser.add_argument(
+        "--host", default=defaults.host, help="The address the MLflow server listens on (default: 127.0.0.1)."
+    )
+    parser.add_argument("--port", type=int, default=defaults.port, help="The MLflow server's port (default: 5000).")
+    parser.add_argument("--db-port", type=int, default=defaults.db_port, help="PostgreSQL's port, on 127.0.0.1 only.")
+    parser.add_argument(
+        "--artifacts-destination",
+        default=None,
+        help="Where the server stores artifacts: HOME/artifacts by default, or s3://...",
+    )
+    parser.add_argument(
+        "--allowed-hosts", default=None, help="The host names clients use to reach the server, when not an IP address."
+    )
     args = parser.parse_args(argv)
     cfg = server.ServerConfig(
         home=args.home,
@@ -185,7 +217,8 @@ def server_main(argv: list[str]) -> int:
         artifacts_destination=args.artifacts_destination,
         allowed_hosts=args.allowed_hosts,
     )
-    try:
+
+    def act() -> None:
         if args.action == "start":
             print(f"MLflow server at {server.start(cfg)} (PostgreSQL on 127.0.0.1:{cfg.db_port}, home {cfg.home})")
         elif args.action == "stop":
@@ -202,35 +235,33 @@ def server_main(argv: list[str]) -> int:
                 raise server.ServerError("add-user: give the new user's password on stdin")
             server.add_user(cfg.url, args.username, password)
             print(f"user {args.username!r} created")
-    except server.ServerError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
-    return 0
+
+    return shown_errors(act)
 
 
 def predict_main(argv: list[str]) -> int:
     """``mnist-cnn predict PATH... [--model-uri URI] [--json]``: the digit in each image file."""
-    import json
-
     from mnist_cnn.stages.predict import DEFAULT_MODEL_URI, predict
 
     parser = argparse.ArgumentParser(prog="mnist-cnn predict", description=predict_main.__doc__.split(": ", 1)[1])
-    parser.add_argument("paths", nargs="+", type=Path, metavar="PATH", help="PNG/JPEG files, or directories of them")
-    parser.add_argument("--model-uri", default="", help=f"an MLflow model URI (default: {DEFAULT_MODEL_URI})")
-    parser.add_argument("--json", action="store_true", help="one JSON list on stdout instead of a table")
+    parser.add_argument(
+        "paths", nargs="+", type=Path, metavar="PATH", help="Image files (PNG, JPEG, ...), or directories of them."
+    )
+    parser.add_argument("--model-uri", default="", help=f"An MLflow model URI (default: {DEFAULT_MODEL_URI}).")
+    parser.add_argument("--json", action="store_true", help="Print one JSON list on stdout instead of a table.")
     args = parser.parse_args(argv)
-    try:
-        results = predict(args.paths, args.model_uri or DEFAULT_MODEL_URI)
-    except Exception as exc:
-        if not _is_expected(exc):
-            raise
-        print(f"error: {one_line(exc)}", file=sys.stderr)
-        return 1
+    return shown_errors(lambda: print_predictions(predict(args.paths, args.model_uri or DEFAULT_MODEL_URI), args.json))
+
+
+def print_predictions(results: list, as_json: bool) -> int:
+    """A table (or one JSON list) of the digits; each file that failed as one ``error:`` line. Exit 1 if any failed."""
+    import json
+
     good = [r for r in results if r.error is None]
     for result in results:
         if result.error is not None:
             print(f"error: {_printable(result.error)}", file=sys.stderr)
-    if args.json:
+    if as_json:
         # One entry per file, in order; a file that failed has its error and no digit.
         rows = [
             {"file": str(r.path), "error": r.error}
@@ -263,30 +294,24 @@ def main(argv: list[str] | None = None) -> int:
     if argv[:1] == ["predict"]:
         return predict_main(argv[1:])
     args, extra = build_parser().parse_known_args(argv)
+    # SIGTERM and SIGHUP unwind like Ctrl-C: temporary files go, the MLflow run ends KILLED.
+    return shown_errors(lambda: run_stages(args.stage, args, parse_overrides(extra)), stop_signals=True)
+
+
+def shown_errors(body: Callable[[], int | None], stop_signals: bool = False) -> int:
+    """Run ``body``; the one place that decides how an error is shown. A project error (or an outside
+    engine's refusal registered as one, see core/errors.py) is ``error: <one line>`` and its exit code
+    (2 for bad params, else 1); Ctrl-C is ``interrupted`` and 130; anything else is a bug in the code and
+    keeps its traceback."""
     try:
-        with signals.stop_signals_interrupt():  # SIGTERM and SIGHUP unwind like Ctrl-C
-            run_stages(args.stage, args, parse_overrides(extra))
-    except ConfigError as exc:
-        print(f"error: {one_line(exc)}", file=sys.stderr)
-        return 2
+        with signals.stop_signals_interrupt() if stop_signals else contextlib.nullcontext():
+            return body() or 0
     except KeyboardInterrupt:
         with contextlib.suppress(OSError):  # after SIGHUP the terminal may be gone
             print("interrupted", file=sys.stderr)
         return 130
     except Exception as exc:
-        if not _is_expected(exc):
+        if not errors.is_user_facing(exc):
             raise
         print(f"error: {one_line(exc)}", file=sys.stderr)
-        return 1
-    return 0
-
-
-def _is_expected(exc: Exception) -> bool:
-    """Errors with a message meant for the user (bad data, no network, no device, store refused)."""
-    from mnist_cnn.core.data import DataError
-    from mnist_cnn.stages.download import DownloadError
-
-    if isinstance(exc, (DataError, DownloadError, RuntimeError, OSError)):  # incl. torchrun's WorkerStopped
-        return True
-    mlflow_exceptions = sys.modules.get("mlflow.exceptions")
-    return mlflow_exceptions is not None and isinstance(exc, mlflow_exceptions.MlflowException)
+        return errors.exit_code(exc)

@@ -17,6 +17,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from mnist_cnn.core.errors import ProjectError
+
 FILES = {
     "train_images": "train-images-idx3-ubyte.gz",
     "train_labels": "train-labels-idx1-ubyte.gz",
@@ -40,7 +42,7 @@ _IDX_DTYPE = {0x08: np.uint8}
 CHECKSUMS_ENV = "MNIST_MD5S"
 
 
-class DataError(ValueError):
+class DataError(ProjectError, ValueError):
     """A data file is missing, is not a well-formed IDX file, or is not the file that was downloaded."""
 
 

@@ -1,4 +1,4 @@
-"""Data-parallel training across processes: the world torchrun describes, and launching through it.
+"""Data-parallel training across processes: the world torchrun describes (launching it: ops/torchrun.py).
 
 torchrun (``torch.distributed.run``) starts the processes and sets RANK, WORLD_SIZE and LOCAL_RANK;
 this module only reads them, joins the process group and sums (or shares) values across it.
@@ -14,6 +14,11 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+
+from mnist_cnn.core.errors import register_user_facing
+
+# A peer that died or a rendezvous that failed is a message for the user, not a bug of ours.
+register_user_facing(dist.DistError)
 
 
 @dataclass(frozen=True)

@@ -1,8 +1,37 @@
-"""How an exception, or a URL with a password, reads in a one-line error."""
+"""The project's errors, and how an error reads: one line for the user, or a traceback for a bug.
+
+An error raised on purpose, with a message meant for the user (bad params, bad data, no network, a
+store that refuses), is a ``ProjectError``: the command line prints its first line and exits with its
+``exit_code``. Anything else is a bug in the code and keeps its traceback. An outside engine whose
+errors are messages for the user (the MLflow server's refusals, a torch.distributed peer gone) is
+registered with ``register_user_facing`` by the one package that talks to it.
+"""
 
 from __future__ import annotations
 
 import re
+
+
+class ProjectError(Exception):
+    """A failure the user can act on: shown as ``error: <first line>``, exit ``exit_code``."""
+
+    exit_code = 1
+
+
+_USER_FACING: list[type[BaseException]] = [ProjectError]
+
+
+def register_user_facing(*types: type[BaseException]) -> None:
+    """Show these outside errors as one line too (the package that imports their library calls this)."""
+    _USER_FACING.extend(t for t in types if t not in _USER_FACING)
+
+
+def is_user_facing(exc: BaseException) -> bool:
+    return isinstance(exc, tuple(_USER_FACING))
+
+
+def exit_code(exc: BaseException) -> int:
+    return getattr(exc, "exit_code", 1) if isinstance(exc, ProjectError) else 1
 
 
 def one_line(exc: BaseException) -> str:

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from mnist_cnn.core import files
+from mnist_cnn.core.errors import ProjectError
 
 PARAMS = Path("params.yaml")
 
@@ -50,7 +51,12 @@ BEST_PARAMS = REPORTS_DIR / "best_params.yaml"  # the tune stage's best trial, i
 CONFIDENT_MISTAKES = REPORTS_DIR / "confident_mistakes.png"
 
 
-class OutputError(OSError):
+def is_url(location: str) -> bool:
+    """Whether a configured location (a mirror, a study's storage) is a URL rather than a path."""
+    return "://" in location
+
+
+class OutputError(ProjectError, OSError):
     """An output file could not be written (read-only directory, full disk, ...)."""
 
 

@@ -11,6 +11,7 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 from scipy import ndimage
 
+from mnist_cnn.core.errors import ProjectError
 from mnist_cnn.core.model import IMAGE_SIZE
 
 BOX = 20  # MNIST's digits fit a 20x20 box inside the 28x28 field
@@ -38,7 +39,7 @@ MIN_DIGIT_SPAN = 3
 SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp")
 
 
-class ImageError(ValueError):
+class ImageError(ProjectError, ValueError):
     """An image file that cannot be read, or holds no digit."""
 
 

@@ -30,6 +30,7 @@ from mnist_cnn.core.distributed import (
     shard,
     shard_size,
 )
+from mnist_cnn.core.errors import ProjectError
 from mnist_cnn.core.inference import prepare_model, validate
 from mnist_cnn.core.model import Net
 from mnist_cnn.core.optim import make_optimizer, monitor_value
@@ -140,6 +141,10 @@ def train_epoch(
     count = torch.tensor(float(len(order)), device=device, dtype=torch.float64)
     loss_sum, correct, count = all_sum(torch.stack([loss_sum.double(), correct.double(), count]), world).tolist()
     return loss_sum / count, 100.0 * correct / count
+
+
+class TrainingDiverged(ProjectError, RuntimeError):
+    """No epoch gave a finite validation loss: no weights to keep."""
 
 
 def _format_epoch(stats: EpochStats, epochs: int, improved: bool) -> str:
@@ -367,7 +372,7 @@ def fit(
             )
             break
     if loop.best_state is None:
-        raise RuntimeError(
+        raise TrainingDiverged(
             f"train.lr = {cfg.lr}: validation loss was never finite (training diverged); try a lower train.lr"
         )
     net.load_state_dict(loop.best_state)  # an EMA's state_dict has the net's keys

@@ -12,7 +12,7 @@ from typing import Any, get_type_hints
 
 import yaml
 
-from mnist_cnn.core.errors import one_line
+from mnist_cnn.core.errors import ProjectError, one_line
 
 DATASETS = ("mnist", "fashion-mnist")
 
@@ -58,8 +58,10 @@ ALIASES = {
 }
 
 
-class ConfigError(ValueError):
+class ConfigError(ProjectError, ValueError):
     """A parameter is missing, unknown, of the wrong type or out of range."""
+
+    exit_code = 2
 
 
 class _Yaml12Loader(yaml.SafeLoader):

@@ -10,6 +10,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from mnist_cnn.core.errors import ProjectError
+
 PROCESS_LIMIT_REASON = {
     "cuda": "one process per GPU",
     "cpu": "one process per CPU core; more only contend for the same cores",
@@ -77,6 +79,10 @@ def process_limit(device: torch.device) -> int:
     return 1
 
 
+class DeviceError(ProjectError, RuntimeError):
+    """The device or precision asked for does not exist on this machine."""
+
+
 def select_device(name: str) -> torch.device:
     """``auto`` picks CUDA, then MPS, then CPU; an explicit device that is absent is an error."""
     available = {
@@ -87,7 +93,7 @@ def select_device(name: str) -> torch.device:
     if name == "auto":
         name = next(dev for dev in ("cuda", "mps", "cpu") if available[dev])
     if not available[name]:
-        raise RuntimeError(f"train.device = {name!r}: no such device on this machine (try auto or cpu)")
+        raise DeviceError(f"train.device = {name!r}: no such device on this machine (try auto or cpu)")
     return torch.device(name)
 
 
@@ -107,7 +113,7 @@ def select_precision(name: str, device: torch.device) -> str:
     (H200, README: Speed): the casts cost more than the tensor cores save.
     """
     if name == "fp16" and device.type != "cuda":
-        raise RuntimeError(f"train.precision = 'fp16': supported on CUDA only, not on {device.type}")
+        raise DeviceError(f"train.precision = 'fp16': supported on CUDA only, not on {device.type}")
     if name != "auto":
         return name
     if device.type == "cpu" and cpu_has_fast_bf16():

@@ -6,7 +6,6 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -15,19 +14,15 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 import psutil
-import requests
+
+from mnist_cnn.core.errors import ProjectError
+from mnist_cnn.ops.net import answers_ok, free_port
 
 HOST = "127.0.0.1"
 
 
-class ScoringServerError(RuntimeError):
+class ScoringServerError(ProjectError, RuntimeError):
     """The scoring server exited or did not answer ``/ping`` in time."""
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind((HOST, 0))
-        return sock.getsockname()[1]
 
 
 def _tail(log: Path, lines: int = 3) -> str:
@@ -54,7 +49,7 @@ def scoring_server(
     model_uri: str, env: Mapping[str, str] | None = None, wait_s: float = 180.0, log: Path | None = None
 ) -> Iterator[str]:
     """Serve ``model_uri`` with this interpreter's environment; yield its base URL (``http://127.0.0.1:PORT``)."""
-    port = free_port()
+    port = free_port(HOST)
     command = [sys.executable, "-m", "mlflow", "models", "serve", "-m", model_uri, "--env-manager", "local"]
     command += ["--host", HOST, "--port", str(port)]
     env = dict(os.environ if env is None else env)
@@ -71,9 +66,8 @@ def scoring_server(
         while True:
             if proc.poll() is not None:
                 raise ScoringServerError(f"mlflow models serve exited with {proc.returncode}: {_tail(log)}")
-            with contextlib.suppress(requests.RequestException):
-                if requests.get(f"{url}/ping", timeout=2).status_code == 200:
-                    break
+            if answers_ok(f"{url}/ping"):
+                break
             if time.monotonic() > deadline:
                 raise ScoringServerError(f"mlflow models serve: no answer on {url}/ping within {wait_s:.0f} s")
             time.sleep(0.25)

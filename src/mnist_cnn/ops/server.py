@@ -26,6 +26,9 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from mnist_cnn.core.errors import ProjectError
+from mnist_cnn.ops.net import is_healthy
+
 ADMIN = "admin"
 
 
@@ -35,7 +38,7 @@ DB_USER = "mlflow"
 DATABASES = ("mlflow", "mlflow_auth")  # runs and registry; users and permissions
 
 
-class ServerError(RuntimeError):
+class ServerError(ProjectError, RuntimeError):
     """The server could not be started, reached or changed."""
 
 
@@ -169,15 +172,6 @@ def _server_pid(cfg: ServerConfig) -> int | None:
     return pid
 
 
-def _healthy(url: str, timeout: float = 2.0) -> bool:
-    import requests
-
-    try:
-        return requests.get(f"{url}/health", timeout=timeout).status_code == 200
-    except requests.RequestException:
-        return False
-
-
 def start(cfg: ServerConfig, wait_s: float = 180.0) -> str:
     """Start PostgreSQL and the MLflow server (each only if not running); return the server's URL."""
     admin_password = _admin_password()
@@ -218,7 +212,7 @@ def start(cfg: ServerConfig, wait_s: float = 180.0) -> str:
         if proc.poll() is not None:
             tail = " | ".join(log.read_text(errors="replace").strip().splitlines()[-3:])
             raise ServerError(f"mlflow server exited with {proc.returncode} ({log}): {tail}")
-        if _healthy(cfg.url):
+        if is_healthy(cfg.url):
             return cfg.url
         time.sleep(0.5)
     stop(cfg)
@@ -245,7 +239,7 @@ def status(cfg: ServerConfig) -> dict[str, str]:
     pid = _server_pid(cfg)
     return {
         "postgresql": f"running on 127.0.0.1:{cfg.db_port}" if pg else "stopped",
-        "mlflow server": (f"running (pid {pid}) at {cfg.url}" if _healthy(cfg.url) else f"pid {pid}, not answering")
+        "mlflow server": (f"running (pid {pid}) at {cfg.url}" if is_healthy(cfg.url) else f"pid {pid}, not answering")
         if pid
         else "stopped",
     }

@@ -7,10 +7,11 @@ import signal
 from collections.abc import Iterator
 
 from mnist_cnn.core.distributed import under_torchrun
+from mnist_cnn.core.errors import ProjectError
 from mnist_cnn.ops import signals
 
 
-class WorkerStopped(RuntimeError):
+class WorkerStopped(ProjectError, RuntimeError):
     """torchrun stopped this worker: another rank failed (or the whole job was stopped)."""
 
 

@@ -9,7 +9,12 @@ import sys
 import time
 from collections.abc import Sequence
 
+from mnist_cnn.core.errors import ProjectError
 from mnist_cnn.core.runtime import usable_cores
+
+
+class TrainingFailed(ProjectError, RuntimeError):
+    """torchrun ended with a non-zero exit: a worker failed (its own error is above in the log)."""
 
 
 def launch(processes: int, argv: Sequence[str]) -> int:

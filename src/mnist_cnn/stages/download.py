@@ -21,7 +21,8 @@ from pathlib import Path
 from typing import BinaryIO
 
 from mnist_cnn.core.data import md5sum, resources, torchvision_dataset
-from mnist_cnn.core.files import publish
+from mnist_cnn.core.errors import ProjectError
+from mnist_cnn.core.files import is_url, publish
 from mnist_cnn.core.params import DataConfig
 
 log = logging.getLogger(__name__)
@@ -33,7 +34,7 @@ MIRROR_ENV = "MNIST_MIRROR"
 _BLOCK = 1 << 16
 
 
-class DownloadError(RuntimeError):
+class DownloadError(ProjectError, RuntimeError):
     """No source delivered a file with the expected checksum."""
 
 
@@ -50,10 +51,6 @@ def partial_dir(out_dir: Path) -> Path:
     place is an atomic rename) but outside the DVC output."""
     out_dir = Path(out_dir)
     return out_dir.parent / f".{out_dir.name}.partial"
-
-
-def _is_url(source: str) -> bool:
-    return "://" in source
 
 
 def _copy_body(response: BinaryIO, out: BinaryIO, started: float, deadline: float) -> None:
@@ -76,7 +73,7 @@ def _copy_body(response: BinaryIO, out: BinaryIO, started: float, deadline: floa
 
 
 def _fetch(source: str, filename: str, dest: Path, timeout: float, deadline: float) -> None:
-    if _is_url(source):
+    if is_url(source):
         url = source.rstrip("/") + "/" + filename
         started = time.monotonic()
         with urllib.request.urlopen(url, timeout=timeout) as response, open(dest, "wb") as out:
@@ -146,7 +143,7 @@ def download(
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     mirror = mirror or os.environ.get(MIRROR_ENV) or None
-    if mirror and not _is_url(mirror) and not _local_mirror(mirror).is_dir():
+    if mirror and not is_url(mirror) and not _local_mirror(mirror).is_dir():
         raise DownloadError(f"mirror {mirror!r}: not a directory (nor a URL with a scheme such as https://)")
     sources = [mirror] if mirror else default_mirrors(cfg.dataset)
     expected = resources(cfg.dataset)

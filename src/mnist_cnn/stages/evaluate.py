@@ -8,10 +8,8 @@ import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import mlflow
 import numpy as np
 import torch
-from mlflow.tracking import MlflowClient
 from sklearn.metrics import classification_report, confusion_matrix
 
 from mnist_cnn.core import figures, files
@@ -20,7 +18,6 @@ from mnist_cnn.core.data import (
     DataError,
     load_split,
     load_train_val,
-    md5sum,
     normalise,
     verified_md5s,
 )
@@ -29,8 +26,7 @@ from mnist_cnn.core.inference import loss_and_accuracy, predict_log_probs, prepa
 from mnist_cnn.core.model import NUM_CLASSES, Net, load_weights
 from mnist_cnn.core.params import EvaluateConfig, Params
 from mnist_cnn.core.runtime import select_device, select_precision
-from mnist_cnn.stages.train import _log_datasets, _run_name, _section_params
-from mnist_cnn.tracking import pyfunc, registry, runs, store
+from mnist_cnn.tracking import records, runs, store
 
 log = logging.getLogger(__name__)
 
@@ -124,11 +120,6 @@ def write_reports(result: EvaluateResult, reports_dir: Path, test_images: np.nda
         figures.close(mistakes)
 
 
-__all__ = ["EvaluateResult", "evaluate"]
-
-
-EVALUATE_SECTIONS = ("evaluate",)
-
 
 def _read_train_info(paths: Paths, params: Params) -> str:
     """The training's MLflow run id, after checking that evaluate uses the split the weights trained on."""
@@ -152,26 +143,6 @@ def _read_train_info(paths: Paths, params: Params) -> str:
     return run_id
 
 
-WEIGHTS_TAG = "weights_md5"
-
-
-def _log_model(params: Params, paths: Paths, test_acc: float) -> str:
-    """Log the pyfunc serving ``models/model.pt`` and register it, once per trained weights: evaluating the
-    same weights again returns the version they already have."""
-    weights = paths.models / files.WEIGHTS.name
-    weights_md5 = md5sum(weights)
-    existing = registry.version_with_tag(params.mlflow.registered_model, WEIGHTS_TAG, weights_md5)
-    if existing is not None:
-        log.info("%s v%s already holds these weights; not registered again", params.mlflow.registered_model, existing)
-        return existing
-    example = load_split(paths.data, train=False).images[:5].numpy().astype(np.float32)
-    info = pyfunc.log_model(weights, params.model, params.data.dataset, example, params.mlflow.registered_model)
-    version = str(info.registered_model_version)
-    MlflowClient().set_model_version_tag(params.mlflow.registered_model, version, WEIGHTS_TAG, weights_md5)
-    registry.promote_if_better(params.mlflow.registered_model, version, test_acc)
-    return version
-
-
 def run_evaluate(params: Params, paths: Paths) -> tuple[str, EvaluateResult]:
     """Evaluate into the run the train stage made; log the metrics, figures and the model.
 
@@ -179,38 +150,9 @@ def run_evaluate(params: Params, paths: Paths) -> tuple[str, EvaluateResult]:
     """
     root = store.project_root(paths.root.resolve())
     run_id = _read_train_info(paths, params)
-    with runs.reopen(run_id, "evaluate", root=root, name=_run_name("evaluate", params, paths)) as active:
-        runs.log_params_once(
-            {
-                **_section_params(params, EVALUATE_SECTIONS),
-                "mlflow.registered_model": params.mlflow.registered_model,
-            }
-        )
+    with runs.reopen(run_id, "evaluate", root=root, name=records.run_name("evaluate", params, paths)) as active:
+        records.evaluation_started(params)
         _, result = evaluate(params, paths.data, paths.models, paths.reports)
-        final = {"test_loss": result.metrics["test"]["loss"], "test_acc": result.metrics["test"]["accuracy"]}
-        for split in ("train", "val"):
-            final[f"final_{split}_loss"] = result.metrics[split]["loss"]
-            final[f"final_{split}_acc"] = result.metrics[split]["accuracy"]
-        mlflow.log_metrics(final)
-        _log_datasets(params, paths, result.data_md5s, ("test",))
-        runs.describe_active_run()
-        fig = figures.confusion_matrix_figure(result.confusion)
-        mlflow.log_figure(fig, "confusion_matrix.png")
-        figures.close(fig)
-        mlflow.log_dict(
-            {
-                "labels": list(range(len(result.confusion))),
-                "counts": result.confusion.tolist(),
-                "normalized": figures.normalise_rows(result.confusion).round(6).tolist(),
-            },
-            "confusion_matrix.json",
-        )
-        mlflow.log_text(result.report, "classification_report.txt")
-        mlflow.log_artifact(str(paths.reports / files.CONFIDENT_MISTAKES.name))
-        mlflow.log_dict(result.metrics, "metrics.json")
-        dvc_lock = paths.root / "dvc.lock"
-        if dvc_lock.is_file():
-            mlflow.log_artifact(str(dvc_lock))
-        _log_model(params, paths, final["test_acc"])
+        records.evaluation(params, paths, result.metrics, result.confusion, result.report, result.data_md5s)
         run_id = active.info.run_id
     return run_id, result

@@ -8,9 +8,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from mnist_cnn.core.errors import masked, one_line
 from mnist_cnn.core.images import ImageError, image_files, load_digit
-from mnist_cnn.tracking.store import configure, sqlite_path, tracking_uri
+from mnist_cnn.tracking.pyfunc import load_model
 
 DEFAULT_MODEL_URI = "models:/mnist-cnn@champion"
 
@@ -22,34 +21,6 @@ class Prediction:
     probability: float | None = None
     probabilities: tuple[float, ...] = ()
     error: str | None = None  # one line naming the file and the problem; the other fields are then empty
-
-
-# URIs that name a model through the tracking store; any other URI (a path, s3://...) is loaded as is.
-STORE_SCHEMES = ("models:", "runs:")
-
-
-def load_model(model_uri: str):
-    """The pyfunc model at ``model_uri``; errors name the URI and, for a registry URI, the store."""
-    import mlflow
-    from mlflow.exceptions import MlflowException
-
-    where = ""
-    if model_uri.startswith(STORE_SCHEMES):
-        uri = tracking_uri()
-        store = sqlite_path(uri)
-        # Opening a missing (or 0-byte) file would make an empty store of it.
-        if store is not None and (not store.is_file() or store.stat().st_size == 0):
-            empty = " (an empty file)" if store.is_file() else ""
-            raise RuntimeError(
-                f"{model_uri}: no MLflow store at {store}{empty}; "
-                "run in the project directory or set MLFLOW_TRACKING_URI"
-            )
-        configure()
-        where = f" (store {masked(uri)})"
-    try:
-        return mlflow.pyfunc.load_model(model_uri)
-    except (MlflowException, ValueError, OSError) as exc:
-        raise RuntimeError(f"--model-uri {model_uri}{where}: {one_line(exc)}") from exc
 
 
 def _is_digit_table(answer: object, rows: int) -> bool:

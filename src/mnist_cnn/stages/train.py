@@ -1,7 +1,5 @@
-"""The stages as the pipeline runs them: each training is one MLflow run, shared by train and evaluate.
-
-``dvc.yaml`` (through the CLI), ``MLproject`` and the tests all call these functions.
-"""
+"""Train stage: the weights, the per-epoch history and ``train.json``, inside one MLflow run that the
+evaluate stage completes. ``dvc.yaml`` (through the CLI), ``MLproject`` and the tests call ``run_train``."""
 
 from __future__ import annotations
 
@@ -9,18 +7,15 @@ import csv
 import io
 import json
 import logging
-import os
 from dataclasses import asdict
 from pathlib import Path
 
-import mlflow
 import torch
 
-from mnist_cnn.core import distributed, figures, files
+from mnist_cnn.core import distributed, files
 from mnist_cnn.core.checkpoint import Checkpointing, load_checkpoint, save_torch, training_fingerprint
 from mnist_cnn.core.data import (
     load_train_val,
-    split_digests,
     verified_md5s,
 )
 from mnist_cnn.core.distributed import (
@@ -31,37 +26,11 @@ from mnist_cnn.core.distributed import (
 )
 from mnist_cnn.core.files import Paths
 from mnist_cnn.core.loop import EpochStats, Reporter, TrainResult, fit
-from mnist_cnn.core.params import ConfigError, Params, TrainConfig, flatten, load_params
+from mnist_cnn.core.params import Params, TrainConfig
 from mnist_cnn.core.runtime import select_device, select_precision
-from mnist_cnn.tracking import runmeta, runs, store
+from mnist_cnn.tracking import records, runs, store
 
 log = logging.getLogger(__name__)
-
-
-TRAIN_SECTIONS = ("data", "model", "train")
-
-
-def _section_params(params: Params, sections: tuple[str, ...]) -> dict:
-    return {k: v for k, v in flatten(params).items() if k.split(".")[0] in sections}
-
-
-def _run_name(stage: str, params: Params, paths: Paths) -> str:
-    """``$DVC_EXP_NAME``, else the stage and the params that differ from the params file."""
-    try:
-        base = load_params(paths.params_file) if paths.params_file.is_file() else None
-    except ConfigError:
-        base = None
-    return runmeta.run_name(stage, runmeta.changed_params(params, base))
-
-
-DATASET_SOURCE_ENV = "MNIST_MIRROR"
-
-
-def _log_datasets(params: Params, paths: Paths, md5s: dict[str, str], contexts: tuple[str, ...]) -> None:
-    # The source is where the files came from when a mirror is named, else the directory read.
-    source = os.environ.get(DATASET_SOURCE_ENV) or str(paths.data.resolve())
-    digests = split_digests(md5s, params.train.val_split, params.train.seed)
-    runs.log_datasets(params.data.dataset, source, {context: digests[context] for context in contexts})
 
 
 def run_train(
@@ -89,34 +58,14 @@ def run_train(
         return None, train(params, paths.data, paths.models, paths.reports, None, False, checkpointing, world)
     state = load_checkpoint(checkpoint_path, fingerprint) if params.train.resume == "auto" else None
     resumed_run = state["run_id"] if state is not None and runs.run_exists(state["run_id"], root) else None
-    name = _run_name(stage, params, paths)
+    name = records.run_name(stage, params, paths)
     with runs.run(
         params.mlflow.experiment, run_id=resumed_run, root=root, name=name, system_metrics=True
     ) as active:
         run_id = active.info.run_id
-        mlflow.set_tags(
-            {
-                "dataset": params.data.dataset,
-                **({"preset": params.mlflow.preset} if params.mlflow.preset else {}),
-                **runs.git_lineage(root),
-                **{f"data_md5.{name}": md5 for name, md5 in md5s.items()},
-            }
-        )
-        runs.log_params_once(
-            {
-                **_section_params(params, TRAIN_SECTIONS),
-                "mlflow.experiment": params.mlflow.experiment,
-                "mlflow.preset": params.mlflow.preset,
-            }
-        )
-        if paths.params_file.is_file():
-            mlflow.log_artifact(str(paths.params_file))
-        if resumed_run is None:  # a resumed run logged them when it started
-            _log_datasets(params, paths, md5s, ("training", "validation"))
+        records.training_started(params, paths, root, md5s, resumed=resumed_run is not None)
         if state is not None:
-            # Epochs logged before the interruption stay; those it did not get to log are added.
-            runs.log_missing_epochs(state["history"])
-            mlflow.set_tag("resumed_after_epoch", str(state["epoch"]))
+            records.training_resumed(state["history"], state["epoch"])
         checkpointing = Checkpointing(checkpoint_path, fingerprint, run_id, state)
         # The old train.json names the run of the weights about to be replaced: a kill after the new
         # weights are written must not let evaluate file them under that run.
@@ -124,20 +73,7 @@ def run_train(
         result = train(
             params, paths.data, paths.models, paths.reports, runs.EpochLogger(), show_progress, checkpointing, world
         )
-        runs.log_params_once({"device": result.device, "precision": result.precision, "world_size": world.size})
-        mlflow.log_metrics(
-            {
-                "best_epoch": result.best_epoch,
-                "stopped_epoch": result.stopped_epoch,
-                "best_val_loss": result.best_val_loss,
-                "best_val_acc": result.best_val_acc,
-                "train_seconds": result.train_seconds,
-            }
-        )
-        fig = figures.learning_curves(result.history)
-        mlflow.log_figure(fig, "learning_curves.png")
-        figures.close(fig)
-        runs.describe_active_run()
+        records.training_finished(result, world.size)
         write_train_info(result, paths.models, run_id, params.train)
         # Last: a kill before this line leaves the checkpoint, and the rerun records what is missing.
         checkpoint_path.unlink(missing_ok=True)

@@ -22,9 +22,11 @@ from mlflow.models.model import ModelInfo
 from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 from mlflow.types import ColSpec, Schema, TensorSpec
 
+from mnist_cnn.core.errors import masked, one_line
 from mnist_cnn.core.model import IMAGE_SIZE, NUM_CLASSES, RawPixelClassifier, load_weights
 from mnist_cnn.core.params import ModelConfig
 from mnist_cnn.core.runtime import memory_format
+from mnist_cnn.tracking.store import configure, sqlite_path, tracking_uri
 
 PROBABILITY_COLUMNS = [f"p{k}" for k in range(NUM_CLASSES)]
 
@@ -143,3 +145,28 @@ def _version(distribution: str) -> str:
     from importlib.metadata import version
 
     return version(distribution)
+
+
+# URIs that name a model through the tracking store; any other URI (a path, s3://...) is loaded as is.
+STORE_SCHEMES = ("models:", "runs:")
+
+
+def load_model(model_uri: str) -> mlflow.pyfunc.PyFuncModel:
+    """The pyfunc model at ``model_uri``; errors name the URI and, for a registry URI, the store."""
+    where = ""
+    if model_uri.startswith(STORE_SCHEMES):
+        uri = tracking_uri()
+        store = sqlite_path(uri)
+        # Opening a missing (or 0-byte) file would make an empty store of it.
+        if store is not None and (not store.is_file() or store.stat().st_size == 0):
+            empty = " (an empty file)" if store.is_file() else ""
+            raise RuntimeError(
+                f"{model_uri}: no MLflow store at {store}{empty}; "
+                "run in the project directory or set MLFLOW_TRACKING_URI"
+            )
+        configure()
+        where = f" (store {masked(uri)})"
+    try:
+        return mlflow.pyfunc.load_model(model_uri)
+    except (MlflowException, ValueError, OSError) as exc:
+        raise RuntimeError(f"--model-uri {model_uri}{where}: {one_line(exc)}") from exc

@@ -7,9 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-import random
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import mlflow
@@ -17,7 +15,8 @@ from filelock import FileLock
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
-from mnist_cnn.core.errors import masked, one_line, without_driver_prefix
+from mnist_cnn.core.errors import ProjectError, masked, one_line, without_driver_prefix
+from mnist_cnn.ops.lock import NamedLock
 
 STORE_FILE = "mlflow.db"
 
@@ -37,7 +36,7 @@ HTTP_DEFAULTS = {
 PREFLIGHT_TIMEOUT_S = 5.0
 
 
-class TrackingError(RuntimeError):
+class TrackingError(ProjectError, RuntimeError):
     """The tracking server cannot be reached or refuses this client."""
 
 
@@ -116,33 +115,38 @@ def check_store_path(path: Path, uri: str) -> None:
 LOCK_MODEL = "mnist-cnn.promotion-lock"
 
 
-@contextlib.contextmanager
-def registry_lock(wait_s: float = 300.0, stale_s: float = 120.0) -> Iterator[None]:
-    """A mutex for clients of one tracking server, on a machine each: creating a registered model is
-    atomic on the server (names are unique), so whoever creates ``LOCK_MODEL`` holds the lock and
-    deletes it to release. One older than ``stale_s`` (its holder died) is broken."""
-    client = MlflowClient()
-    deadline = time.time() + wait_s
-    while True:
+class RegisteredModelLockBackend:
+    """``NamedLock``'s record on a tracking server: the registered model ``name``. Creating one is atomic
+    on the server (names are unique); its creation time says how long it has been held."""
+
+    def __init__(self, name: str = LOCK_MODEL) -> None:
+        self.client, self.name = MlflowClient(), name
+
+    def try_create(self) -> bool:
         try:
-            client.create_registered_model(LOCK_MODEL, description="held while a champion alias moves")
-            break
+            self.client.create_registered_model(self.name, description="held while a champion alias moves")
+            return True
         except MlflowException as exc:
             if exc.error_code != "RESOURCE_ALREADY_EXISTS":
                 raise
+            return False
+
+    def age_s(self) -> float | None:
+        try:
+            return time.time() - self.client.get_registered_model(self.name).creation_timestamp / 1000
+        except MlflowException:  # released meanwhile
+            return None
+
+    def delete(self) -> None:
         with contextlib.suppress(MlflowException):
-            held = client.get_registered_model(LOCK_MODEL)
-            if time.time() - held.creation_timestamp / 1000 > stale_s:
-                client.delete_registered_model(LOCK_MODEL)
-                continue
-        if time.time() > deadline:
-            raise TrackingError(f"registered model {LOCK_MODEL!r} held for over {wait_s:.0f} s; delete it if stale")
-        time.sleep(0.2 + random.random() * 0.3)
-    try:
-        yield
-    finally:
-        with contextlib.suppress(MlflowException):
-            client.delete_registered_model(LOCK_MODEL)
+            self.client.delete_registered_model(self.name)
+
+
+def registry_lock(wait_s: float = 300.0, stale_s: float = 120.0) -> NamedLock:
+    """A mutex for clients of one tracking server, on a machine each: the registered model ``LOCK_MODEL``,
+    held while it exists; one older than ``stale_s`` (its holder died) is broken."""
+    backend = RegisteredModelLockBackend()
+    return NamedLock(backend, f"registered model {LOCK_MODEL!r}", wait_s, stale_s, error=TrackingError)
 
 
 def create_store(uri: str) -> None:

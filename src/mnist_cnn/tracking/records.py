@@ -1,0 +1,155 @@
+"""What a training and its evaluation record in their MLflow run: tags, params, datasets, metrics,
+figures and reports, and the registered model. The stages call these inside ``runs.run``/``runs.reopen``."""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import mlflow
+import numpy as np
+from mlflow.tracking import MlflowClient
+
+from mnist_cnn.core import figures, files
+from mnist_cnn.core.data import load_split, md5sum, split_digests
+from mnist_cnn.core.files import Paths
+from mnist_cnn.core.loop import TrainResult
+from mnist_cnn.core.params import ConfigError, Params, flatten, load_params
+from mnist_cnn.tracking import pyfunc, registry, runmeta, runs
+
+log = logging.getLogger(__name__)
+
+TRAIN_SECTIONS = ("data", "model", "train")
+EVALUATE_SECTIONS = ("evaluate",)
+DATASET_SOURCE_ENV = "MNIST_MIRROR"
+WEIGHTS_TAG = "weights_md5"  # one model version per trained weights
+
+
+def section_params(params: Params, sections: tuple[str, ...]) -> dict[str, Any]:
+    return {k: v for k, v in flatten(params).items() if k.split(".")[0] in sections}
+
+
+def run_name(stage: str, params: Params, paths: Paths) -> str:
+    """``$DVC_EXP_NAME``, else the stage and the params that differ from the params file."""
+    try:
+        base = load_params(paths.params_file) if paths.params_file.is_file() else None
+    except ConfigError:
+        base = None
+    return runmeta.run_name(stage, runmeta.changed_params(params, base))
+
+
+def log_datasets(params: Params, paths: Paths, md5s: Mapping[str, str], contexts: tuple[str, ...]) -> None:
+    # The source is where the files came from when a mirror is named, else the directory read.
+    source = os.environ.get(DATASET_SOURCE_ENV) or str(paths.data.resolve())
+    digests = split_digests(md5s, params.train.val_split, params.train.seed)
+    runs.log_datasets(params.data.dataset, source, {context: digests[context] for context in contexts})
+
+
+def training_started(params: Params, paths: Paths, root: Path, md5s: Mapping[str, str], resumed: bool) -> None:
+    """Tags (dataset, preset, git lineage, data MD5s), the train stage's params and the params file;
+    the training and validation datasets unless the run is resumed (it logged them when it started)."""
+    mlflow.set_tags(
+        {
+            "dataset": params.data.dataset,
+            **({"preset": params.mlflow.preset} if params.mlflow.preset else {}),
+            **runs.git_lineage(root),
+            **{f"data_md5.{name}": md5 for name, md5 in md5s.items()},
+        }
+    )
+    runs.log_params_once(
+        {
+            **section_params(params, TRAIN_SECTIONS),
+            "mlflow.experiment": params.mlflow.experiment,
+            "mlflow.preset": params.mlflow.preset,
+        }
+    )
+    if paths.params_file.is_file():
+        mlflow.log_artifact(str(paths.params_file))
+    if not resumed:
+        log_datasets(params, paths, md5s, ("training", "validation"))
+
+
+def training_resumed(history: list[Mapping[str, Any]], epoch: int) -> None:
+    """Epochs logged before the interruption stay; those it did not get to log are added."""
+    runs.log_missing_epochs(history)
+    mlflow.set_tag("resumed_after_epoch", str(epoch))
+
+
+def training_finished(result: TrainResult, world_size: int) -> None:
+    runs.log_params_once({"device": result.device, "precision": result.precision, "world_size": world_size})
+    mlflow.log_metrics(
+        {
+            "best_epoch": result.best_epoch,
+            "stopped_epoch": result.stopped_epoch,
+            "best_val_loss": result.best_val_loss,
+            "best_val_acc": result.best_val_acc,
+            "train_seconds": result.train_seconds,
+        }
+    )
+    fig = figures.learning_curves(result.history)
+    mlflow.log_figure(fig, "learning_curves.png")
+    figures.close(fig)
+    runs.describe_active_run()
+
+
+def evaluation_started(params: Params) -> None:
+    runs.log_params_once(
+        {**section_params(params, EVALUATE_SECTIONS), "mlflow.registered_model": params.mlflow.registered_model}
+    )
+
+
+def evaluation(
+    params: Params,
+    paths: Paths,
+    metrics: Mapping[str, Mapping[str, float]],
+    confusion: np.ndarray,
+    report: str,
+    md5s: Mapping[str, str],
+) -> str:
+    """The final metrics, the test dataset, figures and reports; then the model, registered once per
+    weights. Returns the registered version."""
+    final = {"test_loss": metrics["test"]["loss"], "test_acc": metrics["test"]["accuracy"]}
+    for split in ("train", "val"):
+        final[f"final_{split}_loss"] = metrics[split]["loss"]
+        final[f"final_{split}_acc"] = metrics[split]["accuracy"]
+    mlflow.log_metrics(final)
+    log_datasets(params, paths, md5s, ("test",))
+    runs.describe_active_run()
+    fig = figures.confusion_matrix_figure(confusion)
+    mlflow.log_figure(fig, "confusion_matrix.png")
+    figures.close(fig)
+    mlflow.log_dict(
+        {
+            "labels": list(range(len(confusion))),
+            "counts": confusion.tolist(),
+            "normalized": figures.normalise_rows(confusion).round(6).tolist(),
+        },
+        "confusion_matrix.json",
+    )
+    mlflow.log_text(report, "classification_report.txt")
+    mlflow.log_artifact(str(paths.reports / files.CONFIDENT_MISTAKES.name))
+    mlflow.log_dict(dict(metrics), "metrics.json")
+    dvc_lock = paths.root / "dvc.lock"
+    if dvc_lock.is_file():
+        mlflow.log_artifact(str(dvc_lock))
+    return register_weights(params, paths, final["test_acc"])
+
+
+def register_weights(params: Params, paths: Paths, test_acc: float) -> str:
+    """Log the pyfunc serving ``models/model.pt`` and register it, once per trained weights: evaluating the
+    same weights again returns the version they already have."""
+    weights = paths.models / files.WEIGHTS.name
+    weights_md5 = md5sum(weights)
+    existing = registry.version_with_tag(params.mlflow.registered_model, WEIGHTS_TAG, weights_md5)
+    if existing is not None:
+        log.info("%s v%s already holds these weights; not registered again", params.mlflow.registered_model, existing)
+        return existing
+    example = load_split(paths.data, train=False).images[:5].numpy().astype(np.float32)
+    info = pyfunc.log_model(weights, params.model, params.data.dataset, example, params.mlflow.registered_model)
+    version = str(info.registered_model_version)
+    MlflowClient().set_model_version_tag(params.mlflow.registered_model, version, WEIGHTS_TAG, weights_md5)
+    registry.promote_if_better(params.mlflow.registered_model, version, test_acc)
+    return version
