@@ -18,7 +18,7 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from common import benchmark_parser, trainer_bench
 from mnist_cnn.core.augment import Distortions
-from mnist_cnn.core.loop import Augmentation, train_epoch
+from mnist_cnn.core.epoch import Augmentation, train_epoch
 from mnist_cnn.core.params import load_params
 
 # The augmented preset's settings (README: Accuracy presets), and the elastic warp tried beside them.

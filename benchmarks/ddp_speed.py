@@ -30,8 +30,8 @@ def worker(args: argparse.Namespace) -> None:
     from torch.nn.parallel import DistributedDataParallel
 
     from mnist_cnn.core.data import Tensors, load_train_val
+    from mnist_cnn.core.epoch import train_epoch
     from mnist_cnn.core.inference import prepare_model
-    from mnist_cnn.core.loop import train_epoch
     from mnist_cnn.core.model import Net
     from mnist_cnn.core.optim import make_optimizer
     from mnist_cnn.core.params import load_params

@@ -27,7 +27,8 @@ from tqdm import tqdm
 
 from common import benchmark_parser, trainer_bench
 from mnist_cnn.core.data import NORMALISATION, Tensors, load_split
-from mnist_cnn.core.loop import EpochStats, train_epoch
+from mnist_cnn.core.epoch import train_epoch
+from mnist_cnn.core.loop import EpochStats
 from mnist_cnn.core.params import load_params
 from mnist_cnn.tracking import runs, store
 

@@ -1,27 +1,36 @@
 """Shared fixtures: a tiny MNIST-format mirror made from scikit-learn's digits, tiny params, a private
-MLflow store per test. Nothing here touches the network or ../shared."""
+MLflow store per test, and session-scoped templates (a created store, a trained-and-evaluated project,
+an initialised and a reproduced DVC repo) that each test gets its own copy of. Nothing here touches
+the network or ../shared.
+
+The tiers: tests/unit (in process, no subprocess, no MLflow store), tests/integration (stages, the
+store, subprocesses), tests/e2e (real signals, kill -9, torchrun, DVC, mlflow run, the servers, the
+browser). docs/tests.md lists them."""
 
 from __future__ import annotations
 
 import os
 import shutil
+import sqlite3
 import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
-import mlflow
 import pytest
 import yaml
-from mlflow.tracking import MlflowClient
 
 from mnist_cnn.core.files import Paths
 from mnist_cnn.core.params import Params, parse_params
-from mnist_cnn.stages import evaluate, train
-from mnist_cnn.tracking import store
 from tinydata import write_checksums, write_tiny_mnist
 
 REPO = Path(__file__).resolve().parents[1]
+
+# An 8/8/16 network: what the tests check (shapes, runs, files, faults) does not need the seed's
+# 48/48/112, and it trains in a fraction of the time. Tests that assert accuracy add SEED_WIDTHS.
+TINY_WIDTHS = {"model.hidden_1": 8, "model.hidden_2": 8, "model.hidden_3": 16}
+SEED_WIDTHS = {"model.hidden_1": 48, "model.hidden_2": 48, "model.hidden_3": 112}
 
 # Small enough for seconds per test on 2 cores; everything else is params.yaml's.
 TINY_OVERRIDES = {
@@ -29,6 +38,7 @@ TINY_OVERRIDES = {
     "train.device": "cpu",
     "train.precision": "fp32",
     "evaluate.batch_size": 500,
+    **TINY_WIDTHS,
 }
 
 
@@ -57,12 +67,26 @@ def isolated_env(tmp_path, monkeypatch, tiny_mirror):
     # The stages' commands (`python -m mnist_cnn`) run with this interpreter.
     monkeypatch.setenv("PATH", f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
     yield
-    while mlflow.active_run() is not None:
-        mlflow.end_run()
+    if "mlflow" in sys.modules:  # a unit test never imports it for a run
+        import mlflow
+
+        while mlflow.active_run() is not None:
+            mlflow.end_run()
 
 
 def repo_params_raw() -> dict:
     return yaml.safe_load((REPO / "params.yaml").read_text())
+
+
+def set_key(raw: dict, key: str, value) -> None:
+    """``raw["train"]["optimizer"]["name"] = value`` for ``train.optimizer.name``."""
+    *sections, name = key.split(".")
+    node = raw
+    for section in sections:
+        if not isinstance(node.get(section), dict):
+            node[section] = {} if section not in node else {"name": node[section]}
+        node = node[section]
+    node[name] = value
 
 
 @pytest.fixture
@@ -70,23 +94,168 @@ def tiny_params() -> Params:
     return parse_params(repo_params_raw(), TINY_OVERRIDES)
 
 
+@pytest.fixture
+def seed_params() -> Params:
+    """The tiny params with the seed's 48/48/112 network, for the tests that assert accuracy."""
+    return parse_params(repo_params_raw(), {**TINY_OVERRIDES, **SEED_WIDTHS})
+
+
 def write_tiny_params(path: Path, **overrides) -> Path:
     raw = repo_params_raw()
     for key, value in {**TINY_OVERRIDES, **overrides}.items():
-        section, name = key.split(".")
-        raw[section][name] = value
+        set_key(raw, key, value)
     path.write_text(yaml.safe_dump(raw, sort_keys=False))
     return path
 
 
-@pytest.fixture
-def project(tmp_path, tiny_mirror) -> Paths:
+def make_project(root: Path, tiny_mirror: Path, **overrides) -> Paths:
     """A project directory with tiny params and the tiny data already downloaded into data/raw."""
-    root = tmp_path / "project"
-    root.mkdir()
-    params_file = write_tiny_params(root / "params.yaml")
+    root.mkdir(parents=True, exist_ok=True)
+    params_file = write_tiny_params(root / "params.yaml", **overrides)
     shutil.copytree(tiny_mirror, root / "data" / "raw")
     return Paths(root=root, params_file=params_file)
+
+
+@pytest.fixture
+def project(tmp_path, tiny_mirror) -> Paths:
+    """A project directory with tiny params and the tiny data already downloaded into data/raw. No
+    MLflow store yet: tests/integration and tests/e2e add a created one (``store``)."""
+    return make_project(tmp_path / "project", tiny_mirror)
+
+
+# The MLflow store. Creating a SQLite store's tables takes MLflow several seconds (its migrations);
+# opening a copy of a created one, a fraction of a second.
+
+
+@pytest.fixture(scope="session")
+def store_template(tmp_path_factory) -> Path:
+    """An empty SQLite store whose tables MLflow has created (no experiment, so no artifact path)."""
+    from mnist_cnn.tracking import store
+
+    path = tmp_path_factory.mktemp("store-template") / "mlflow.db"
+    store.create_store(f"sqlite:///{path}")
+    return path
+
+
+@pytest.fixture
+def store(tmp_path, store_template) -> Path:
+    """The test's own store (``$MLFLOW_TRACKING_URI``), created: a copy of the template."""
+    path = tmp_path / "mlflow.db"
+    shutil.copy2(store_template, path)
+    return path
+
+
+def repoint_store(db: Path, old: Path, new: Path) -> None:
+    """A SQLite store records absolute paths (artifact locations, dataset sources): after copying a
+    tree that holds a store and its artifacts, point every path under ``old`` at the copy under ``new``."""
+    pairs = [(f"{old}/", f"{new}/"), (old.as_uri() + "/", new.as_uri() + "/")]
+    with sqlite3.connect(db) as connection:
+        tables = [row[0] for row in connection.execute("SELECT name FROM sqlite_master WHERE type = 'table'")]
+        for table in tables:
+            columns = [
+                row[1]
+                for row in connection.execute(f'PRAGMA table_info("{table}")')
+                if any(kind in row[2].upper() for kind in ("CHAR", "TEXT", "CLOB")) or row[2] == ""
+            ]
+            for column in columns:
+                for before, after in pairs:
+                    connection.execute(
+                        f'UPDATE "{table}" SET "{column}" = replace("{column}", ?, ?) WHERE instr("{column}", ?) > 0',
+                        (before, after, before),
+                    )
+    connection.close()
+
+
+def copy_tree_with_store(template: Path, dest: Path) -> Path:
+    """``template`` copied to ``dest`` (which may exist), every ``mlflow.db`` in it re-pointed at the copy."""
+    shutil.copytree(template, dest, symlinks=True, dirs_exist_ok=True)
+    for db in dest.rglob("mlflow.db"):
+        repoint_store(db, template, dest)
+    return dest
+
+
+# One tiny training, evaluated, in a store of its own: the champion. Tests that only read it use it
+# where it is; tests that change it get a copy (``trained_project``).
+
+
+def _train_and_evaluate(root: Path, tiny_mirror: Path, params_overrides: dict, cli_overrides: dict, env: dict):
+    from mlflow.tracking import MlflowClient
+
+    from mnist_cnn.core.params import load_params
+    from mnist_cnn.stages import evaluate, train
+
+    uri = f"sqlite:///{root / 'mlflow.db'}"
+    paths = make_project(root / "project", tiny_mirror, **params_overrides)
+    with pytest.MonkeyPatch.context() as mp:
+        md5s = str(tiny_mirror.parent / "md5s.json")
+        for name, value in {"MLFLOW_TRACKING_URI": uri, "MLFLOW_REGISTRY_URI": uri, "MNIST_MD5S": md5s, **env}.items():
+            mp.setenv(name, value)
+        mp.delenv("MNIST_MIRROR", raising=False)
+        mp.delenv("MLFLOW_RUN_ID", raising=False)
+        params = load_params(paths.params_file, cli_overrides)
+        run_id, result = train.run_train(params, paths, show_progress=False)
+        trained = MlflowClient(uri, uri).get_run(run_id)  # as it was before evaluate
+        eval_run_id, evaluation = evaluate.run_evaluate(params, paths)
+    return SimpleNamespace(
+        root=root,
+        uri=uri,
+        project=paths.root,
+        paths=paths,
+        params=params,
+        run_id=run_id,
+        eval_run_id=eval_run_id,
+        result=result,
+        evaluation=evaluation,
+        trained_run=trained,
+    )
+
+
+@pytest.fixture(scope="session")
+def champion_store(tmp_path_factory, tiny_mirror, store_template):
+    """The tiny params' training with the seed's 48/48/112 network (the serving and predict tests check
+    its answers are mostly right), evaluated and registered as champion in a store of its own: its
+    tracking URI, project directory, the run and results, and a local copy of the champion."""
+    import mlflow
+
+    root = tmp_path_factory.mktemp("champion")
+    shutil.copy2(store_template, root / "mlflow.db")
+    built = _train_and_evaluate(root, tiny_mirror, SEED_WIDTHS, {}, {})
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("MLFLOW_TRACKING_URI", built.uri)
+        mp.setenv("MLFLOW_REGISTRY_URI", built.uri)
+        mlflow.set_tracking_uri(built.uri)
+        mlflow.set_registry_uri(built.uri)
+        built.local = Path(
+            mlflow.artifacts.download_artifacts("models:/mnist-cnn@champion", dst_path=str(root / "champion"))
+        )
+    return built
+
+
+@pytest.fixture
+def trained_project(champion_store, tmp_path):
+    """A copy of the champion's project and store, the test's own: the store at the test's
+    ``$MLFLOW_TRACKING_URI`` (tmp_path/mlflow.db), the project at tmp_path/project."""
+    copy_tree_with_store(champion_store.root, tmp_path)
+    return SimpleNamespace(
+        paths=Paths(root=tmp_path / "project", params_file=tmp_path / "project" / "params.yaml"),
+        params=champion_store.params,
+        run_id=champion_store.run_id,
+        result=champion_store.result,
+        evaluation=champion_store.evaluation,
+    )
+
+
+@pytest.fixture(scope="session")
+def named_run(tmp_path_factory, tiny_mirror, store_template):
+    """``train --lr 0.2`` then ``evaluate`` as a user runs them, system metrics sampled every 0.2 s (a tiny
+    training lasts a few seconds; MLflow's default is 10 s): the run as it was after training
+    (``trained_run``) and the store after evaluating. Read only: the UI test serves it."""
+    root = tmp_path_factory.mktemp("named-run")
+    shutil.copy2(store_template, root / "mlflow.db")
+    return _train_and_evaluate(root, tiny_mirror, {}, {"lr": "0.2"}, {"MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL": "0.2"})
+
+
+# DVC
 
 
 def copy_project_files(dest: Path) -> None:
@@ -110,20 +279,68 @@ def git(*args, cwd):
     return sh(["git", "-c", "user.name=t", "-c", "user.email=t@t", *args], cwd)
 
 
-@pytest.fixture
-def dvc_repo(tmp_path, tiny_mirror, monkeypatch):
-    repo = tmp_path / "repo"
+@pytest.fixture(scope="session")
+def dvc_template(tmp_path_factory) -> Path:
+    """A git repo with DVC initialised: the project's files, tiny params, one commit."""
+    repo = tmp_path_factory.mktemp("dvc-template") / "repo"
     repo.mkdir()
     copy_project_files(repo)
     write_tiny_params(repo / "params.yaml")
     (repo / ".gitignore").write_text("mlflow.db\nmlartifacts/\n")
-    git("init", "-q", cwd=repo)
-    dvc("init", "-q", cwd=repo)
-    git("add", "-A", cwd=repo)
-    git("commit", "-qm", "init", cwd=repo)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("GIT_CONFIG_NOSYSTEM", "1")
+        mp.setenv("DVC_NO_ANALYTICS", "1")
+        git("init", "-q", cwd=repo)
+        dvc("init", "-q", cwd=repo)
+        git("add", "-A", cwd=repo)
+        git("commit", "-qm", "init", cwd=repo)
+    return repo
+
+
+def _use_repo(repo: Path, tiny_mirror: Path, monkeypatch) -> Path:
     monkeypatch.setenv("MNIST_MIRROR", str(tiny_mirror))
     monkeypatch.delenv("MLFLOW_TRACKING_URI")  # the default store: <repo>/mlflow.db
+    monkeypatch.delenv("MLFLOW_REGISTRY_URI")
     return repo
+
+
+@pytest.fixture
+def dvc_repo(dvc_template, tmp_path, tiny_mirror, monkeypatch) -> Path:
+    """The test's own copy of the initialised repo; its stages download from the tiny mirror."""
+    repo = tmp_path / "repo"
+    shutil.copytree(dvc_template, repo, symlinks=True)
+    return _use_repo(repo, tiny_mirror, monkeypatch)
+
+
+@pytest.fixture(scope="session")
+def reproduced_template(dvc_template, tmp_path_factory, tiny_mirror, store_template):
+    """The initialised repo with the seed's 48/48/112 network (the test of the first repro checks its
+    accuracy) after one ``dvc repro`` (its output kept) and a commit of the result; its store
+    (<repo>/mlflow.db) holds the baseline's run."""
+    repo = tmp_path_factory.mktemp("reproduced") / "repo"
+    shutil.copytree(dvc_template, repo, symlinks=True)
+    shutil.copy2(store_template, repo / "mlflow.db")
+    write_tiny_params(repo / "params.yaml", **SEED_WIDTHS)
+    with pytest.MonkeyPatch.context() as mp:
+        for name in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI", "MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_ID"):
+            mp.delenv(name, raising=False)
+        mp.setenv("MNIST_MIRROR", str(tiny_mirror))
+        mp.setenv("MNIST_MD5S", str(tiny_mirror.parent / "md5s.json"))
+        mp.setenv("GIT_CONFIG_NOSYSTEM", "1")
+        mp.setenv("DVC_NO_ANALYTICS", "1")
+        mp.setenv("PATH", f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
+        git("commit", "-qam", "the seed's network", cwd=repo)
+        output = dvc("repro", cwd=repo)
+        git("add", "-A", cwd=repo)
+        git("commit", "-qm", "baseline", cwd=repo)
+    return SimpleNamespace(repo=repo, output=output)
+
+
+@pytest.fixture
+def reproduced_repo(reproduced_template, tmp_path, tiny_mirror, monkeypatch) -> Path:
+    """The test's own copy of the reproduced, committed repo, its store re-pointed at the copy."""
+    repo = copy_tree_with_store(reproduced_template.repo, tmp_path / "repo")
+    return _use_repo(repo, tiny_mirror, monkeypatch)
 
 
 def run_queue(repo: Path, workers: int = 2, timeout: float = 900) -> str:
@@ -137,6 +354,9 @@ def run_queue(repo: Path, workers: int = 2, timeout: float = 900) -> str:
         time.sleep(3)
     dvc("queue", "stop", "--kill", cwd=repo)
     return status
+
+
+# Stages in a child process
 
 
 def stage(project, *args: str, env: dict | None = None) -> subprocess.Popen:
@@ -165,32 +385,11 @@ def wait_for_line(proc: subprocess.Popen, needle: str, timeout: float = 120) -> 
 
 
 def the_runs(experiment="mnist-cnn"):
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    from mnist_cnn.tracking import store
+
     store.configure()
     exp = mlflow.get_experiment_by_name(experiment)
     return MlflowClient().search_runs([exp.experiment_id], order_by=["start_time ASC"]) if exp else []
-
-
-@pytest.fixture(scope="session")
-def champion_store(tmp_path_factory, tiny_mirror):
-    """One tiny training evaluated into a store of its own, shared by the tests that only read its
-    champion (serving, predict): its tracking URI, project directory and a local copy of the champion."""
-    from types import SimpleNamespace
-
-
-    root = tmp_path_factory.mktemp("champion")
-    uri = f"sqlite:///{root / 'mlflow.db'}"
-    project = root / "project"
-    project.mkdir()
-    params_file = write_tiny_params(project / "params.yaml")
-    shutil.copytree(tiny_mirror, project / "data" / "raw")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("MLFLOW_TRACKING_URI", uri)
-        mp.setenv("MLFLOW_REGISTRY_URI", uri)
-        mp.setenv("MNIST_MD5S", str(tiny_mirror.parent / "md5s.json"))
-        params = parse_params(repo_params_raw(), TINY_OVERRIDES)
-        paths = Paths(root=project, params_file=params_file)
-        train.run_train(params, paths, show_progress=False)
-        evaluate.run_evaluate(params, paths)
-        store.configure()
-        local = mlflow.artifacts.download_artifacts("models:/mnist-cnn@champion", dst_path=str(root / "champion"))
-    return SimpleNamespace(uri=uri, project=project, local=Path(local))

@@ -22,7 +22,8 @@ from scipy import ndimage
 
 from mnist_cnn.core.data import load_split
 from mnist_cnn.core.images import BOX, MAX_PIXELS, ImageError, load_digit, mnist_like
-from mnist_cnn.stages.predict import _is_digit_table, load_model, predict
+from mnist_cnn.stages.predict import _is_digit_table, predict
+from mnist_cnn.tracking.pyfunc import load_model
 
 INK, PAPER = np.array([20, 30, 120]), np.array([250, 240, 200])  # blue ink on cream paper
 

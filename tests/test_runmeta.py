@@ -23,7 +23,7 @@ def test_name_is_the_stage_and_what_differs_from_the_params_file_or_the_dvc_expe
     assert changed == {"train.epochs": 3, "train.lr": 0.2}
     assert runmeta.run_name("train", changed, {}) == "train epochs=3 lr=0.2"
     optimizer = runmeta.changed_params(parse_params(repo_params_raw(), {"train.optimizer": "sgd"}), base)
-    assert runmeta.run_name("all", optimizer, {}) == "all train.optimizer=sgd"  # no short name: dotted
+    assert runmeta.run_name("all", optimizer, {}) == "all train.optimizer.name=sgd"  # no short name: dotted
     assert runmeta.run_name("all", runmeta.changed_params(base, base), {}) == "all"
     assert runmeta.run_name("train", changed, EXP_ENV) == "brisk-lamb"
     assert runmeta.run_name("train", {"train.lr": 1e-05}, {}) == "train lr=1e-05"

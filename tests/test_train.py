@@ -6,14 +6,14 @@ import pytest
 import torch
 
 from conftest import TINY_OVERRIDES, repo_params_raw
-from mnist_cnn.core import files, loop
+from mnist_cnn.core import epoch, files
 from mnist_cnn.core.augment import Distortions, _elastic_field, random_distort, shift
 from mnist_cnn.core.data import DataError, Tensors, load_train_val
 from mnist_cnn.core.inference import loss_and_accuracy, predict_log_probs
 from mnist_cnn.core.loop import EpochStats, _Loop, fit
 from mnist_cnn.core.model import Net, load_weights
 from mnist_cnn.core.optim import make_optimizer, monitor_value
-from mnist_cnn.core.params import ConfigError, ModelConfig, parse_params
+from mnist_cnn.core.params import ConfigError, ModelConfig, OptimizerConfig, SchedulerConfig, parse_params
 from mnist_cnn.core.runtime import select_device, select_precision
 from mnist_cnn.stages.evaluate import evaluate
 from mnist_cnn.stages.train import train
@@ -65,7 +65,7 @@ def test_split_is_80_20_and_disjoint(project, tiny_params):
 
 
 def test_train_learns_and_writes_weights_and_history(project, tiny_params):
-    step_decay = dataclasses.replace(tiny_params.train, epochs=3, scheduler="step", lr_gamma=0.7)
+    step_decay = dataclasses.replace(tiny_params.train, epochs=3, scheduler=SchedulerConfig("step", gamma=0.7))
     params = dataclasses.replace(tiny_params, train=step_decay)
     result = train(params, project.data, project.models, project.reports, show_progress=False)
     assert [s.epoch for s in result.history] == [1, 2, 3]
@@ -185,7 +185,7 @@ def test_device_and_precision_selection():
 def test_plateau_schedule_cuts_lr_after_stalled_epochs(project, tiny_params):
     """Shuffled validation labels make every epoch after the first a stall."""
     cfg = dataclasses.replace(
-        tiny_params.train, epochs=5, patience=10, scheduler="plateau", lr_gamma=0.5, lr_patience=1
+        tiny_params.train, epochs=5, patience=10, scheduler=SchedulerConfig("plateau", gamma=0.5, patience=1)
     )
     train_data, noisy_val = train_and_shuffled_val(project.data)
     _, result = fit(
@@ -198,24 +198,27 @@ def test_plateau_schedule_cuts_lr_after_stalled_epochs(project, tiny_params):
     )
     losses = [s.val_loss for s in result.history]
     assert losses.index(min(losses)) == 0, losses  # the premise: epoch 1 is the best
-    # ReduceLROnPlateau cuts once more than lr_patience epochs in a row were no better
+    # ReduceLROnPlateau cuts once more than train.scheduler.patience epochs in a row were no better
     assert [s.lr for s in result.history] == pytest.approx([0.43, 0.43, 0.43, 0.215, 0.215])
 
 
 def test_weight_decay_is_adamws_alone(tiny_params):
-    """`train.weight_decay` reaches AdamW (0.01, torch's default, keeps earlier AdamW runs as they were);
-    Adadelta and SGD keep none."""
+    """`train.optimizer.weight_decay` reaches AdamW (0.01 when not given, torch's default, keeps earlier
+    AdamW runs as they were); Adadelta and SGD keep none, and refuse one."""
     net = Net(tiny_params.model)
-    for optimizer, decay, expected in [
-        ("adamw", 0.05, 0.05),
-        ("adamw", 0.01, 0.01),
-        ("sgd", 0.05, 0),
-        ("adadelta", 0.05, 0),
+    for optimizer, expected in [
+        (OptimizerConfig("adamw", weight_decay=0.05), 0.05),
+        (OptimizerConfig("adamw"), 0.01),
+        (OptimizerConfig("sgd"), 0),
+        (OptimizerConfig("adadelta"), 0),
     ]:
-        cfg = dataclasses.replace(tiny_params.train, optimizer=optimizer, weight_decay=decay)
+        cfg = dataclasses.replace(tiny_params.train, optimizer=optimizer)
         built, _ = make_optimizer(net, cfg, steps_per_epoch=1)
         assert built.param_groups[0]["weight_decay"] == expected, optimizer
-    assert torch.optim.AdamW(net.parameters()).defaults["weight_decay"] == tiny_params.train.weight_decay
+    assert torch.optim.AdamW(net.parameters()).defaults["weight_decay"] == OptimizerConfig("adamw").weight_decay
+    for name in ("sgd", "adadelta"):
+        with pytest.raises(ConfigError, match=f"{name} takes no weight_decay"):
+            OptimizerConfig(name, weight_decay=0.05)
 
 
 @pytest.mark.parametrize(("monitor", "lrs"), [("val_loss", [1.0] * 6), ("val_acc", [1.0, 1.0, 1.0, 0.5, 0.5, 0.5])])
@@ -223,7 +226,11 @@ def test_plateau_follows_the_monitored_value(tiny_params, monitor, lrs):
     """The loss improves every epoch while the accuracy stalls after the first (label smoothing's
     confidence can do that): only the schedule that follows accuracy cuts the learning rate."""
     cfg = dataclasses.replace(
-        tiny_params.train, optimizer="sgd", lr=1.0, scheduler="plateau", lr_gamma=0.5, lr_patience=1, monitor=monitor
+        tiny_params.train,
+        optimizer=OptimizerConfig("sgd"),
+        lr=1.0,
+        scheduler=SchedulerConfig("plateau", gamma=0.5, patience=1),
+        monitor=monitor,
     )
     optimizer, scheduler = make_optimizer(Net(tiny_params.model), cfg, steps_per_epoch=1)
     seen = []
@@ -378,7 +385,7 @@ def test_the_last_clean_epochs_draw_no_augmentation(project, tiny_params, monkey
     batches_per_epoch = -(-1200 // tiny_params.train.batch_size)
     distorted = []
     real = random_distort
-    monkeypatch.setattr(loop, "random_distort", lambda x, *a: distorted.append(len(x)) or real(x, *a))
+    monkeypatch.setattr(epoch, "random_distort", lambda x, *a: distorted.append(len(x)) or real(x, *a))
     train_data, val_data = load_train_val(project.data, "mnist", 0.2, 1, torch.device("cpu"))
     for clean, augmented_epochs in ((1, 2), (0, 3)):
         distorted.clear()
@@ -404,7 +411,7 @@ def test_the_last_clean_epochs_draw_no_augmentation(project, tiny_params, monkey
         ("model.padding", 2, "0 (the seed's) or 1"),
         ("model.kernel_size", 7, "3 (the seed's) or 5"),
         ("model.dilation", 3, "1 (the seed's) or 2"),
-        ("train.weight_decay", 1.5, "a number in [0, 1)"),
+        ("train.scheduler.gamma", 1.5, "a number in (0, 1]"),
     ],
 )
 def test_bad_augmentation_ema_and_process_values_name_key_and_expectation(key, value, expected):

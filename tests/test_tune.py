@@ -20,7 +20,8 @@ from conftest import REPO, dvc, write_tiny_params
 from mnist_cnn.cli import main
 from mnist_cnn.core.params import load_params, parse_params
 from mnist_cnn.core.search import load_tune
-from mnist_cnn.stages.tune import OWNER_ATTR, PARENT_ATTR, RUN_ATTR, TuneError, open_storage, tune
+from mnist_cnn.stages.tune import OWNER_ATTR, PARENT_ATTR, RUN_ATTR, tune
+from mnist_cnn.stages.tune_study import TuneError, open_storage
 from mnist_cnn.tracking import store
 
 # lr 1e-5 learns nothing in an epoch: once a trial with lr 1.0 has finished, the median pruner stops
@@ -32,9 +33,7 @@ TINY_SPACE = {
 TINY_TUNE = {
     "n_trials": 4,
     "epochs": 2,
-    "pruner": "median",
-    "pruner_startup_trials": 1,
-    "pruner_warmup_epochs": 0,
+    "pruner": {"name": "median", "startup_trials": 1, "warmup_epochs": 0},
     "space": TINY_SPACE,
 }
 
@@ -134,7 +133,8 @@ def test_tune_runs_a_study_with_pruning_and_nested_runs(project, monkeypatch):
     states = [t.state for t in study.get_trials()]
     assert TrialState.PRUNED in states and TrialState.COMPLETE in states, states
     assert result.best_trial == study.best_trial.number and result.parent_run_id == parent.info.run_id
-    assert parent.data.params["tune.n_trials"] == "4" and parent.data.params["tune.pruner"] == "median"
+    assert parent.data.params["tune.n_trials"] == "4"
+    assert parent.data.params["tune.pruner"] == "{name: median, startup_trials: 1, warmup_epochs: 0}"
 
     # Run again: the study is complete, no trial is added, the same parent is reopened and ended.
     again = tune(params, cfg, project.root, show_progress=False)
@@ -186,7 +186,7 @@ def test_two_workers_share_one_study_and_one_parent_run(project):
         ),
         ({"space": {"train.learning_rate": {"low": 0.1, "high": 1.0}}}, "tune.space.train.learning_rate: unknown"),
         ({"n_trials": 0}, "tune.n_trials = 0: expected an integer >= 1"),
-        ({"pruner": "asha"}, "tune.pruner = 'asha': expected median | hyperband | none"),
+        ({"pruner": "asha"}, "tune.pruner.name = 'asha': expected median | hyperband | none"),
         (
             {"space": {"model.dropout2": {"low": 0.0, "high": 1.5}}},
             "tune.space.model.dropout2.high: model.dropout2 = 1.5: expected a number in [0, 1)",
@@ -329,14 +329,14 @@ def test_database_lock_is_exclusive_across_workers_and_a_stale_one_is_broken(tmp
     import threading
     import time
 
-    from mnist_cnn.stages.tune import DatabaseLock
+    from mnist_cnn.stages.tune_study import database_lock
 
     url = f"sqlite:///{tmp_path / 'optuna.db'}"
     optuna.storages.RDBStorage(url)  # the tables, once
     order: list[str] = []
 
     def hold(name: str) -> None:
-        with DatabaseLock(optuna.storages.RDBStorage(url), "s.workers-lock"):  # an engine each, as two machines
+        with database_lock(optuna.storages.RDBStorage(url), "s.workers-lock"):  # an engine each, as two machines
             order.append(f"{name} in")
             time.sleep(0.5)
             order.append(f"{name} out")
@@ -352,7 +352,7 @@ def test_database_lock_is_exclusive_across_workers_and_a_stale_one_is_broken(tmp
     dead = storage.create_new_study([optuna.study.StudyDirection.MINIMIZE], "s.workers-lock")
     storage.set_study_user_attr(dead, "created", time.time() - 3600)  # its holder died an hour ago
     started = time.monotonic()
-    with DatabaseLock(storage, "s.workers-lock"):
+    with database_lock(storage, "s.workers-lock"):
         assert time.monotonic() - started < 30
     assert optuna.get_all_study_summaries(url) == []
 
@@ -481,8 +481,8 @@ def test_a_second_ctrl_c_while_the_parent_ends_waits_and_the_parent_ends_killed(
         signal.raise_signal(signal.SIGINT)  # and again while the parent is being ended
         real_plots(*args)
 
-    monkeypatch.setattr(tune, "fit", fit)
-    monkeypatch.setattr(tune, "_log_plots", log_plots)
+    monkeypatch.setattr(tune_module, "fit", fit)
+    monkeypatch.setattr(tune_module, "_log_plots", log_plots)
     write_tune_params(project.params_file, n_trials=3, epochs=1, pruner="none")
     code, err = run_tune_cli(project, capsys)
 

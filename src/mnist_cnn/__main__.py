@@ -1,7 +1,7 @@
 import signal
 import sys
 
-from .cli import main
+from mnist_cnn.cli import main
 
 code = main()
 # Past this point the work is done and the run ended: a late Ctrl-C or SIGTERM must not turn the

@@ -1,4 +1,5 @@
-"""Train stage: the seed CNN with Adadelta, early stopping on validation loss, best weights kept."""
+"""The training loop: epochs, validation, early stopping on the ``monitor`` value, the best weights kept,
+and what a checkpoint saves of it (resumed to the last bit)."""
 
 from __future__ import annotations
 
@@ -12,30 +13,28 @@ from typing import Any, Protocol
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from tqdm import tqdm
 
-from mnist_cnn.core.augment import Distortions, random_distort
+from mnist_cnn.core.augment import Distortions
 from mnist_cnn.core.checkpoint import CHECKPOINT_FORMAT, Checkpointing, save_torch
 from mnist_cnn.core.data import Tensors
 from mnist_cnn.core.distributed import (
     SINGLE,
     World,
-    all_sum,
     from_main,
     gathered,
-    shard,
     shard_size,
 )
+from mnist_cnn.core.epoch import Augmentation, batch_per_process, train_epoch
 from mnist_cnn.core.errors import ProjectError
 from mnist_cnn.core.inference import prepare_model, validate
 from mnist_cnn.core.model import Net
 from mnist_cnn.core.optim import make_optimizer, monitor_value
 from mnist_cnn.core.params import Params, TrainConfig
-from mnist_cnn.core.runtime import autocast, memory_format, seed_everything
+from mnist_cnn.core.runtime import seed_everything
 
 log = logging.getLogger(__name__)
 
@@ -67,80 +66,6 @@ class Reporter(Protocol):
     """Where per-epoch metrics go (MLflow in the pipeline; nothing in a bare call)."""
 
     def log_epoch(self, stats: EpochStats) -> None: ...
-
-
-@dataclass
-class Augmentation:
-    """Random distortions of each training batch, drawn from their own seeded generator."""
-
-    distortions: Distortions
-    generator: torch.Generator
-    background: float  # the normalised value of a blank pixel
-
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        return random_distort(x, self.distortions, self.generator, self.background)
-
-
-def batch_per_process(batch_size: int, world: World) -> int:
-    """``train.batch_size`` is the global batch: N processes take a 1/N share of it each."""
-    return -(-batch_size // world.size)
-
-
-def train_epoch(
-    model: nn.Module,
-    optimizer: torch.optim.Optimizer,
-    data: Tensors,
-    cfg: TrainConfig,
-    precision: str,
-    generator: torch.Generator,
-    batch_scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
-    scaler: torch.amp.GradScaler | None = None,
-    progress: tqdm | None = None,
-    world: World = SINGLE,
-    augmentation: Augmentation | None = None,
-    ema: AveragedModel | None = None,
-) -> tuple[float, float]:
-    """One pass over ``data`` in a seeded random order; returns (mean train loss, accuracy %).
-
-    Loss and correct counts accumulate on the device and are read once, so a GPU never waits on
-    the host inside the epoch. With several processes, each takes its shard of the same permutation.
-    """
-    model.train()
-    device = data.x.device
-    layout_of_batches = memory_format(device)
-    order = shard(torch.randperm(len(data.y), generator=generator), world).to(device)
-    batch_size = batch_per_process(cfg.batch_size, world)
-    loss_sum = torch.zeros((), device=device)
-    correct = torch.zeros((), device=device, dtype=torch.long)
-    for start in range(0, len(order), batch_size):
-        idx = order[start : start + batch_size]
-        x = data.x.index_select(0, idx)
-        if augmentation is not None:
-            x = augmentation(x)
-        x = x.contiguous(memory_format=layout_of_batches)
-        y = data.y.index_select(0, idx)
-        optimizer.zero_grad(set_to_none=True)
-        with autocast(device, precision):
-            output = model(x)
-            loss = F.cross_entropy(output, y, label_smoothing=cfg.label_smoothing)
-        if scaler is not None:
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
-        else:
-            loss.backward()
-            optimizer.step()
-        if ema is not None:
-            ema.update_parameters(model)  # a DDP or compiled wrapper yields the net's parameters, in order
-        if batch_scheduler is not None:
-            batch_scheduler.step()
-        loss_sum += loss.detach().float() * len(idx)
-        correct += (output.detach().argmax(dim=1) == y).sum()
-        if progress is not None:
-            progress.update(1)
-    count = torch.tensor(float(len(order)), device=device, dtype=torch.float64)
-    loss_sum, correct, count = all_sum(torch.stack([loss_sum.double(), correct.double(), count]), world).tolist()
-    return loss_sum / count, 100.0 * correct / count
 
 
 class TrainingDiverged(ProjectError, RuntimeError):
@@ -226,6 +151,15 @@ class _Loop:
             return stats.val_loss < self.best_loss
         return (stats.val_acc, -stats.val_loss) > (self.best_acc, -self.best_loss)
 
+    def record(self, stats: EpochStats, monitor: str, scored: nn.Module) -> bool:
+        """Add the epoch to the history; keep ``scored``'s weights if it is the best so far."""
+        self.history.append(stats)
+        improved = self.improves(stats, monitor)
+        if improved:
+            self.best_loss, self.best_acc, self.best_epoch = stats.val_loss, stats.val_acc, stats.epoch
+            self.best_state = copy.deepcopy(scored.state_dict())
+        return improved
+
     def restore(self, state: dict[str, Any], rank: int = 0) -> None:
         self.net.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
@@ -271,20 +205,82 @@ def fit(
     only rank 0 saves checkpoints.
     """
     cfg = params.train
+    loop, run = _build(params, train_data, device, precision, world)
+    first = _resume(loop, cfg, checkpointing, world)
+    started = time.perf_counter()
+    for epoch in range(first, cfg.epochs + 1):
+        stats = _one_epoch(loop, run, epoch, params, train_data, val_data, show_progress, world)
+        improved = loop.record(stats, cfg.monitor, run.scored)
+        if checkpointing is not None:
+            _save_checkpoint(loop, checkpointing, loop.seconds_before + time.perf_counter() - started, world)
+        if world.is_main:
+            log.info(_format_epoch(stats, cfg.epochs, improved))
+        if reporter is not None:
+            reporter.log_epoch(stats)
+        if _early_stop(epoch, loop.best_epoch, cfg.patience):
+            _log_early_stop(cfg, loop.best_epoch, world)
+            break
+    if loop.best_state is None:
+        raise TrainingDiverged(
+            f"train.lr = {cfg.lr}: validation loss was never finite (training diverged); try a lower train.lr"
+        )
+    loop.net.load_state_dict(loop.best_state)  # an EMA's state_dict has the net's keys
+    result = TrainResult(
+        best_epoch=loop.best_epoch,
+        stopped_epoch=loop.history[-1].epoch,
+        best_val_loss=loop.best_loss,
+        best_val_acc=loop.best_acc,
+        device=device.type,
+        precision=precision,
+        train_seconds=loop.seconds_before + time.perf_counter() - started,
+        history=loop.history,
+    )
+    return loop.net.eval(), result
+
+
+@dataclass(frozen=True)
+class _Run:
+    """What stays the same for every epoch: the model the batches go through and the schedule's pace."""
+
+    model: nn.Module  # the net, wrapped in DistributedDataParallel and/or compiled
+    scored: nn.Module  # what validation scores and the kept weights come from: the net or its EMA
+    steps: int  # batches per epoch, per process
+    per_batch: Any  # the scheduler when it steps every batch (onecycle), else None
+    precision: str
+
+
+def _build(
+    params: Params, train_data: Tensors, device: torch.device, precision: str, world: World
+) -> tuple[_Loop, _Run]:
+    """The net, its wrappers, optimizer, schedule, augmentation and EMA, seeded in this order: the random
+    draws (initial weights first) are the same as in every earlier version of this loop."""
+    cfg = params.train
     seed_everything(cfg.seed)
     net = prepare_model(Net(params.model), device)
     if world.distributed:
         torch.manual_seed(cfg.seed + world.rank)  # same initial weights, but each rank its own dropout masks
-    if world.distributed:
         trained = DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda" else None)
     else:
         trained = net
     model = trained if cfg.compile == "none" else torch.compile(trained, mode=cfg.compile)
     steps = -(-shard_size(len(train_data.y), world) // batch_per_process(cfg.batch_size, world))
     optimizer, scheduler = make_optimizer(net, cfg, steps)
-    per_batch = scheduler if cfg.scheduler == "onecycle" else None
+    per_batch = scheduler if cfg.scheduler.name == "onecycle" else None
     scaler = torch.amp.GradScaler(device.type) if precision == "fp16" else None
     generator = torch.Generator().manual_seed(cfg.seed)
+    augmentation = _augmentation(cfg, train_data, device, world)
+    # The average follows the weights every step; validation, early stopping and the saved weights use it.
+    ema = (
+        AveragedModel(net, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema_decay), use_buffers=True)
+        if cfg.ema_decay
+        else None
+    )
+    loop = _Loop(net, optimizer, scheduler, scaler, generator, history=[], augmentation=augmentation, ema=ema)
+    scored = ema.module if ema is not None else net
+    return loop, _Run(model, scored, steps, per_batch, precision)
+
+
+def _augmentation(cfg: TrainConfig, train_data: Tensors, device: torch.device, world: World) -> Augmentation | None:
     distortions = Distortions(
         shift=cfg.augment_shift,
         rotate=cfg.augment_rotate,
@@ -294,96 +290,79 @@ def fit(
         elastic_alpha=cfg.augment_elastic,
         elastic_sigma=cfg.augment_elastic_sigma,
     )
-    augmentation = None
-    if distortions.active:
-        augment_rng = torch.Generator(device=device).manual_seed(cfg.seed + 1_000_003 * world.rank)
-        augmentation = Augmentation(distortions, augment_rng, background=train_data.x.amin().item())
-    # The average follows the weights every step; validation, early stopping and the saved weights use it.
-    ema = (
-        AveragedModel(net, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema_decay), use_buffers=True)
-        if cfg.ema_decay
-        else None
-    )
-    scored = ema.module if ema is not None else net
-    loop = _Loop(net, optimizer, scheduler, scaler, generator, history=[], augmentation=augmentation, ema=ema)
+    if not distortions.active:
+        return None
+    augment_rng = torch.Generator(device=device).manual_seed(cfg.seed + 1_000_003 * world.rank)
+    return Augmentation(distortions, augment_rng, background=train_data.x.amin().item())
+
+
+def _resume(loop: _Loop, cfg: TrainConfig, checkpointing: Checkpointing | None, world: World) -> int:
+    """Restore the checkpoint's state, if any; return the first epoch still to train."""
     # Rank 0 read the checkpoint under the stage lock; the other ranks take its copy rather than race a
     # concurrent training's file.
     resume = from_main(checkpointing.state, world) if checkpointing is not None else None
-    if resume is not None:
-        loop.restore(resume, world.rank)
-        log.info("resuming after epoch %d from %s", loop.history[-1].epoch, checkpointing.path)
-    history = loop.history
-    first = history[-1].epoch + 1 if history else 1
-    if history and _early_stop(history[-1].epoch, loop.best_epoch, cfg.patience):
-        first = cfg.epochs + 1  # the interrupted run had already stopped early
-    started = time.perf_counter()
-    for epoch in range(first, cfg.epochs + 1):
-        epoch_start = time.perf_counter()
-        lr = optimizer.param_groups[0]["lr"]
-        # disable=None: tqdm shows the bar on a terminal only, so logs keep just the epoch lines.
-        disable = None if show_progress is None else not show_progress
-        if not world.is_main:
-            disable = True
-        with tqdm(total=steps, desc=f"epoch {epoch}/{cfg.epochs}", unit="batch", leave=False, disable=disable) as bar:
-            train_loss, train_acc = train_epoch(
-                model,
-                optimizer,
-                train_data,
-                cfg,
-                precision,
-                generator,
-                per_batch,
-                scaler,
-                bar,
-                world,
-                augmentation if epoch <= cfg.epochs - cfg.augment_clean_epochs else None,
-                ema,
-            )
-        val_loss, val_acc = validate(scored, val_data, params.evaluate.batch_size, precision, world)
-        if cfg.scheduler == "plateau":
-            scheduler.step(monitor_value(cfg, val_loss, val_acc))
-        elif scheduler is not None and per_batch is None:
-            scheduler.step()
-        stats = EpochStats(epoch, train_loss, train_acc, val_loss, val_acc, lr, time.perf_counter() - epoch_start)
-        history.append(stats)
-        improved = loop.improves(stats, cfg.monitor)
-        if improved:
-            loop.best_loss, loop.best_acc, loop.best_epoch = val_loss, val_acc, epoch
-            loop.best_state = copy.deepcopy(scored.state_dict())
-        if checkpointing is not None:
-            streams = gathered(loop.random_streams(), world)
-            if world.is_main:
-                seconds = loop.seconds_before + time.perf_counter() - started
-                save_torch(
-                    checkpointing.path, loop.state(checkpointing.fingerprint, checkpointing.run_id, seconds, streams)
-                )
-        if world.is_main:
-            log.info(_format_epoch(stats, cfg.epochs, improved))
-        if reporter is not None:
-            reporter.log_epoch(stats)
-        if _early_stop(epoch, loop.best_epoch, cfg.patience):
-            log.log(
-                logging.INFO if world.is_main else logging.DEBUG,
-                "early stop: no better %s in %d epoch%s; best epoch %d",
-                "validation loss" if cfg.monitor == "val_loss" else "validation accuracy",
-                cfg.patience,
-                "" if cfg.patience == 1 else "s",
-                loop.best_epoch,
-            )
-            break
-    if loop.best_state is None:
-        raise TrainingDiverged(
-            f"train.lr = {cfg.lr}: validation loss was never finite (training diverged); try a lower train.lr"
+    if resume is None:
+        return 1
+    loop.restore(resume, world.rank)
+    log.info("resuming after epoch %d from %s", loop.history[-1].epoch, checkpointing.path)
+    last = loop.history[-1].epoch
+    if _early_stop(last, loop.best_epoch, cfg.patience):
+        return cfg.epochs + 1  # the interrupted run had already stopped early
+    return last + 1
+
+
+def _one_epoch(
+    loop: _Loop,
+    run: _Run,
+    epoch: int,
+    params: Params,
+    train_data: Tensors,
+    val_data: Tensors,
+    show_progress: bool | None,
+    world: World,
+) -> EpochStats:
+    """Train one epoch, validate, step the per-epoch schedule."""
+    cfg = params.train
+    epoch_start = time.perf_counter()
+    lr = loop.optimizer.param_groups[0]["lr"]
+    # disable=None: tqdm shows the bar on a terminal only, so logs keep just the epoch lines.
+    disable = True if not world.is_main else None if show_progress is None else not show_progress
+    augmentation = loop.augmentation if epoch <= cfg.epochs - cfg.augment_clean_epochs else None
+    with tqdm(total=run.steps, desc=f"epoch {epoch}/{cfg.epochs}", unit="batch", leave=False, disable=disable) as bar:
+        train_loss, train_acc = train_epoch(
+            run.model,
+            loop.optimizer,
+            train_data,
+            cfg,
+            run.precision,
+            loop.generator,
+            run.per_batch,
+            loop.scaler,
+            bar,
+            world,
+            augmentation,
+            loop.ema,
         )
-    net.load_state_dict(loop.best_state)  # an EMA's state_dict has the net's keys
-    result = TrainResult(
-        best_epoch=loop.best_epoch,
-        stopped_epoch=history[-1].epoch,
-        best_val_loss=loop.best_loss,
-        best_val_acc=loop.best_acc,
-        device=device.type,
-        precision=precision,
-        train_seconds=loop.seconds_before + time.perf_counter() - started,
-        history=history,
+    val_loss, val_acc = validate(run.scored, val_data, params.evaluate.batch_size, run.precision, world)
+    if cfg.scheduler.name == "plateau":
+        loop.scheduler.step(monitor_value(cfg, val_loss, val_acc))
+    elif loop.scheduler is not None and run.per_batch is None:
+        loop.scheduler.step()
+    return EpochStats(epoch, train_loss, train_acc, val_loss, val_acc, lr, time.perf_counter() - epoch_start)
+
+
+def _save_checkpoint(loop: _Loop, checkpointing: Checkpointing, seconds: float, world: World) -> None:
+    streams = gathered(loop.random_streams(), world)  # every rank takes part; rank 0 writes
+    if world.is_main:
+        save_torch(checkpointing.path, loop.state(checkpointing.fingerprint, checkpointing.run_id, seconds, streams))
+
+
+def _log_early_stop(cfg: TrainConfig, best_epoch: int, world: World) -> None:
+    log.log(
+        logging.INFO if world.is_main else logging.DEBUG,
+        "early stop: no better %s in %d epoch%s; best epoch %d",
+        "validation loss" if cfg.monitor == "val_loss" else "validation accuracy",
+        cfg.patience,
+        "" if cfg.patience == 1 else "s",
+        best_epoch,
     )
-    return net.eval(), result

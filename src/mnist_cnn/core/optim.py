@@ -21,25 +21,26 @@ def make_optimizer(
     model: nn.Module, cfg: TrainConfig, steps_per_epoch: int
 ) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler | None]:
     """The optimizer and its schedule: ``step`` decays every epoch, ``plateau`` when the monitored
-    value (``monitor_value``) stalls for ``lr_patience`` epochs, ``onecycle`` moves every batch."""
-    if cfg.optimizer == "adadelta":
+    value (``monitor_value``) stalls for ``train.scheduler.patience`` epochs, ``onecycle`` moves every batch."""
+    chosen, schedule = cfg.optimizer, cfg.scheduler
+    if chosen.name == "adadelta":
         optimizer = torch.optim.Adadelta(model.parameters(), lr=cfg.lr)
-    elif cfg.optimizer == "adamw":
-        optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    elif chosen.name == "adamw":
+        optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=chosen.weight_decay)
     else:
         optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=0.9, nesterov=True)
-    if cfg.scheduler == "step":
-        scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=1, gamma=cfg.lr_gamma)
-    elif cfg.scheduler == "plateau":
+    if schedule.name == "step":
+        scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=1, gamma=schedule.gamma)
+    elif schedule.name == "plateau":
         scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
-            optimizer, factor=cfg.lr_gamma, patience=cfg.lr_patience, **PLATEAU_MODE[cfg.monitor]
+            optimizer, factor=schedule.gamma, patience=schedule.patience, **PLATEAU_MODE[cfg.monitor]
         )
-    elif cfg.scheduler == "onecycle":
+    elif schedule.name == "onecycle":
         scheduler = torch.optim.lr_scheduler.OneCycleLR(
             optimizer,
             max_lr=cfg.lr,
             total_steps=cfg.epochs * steps_per_epoch,
-            cycle_momentum=cfg.optimizer != "adadelta",  # Adadelta has no momentum to cycle
+            cycle_momentum=chosen.name != "adadelta",  # Adadelta has no momentum to cycle
         )
     else:
         scheduler = None

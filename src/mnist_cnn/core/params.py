@@ -3,16 +3,25 @@
 from __future__ import annotations
 
 import dataclasses
-import math
-import re
-from collections.abc import Mapping, Sequence
+import functools
+import logging
+from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, get_type_hints
 
 import yaml
 
-from mnist_cnn.core.errors import ProjectError, one_line
+from mnist_cnn.core.checks import Choice
+from mnist_cnn.core.checks import ConfigError as ConfigError  # re-exported: imported from here
+from mnist_cnn.core.checks import _check_keys as _check_keys
+from mnist_cnn.core.checks import _check_type as _check_type
+from mnist_cnn.core.checks import _require as _require
+from mnist_cnn.core.params_compat import converted, new_key
+from mnist_cnn.core.params_yaml import _read_yaml as _read_yaml
+from mnist_cnn.core.params_yaml import yaml_load as yaml_load
+
+log = logging.getLogger(__name__)
 
 DATASETS = ("mnist", "fashion-mnist")
 
@@ -24,12 +33,6 @@ PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 
 
 COMPILE_MODES = ("none", "default", "reduce-overhead")  # reduce-overhead: torch.compile with CUDA graphs
-
-
-SCHEDULERS = ("step", "plateau", "onecycle", "constant")
-
-
-OPTIMIZERS = ("adadelta", "adamw", "sgd")
 
 
 MONITORS = ("val_loss", "val_acc")  # what early stopping and the kept weights go by
@@ -56,77 +59,6 @@ ALIASES = {
     "precision": "train.precision",
     "test_batch_size": "evaluate.batch_size",
 }
-
-
-class ConfigError(ProjectError, ValueError):
-    """A parameter is missing, unknown, of the wrong type or out of range."""
-
-    exit_code = 2
-
-
-class _Yaml12Loader(yaml.SafeLoader):
-    """PyYAML's safe loader, but floats as YAML 1.2 (and every other tool) reads them.
-
-    PyYAML implements YAML 1.1, where ``1e-3`` (no dot) is a string; users write ``lr: 1e-3``.
-    A key given twice in one mapping is refused, as DVC refuses the same file (PyYAML keeps the last).
-    """
-
-    def construct_document(self, node: yaml.Node) -> Any:
-        # Checked on the file's own keys, before construction: merging rewrites anchored mappings in place.
-        _refuse_duplicate_keys(node, set())
-        return super().construct_document(node)
-
-
-def _refuse_duplicate_keys(node: yaml.Node, seen: set[int]) -> None:
-    """Each mapping's keys as written (``<<`` counts too: two merges in one mapping are refused, as DVC
-    refuses them); an aliased node is checked once."""
-    if id(node) in seen:
-        return
-    seen.add(id(node))
-    if isinstance(node, yaml.MappingNode):
-        first_line: dict[tuple[str, str], int] = {}
-        for key_node, value_node in node.value:
-            if isinstance(key_node, yaml.ScalarNode):
-                key = (key_node.tag, key_node.value)
-                if key in first_line:
-                    raise yaml.constructor.ConstructorError(
-                        problem=f"duplicate key {key_node.value!r} (first on line {first_line[key]})",
-                        problem_mark=key_node.start_mark,
-                    )
-                first_line[key] = key_node.start_mark.line + 1
-            _refuse_duplicate_keys(value_node, seen)
-    elif isinstance(node, yaml.SequenceNode):
-        for item in node.value:
-            _refuse_duplicate_keys(item, seen)
-
-
-_Yaml12Loader.yaml_implicit_resolvers = {
-    first: [(tag, regexp) for tag, regexp in resolvers if tag != "tag:yaml.org,2002:float"]
-    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
-}
-
-
-_Yaml12Loader.add_implicit_resolver(
-    "tag:yaml.org,2002:float",
-    re.compile(
-        r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
-        |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
-        |\.[0-9_]+(?:[eE][-+]?[0-9]+)?
-        |[-+]?\.(?:inf|Inf|INF)
-        |\.(?:nan|NaN|NAN))$""",
-        re.X,
-    ),
-    list("-+0123456789."),
-)
-
-
-def yaml_load(text: str) -> Any:
-    return yaml.load(text, Loader=_Yaml12Loader)  # noqa: S506 - a SafeLoader subclass
-
-
-def _require(ok: bool, key: str, value: Any, expected: str) -> None:
-    if not ok:
-        raise ConfigError(f"{key} = {value!r}: expected {expected}")
 
 
 @dataclass(frozen=True)
@@ -163,15 +95,43 @@ class ModelConfig:
 
 
 @dataclass(frozen=True)
+class OptimizerConfig(Choice):
+    """``train.optimizer``: adadelta (pytorch/examples') | adamw | sgd (Nesterov, momentum 0.9)."""
+
+    weight_decay: float | None = None  # adamw's decoupled weight decay
+    WHERE = "train.optimizer"
+    TAKES = {"adadelta": (), "adamw": ("weight_decay",), "sgd": ()}
+    DEFAULTS = {"weight_decay": 0.01}  # torch's AdamW default
+
+    def check(self) -> None:
+        if self.weight_decay is not None:
+            _require(0 <= self.weight_decay < 1, f"{self.WHERE}.weight_decay", self.weight_decay, "a number in [0, 1)")
+
+
+@dataclass(frozen=True)
+class SchedulerConfig(Choice):
+    """``train.scheduler``: step (every epoch) | plateau (when ``train.monitor`` stalls) | onecycle | constant."""
+
+    gamma: float | None = None  # the lr's factor: every epoch (step) or per stall (plateau)
+    patience: int | None = None  # plateau: epochs no better before the lr is cut
+    WHERE = "train.scheduler"
+    TAKES = {"step": ("gamma",), "plateau": ("gamma", "patience"), "onecycle": (), "constant": ()}
+    DEFAULTS = {"gamma": 0.7, "patience": 2}  # pytorch/examples' 0.7
+
+    def check(self) -> None:
+        if self.gamma is not None:
+            _require(0 < self.gamma <= 1, f"{self.WHERE}.gamma", self.gamma, "a number in (0, 1]")
+        if self.patience is not None:
+            _require(self.patience >= 0, f"{self.WHERE}.patience", self.patience, "an integer >= 0")
+
+
+@dataclass(frozen=True)
 class TrainConfig:
     batch_size: int
     epochs: int
-    optimizer: str
-    lr: float
-    weight_decay: float
-    scheduler: str
-    lr_gamma: float
-    lr_patience: int
+    lr: float  # every optimizer's (onecycle's peak)
+    optimizer: OptimizerConfig
+    scheduler: SchedulerConfig
     label_smoothing: float
     val_split: float
     patience: int
@@ -195,13 +155,8 @@ class TrainConfig:
     def __post_init__(self) -> None:
         _require(self.batch_size >= 1, "train.batch_size", self.batch_size, "an integer >= 1")
         _require(self.epochs >= 1, "train.epochs", self.epochs, "an integer >= 1")
-        _require(self.optimizer in OPTIMIZERS, "train.optimizer", self.optimizer, " | ".join(OPTIMIZERS))
         _require(self.lr > 0, "train.lr", self.lr, "a number > 0")
-        _require(self.scheduler in SCHEDULERS, "train.scheduler", self.scheduler, " | ".join(SCHEDULERS))
-        _require(0 < self.lr_gamma <= 1, "train.lr_gamma", self.lr_gamma, "a number in (0, 1]")
         _require(0 <= self.label_smoothing < 1, "train.label_smoothing", self.label_smoothing, "a number in [0, 1)")
-        _require(0 <= self.weight_decay < 1, "train.weight_decay", self.weight_decay, "a number in [0, 1)")
-        _require(self.lr_patience >= 0, "train.lr_patience", self.lr_patience, "an integer >= 0")
         _require(0 < self.val_split < 1, "train.val_split", self.val_split, "a number in (0, 1)")
         _require(self.patience >= 1, "train.patience", self.patience, "an integer >= 1")
         _require(self.monitor in MONITORS, "train.monitor", self.monitor, " | ".join(MONITORS))
@@ -260,50 +215,61 @@ class Params:
     mlflow: MlflowConfig
 
 
-def _check_type(key: str, value: Any, kind: type) -> Any:
-    """Return ``value`` as ``kind``; ints are accepted where floats are expected, nothing else is coerced."""
-    if kind is bool:
-        _require(isinstance(value, bool), key, value, "true or false")
-    elif kind is int:
-        _require(isinstance(value, int) and not isinstance(value, bool), key, value, "an integer")
-    elif kind is float:
-        _require(isinstance(value, (int, float)) and not isinstance(value, bool), key, value, "a number")
-        _require(math.isfinite(value), key, value, "a finite number")
-        return float(value)
-    elif kind is str:
-        _require(isinstance(value, str), key, value, "a string")
-    return value
-
-
-def _check_keys(section: str, raw: Mapping[str, Any], names: Sequence[str]) -> None:
-    """Every key of ``names`` present in ``raw``, and nothing else."""
-    unknown = sorted(set(raw) - set(names))
-    if unknown:
-        raise ConfigError(f"{section}.{unknown[0]}: unknown key (expected one of {', '.join(names)})")
-    missing = [n for n in names if n not in raw]
-    if missing:
-        raise ConfigError(f"{section}.{missing[0]}: missing key")
-
-
 def _build_section(cls: type, section: str, raw: Any) -> Any:
     if not isinstance(raw, Mapping):
         raise ConfigError(f"{section}: expected a mapping of keys, got {raw!r}")
     hints = get_type_hints(cls)
     names = [f.name for f in fields(cls)]
     _check_keys(section, raw, names)
-    values = {n: _check_type(f"{section}.{n}", raw[n], hints[n]) for n in names}
+    values = {
+        n: hints[n].parse(raw[n]) if _is_choice(hints[n]) else _check_type(f"{section}.{n}", raw[n], hints[n])
+        for n in names
+    }
     return cls(**values)
 
 
-def _merge(raw: Any, overrides: Mapping[str, Any] | None) -> dict[str, Any]:
+def _is_choice(kind: Any) -> bool:
+    return isinstance(kind, type) and issubclass(kind, Choice)
+
+
+def choices(cls: type) -> dict[str, type[Choice]]:
+    """A section's settings chosen by name: ``{"optimizer": OptimizerConfig, ...}``."""
+    return {name: kind for name, kind in get_type_hints(cls).items() if _is_choice(kind)}
+
+
+def apply_choice_changes(
+    cls: type, section: str, raw: dict[str, Any], changes: Mapping[str, Mapping[str, Any]], source: str
+) -> None:
+    """``changes`` (``{"optimizer": {"": "adamw"}, "scheduler": {"gamma": 0.5}}``) into ``raw``, one section;
+    the keys the file gave that do not act under a name an override chose are dropped, in a log line."""
+    for name, change in changes.items():
+        raw[name], dropped = choices(cls)[name].changed(raw.get(name), change)
+        if dropped:
+            listed = ", ".join(f"{section}.{name}.{k} = {v!r}" for k, v in dropped.items())
+            chosen, keys = raw[name].get("name"), ", ".join(dropped)
+            log.warning("%s: %s dropped: %s, chosen by an override, takes no %s", source, listed, chosen, keys)
+
+
+def _merge(raw: Any, overrides: Mapping[str, Any] | None, source: str = "params", only: str | None = None) -> dict:
+    """``raw`` with ``overrides`` applied; a section of the old flat layout is read as the nested one
+    (``only``: the one section to be read, the others are left as they are)."""
     if not isinstance(raw, Mapping):
         raise ConfigError(f"params: expected a mapping of sections, got {raw!r}")
     merged = {k: dict(v) if isinstance(v, Mapping) else v for k, v in raw.items()}
+    for section, cls in get_type_hints(Params).items():
+        if choices(cls) and isinstance(merged.get(section), dict) and only in (None, section):
+            merged[section] = converted(section, merged[section], choices(cls), source)
+    changes: dict[str, dict[str, dict[str, Any]]] = {}
     for key, value in (overrides or {}).items():
-        section, name = resolve_key(key).split(".", 1)
+        section, name, *key_in_choice = resolve_key(key).split(".")
         if not isinstance(merged.get(section), dict):
             raise ConfigError(f"{section}: missing section")
-        merged[section][name] = parse_value(value)
+        if name in choices(get_type_hints(Params)[section]):
+            changes.setdefault(section, {}).setdefault(name, {})["".join(key_in_choice)] = parse_value(value)
+        else:
+            merged[section][name] = parse_value(value)
+    for section, section_changes in changes.items():
+        apply_choice_changes(get_type_hints(Params)[section], section, merged[section], section_changes, source)
     return merged
 
 
@@ -313,39 +279,17 @@ def _section(merged: dict[str, Any], name: str) -> Any:
     return _build_section(get_type_hints(Params)[name], name, merged[name])
 
 
-def parse_params(raw: Any, overrides: Mapping[str, Any] | None = None) -> Params:
+def parse_params(raw: Any, overrides: Mapping[str, Any] | None = None, source: str = "params") -> Params:
     """Validate a params mapping (as read from YAML), after applying ``overrides`` (dotted or short keys)."""
-    merged = _merge(raw, overrides)
+    merged = _merge(raw, overrides, source)
     return Params(**{f.name: _section(merged, f.name) for f in fields(Params)})
-
-
-def _read_yaml(path: Path) -> Any:
-    path = Path(path)
-    try:
-        return yaml_load(path.read_text())
-    except FileNotFoundError:
-        raise ConfigError(f"{path}: params file not found") from None
-    except IsADirectoryError:
-        raise ConfigError(f"{path}: is a directory, expected a params YAML file") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"{path}: cannot read params file ({getattr(exc, 'strerror', None) or exc})") from None
-    except yaml.YAMLError as exc:
-        # PyYAML's first line is the context ("while scanning ..."); the problem and its place say more.
-        problem = getattr(exc, "problem", None) or one_line(exc)
-        mark = getattr(exc, "problem_mark", None)
-        where = f", line {mark.line + 1} column {mark.column + 1}" if mark is not None else ""
-        # An unclosed quote or bracket is found at the end of the file; where it opened says more.
-        start = getattr(exc, "context_mark", None)
-        if start is not None and mark is not None and start.line != mark.line and exc.context:
-            where += f"; {exc.context} at line {start.line + 1} column {start.column + 1}"
-        raise ConfigError(f"{path}: not valid YAML ({problem}{where})") from None
 
 
 def load_params(path: Path, overrides: Mapping[str, Any] | None = None) -> Params:
     """Read and validate ``params.yaml``; errors name the file and the key."""
     raw = _read_yaml(path)
     try:
-        return parse_params(raw, overrides)
+        return parse_params(raw, overrides, str(path))
     except ConfigError as exc:
         raise ConfigError(f"{path}: {exc}") from None
 
@@ -355,21 +299,38 @@ def load_section(path: Path, name: str, overrides: Mapping[str, Any] | None = No
     ``train.lr`` does not stop the download stage."""
     raw = _read_yaml(path)
     try:
-        return _section(_merge(raw, overrides), name)
+        return _section(_merge(raw, overrides, str(path), only=name), name)
     except ConfigError as exc:
         raise ConfigError(f"{path}: {exc}") from None
 
 
 def resolve_key(key: str) -> str:
-    """Map a short name (``lr``) or dotted name (``train.lr``) to its dotted params key."""
+    """Map a short name (``lr``) or dotted name (``train.lr``, ``train.scheduler.gamma``) to its dotted
+    params key."""
     key = key.strip().lstrip("-")
     dotted = ALIASES.get(key, key)
-    hints = get_type_hints(Params)
-    section, _, name = dotted.partition(".")
-    if section not in hints or name not in {f.name for f in fields(hints[section])}:
+    if dotted not in key_kinds():
+        if new_key(dotted):  # a key of the old flat layout
+            raise ConfigError(f"{key}: unknown parameter (now {new_key(dotted)}, where it acts)")
         known = ", ".join(sorted(ALIASES))
         raise ConfigError(f"{key}: unknown parameter (expected a dotted key such as train.lr, or one of {known})")
     return dotted
+
+
+@functools.cache
+def key_kinds(cls: type = Params, prefix: str = "") -> dict[str, type]:
+    """Every dotted key an override or a search may name, and its value's type: ``train.lr`` (float),
+    ``train.optimizer`` (a name: str, as ``train.optimizer.name``), ``train.optimizer.weight_decay`` (float)."""
+    kinds: dict[str, type] = {}
+    for name, kind in get_type_hints(cls).items():
+        if dataclasses.is_dataclass(kind) and not _is_choice(kind):
+            kinds.update(key_kinds(kind, f"{prefix}{name}."))
+        elif _is_choice(kind):
+            kinds[f"{prefix}{name}"] = str
+            kinds.update({f"{prefix}{name}.{key}": kind.kind(key) for key in ("name", *kind.keys())})
+        else:
+            kinds[f"{prefix}{name}"] = kind
+    return kinds
 
 
 def parse_value(value: Any) -> Any:
@@ -382,21 +343,37 @@ def parse_value(value: Any) -> Any:
         return value
 
 
-def flatten(params: Params) -> dict[str, Any]:
-    """``{"train.lr": 0.43, ...}``: the keys MLflow logs and ``dvc exp run -S`` takes."""
-    return {
-        f"{section}.{name}": value
-        for section, values in dataclasses.asdict(params).items()
-        for name, value in values.items()
-    }
+def flatten(params: Any, prefix: str = "") -> dict[str, Any]:
+    """``{"train.lr": 0.43, "train.optimizer.name": "adadelta", ...}``: the keys MLflow logs, the checkpoint's
+    fingerprint holds and ``dvc exp run -S`` takes; a setting's keys only where they act."""
+    flat: dict[str, Any] = {}
+    for field in fields(params):
+        value = getattr(params, field.name)
+        if isinstance(value, Choice):
+            flat.update({f"{prefix}{field.name}.{key}": v for key, v in value.as_raw().items()})
+        elif dataclasses.is_dataclass(value):
+            flat.update(flatten(value, f"{prefix}{field.name}."))
+        else:
+            flat[f"{prefix}{field.name}"] = value
+    return flat
 
 
 def with_values(params: Params, values: Mapping[str, Any]) -> Params:
-    """``params`` with ``{"train.lr": 0.1, ...}`` replaced, validated as params.yaml's values are."""
+    """``params`` with ``{"train.lr": 0.1, "train.optimizer": "adamw", ...}`` replaced, validated as
+    params.yaml's values are; a setting chosen by another name drops the keys that do not act under it."""
     sections: dict[str, dict[str, Any]] = {}
+    settings: dict[str, dict[str, dict[str, Any]]] = {}
     for key, value in values.items():
-        section, name = resolve_key(key).split(".", 1)
-        sections.setdefault(section, {})[name] = value
+        section, name, *key_in_choice = resolve_key(key).split(".")
+        if name in choices(type(getattr(params, section))):
+            settings.setdefault(section, {}).setdefault(name, {})["".join(key_in_choice)] = value
+        else:
+            sections.setdefault(section, {})[name] = value
+    for section, changes in settings.items():
+        for name, change in changes.items():
+            setting = getattr(getattr(params, section), name)
+            raw, _ = type(setting).changed(setting.as_raw(), change)
+            sections.setdefault(section, {})[name] = type(setting).parse(raw)
     return dataclasses.replace(
         params, **{s: dataclasses.replace(getattr(params, s), **changes) for s, changes in sections.items()}
     )

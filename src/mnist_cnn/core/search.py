@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, get_type_hints
+from typing import Any
 
+from mnist_cnn.core.checks import Choice
 from mnist_cnn.core.params import (
     ConfigError,
     Params,
@@ -14,12 +16,17 @@ from mnist_cnn.core.params import (
     _check_type,
     _read_yaml,
     _require,
+    apply_choice_changes,
+    choices,
+    converted,
+    key_kinds,
+    new_key,
     parse_value,
     resolve_key,
     with_values,
 )
 
-PRUNERS = ("median", "hyperband", "none")
+log = logging.getLogger(__name__)
 
 
 TUNABLE_SECTIONS = ("model", "train")
@@ -32,8 +39,6 @@ TUNE_KEYS = (
     "timeout",
     "sampler_seed",
     "pruner",
-    "pruner_startup_trials",
-    "pruner_warmup_epochs",
     "epochs",
     "space",
 )
@@ -67,15 +72,28 @@ class SearchParam:
 
 
 @dataclass(frozen=True)
+class PrunerConfig(Choice):
+    """``tune.pruner``: median (below the median of earlier trials at the same epoch) | hyperband | none."""
+
+    startup_trials: int | None = None  # median: trials finished before any is pruned
+    warmup_epochs: int | None = None  # median: epochs a trial runs before it can be pruned
+    WHERE = "tune.pruner"
+    TAKES = {"median": ("startup_trials", "warmup_epochs"), "hyperband": (), "none": ()}
+    DEFAULTS = {"startup_trials": 5, "warmup_epochs": 1}
+
+    def check(self) -> None:
+        for key in self.TAKES[self.name]:
+            _require(getattr(self, key) >= 0, f"{self.WHERE}.{key}", getattr(self, key), "an integer >= 0")
+
+
+@dataclass(frozen=True)
 class TuneConfig:
     study_name: str
     storage: str  # a journal file (path) or a database URL (postgresql+psycopg://..., sqlite:///...)
     n_trials: int  # the study's total over all workers
     timeout: float | None  # seconds per worker; None: no limit
     sampler_seed: int
-    pruner: str
-    pruner_startup_trials: int
-    pruner_warmup_epochs: int
+    pruner: PrunerConfig
     epochs: int  # train.epochs of every trial
     space: tuple[SearchParam, ...]
 
@@ -85,9 +103,6 @@ class TuneConfig:
         _require(self.n_trials >= 1, "tune.n_trials", self.n_trials, "an integer >= 1")
         _require(self.timeout is None or self.timeout > 0, "tune.timeout", self.timeout, "null or a number > 0")
         _require(self.sampler_seed >= 0, "tune.sampler_seed", self.sampler_seed, "an integer >= 0")
-        _require(self.pruner in PRUNERS, "tune.pruner", self.pruner, " | ".join(PRUNERS))
-        for name in ("pruner_startup_trials", "pruner_warmup_epochs"):
-            _require(getattr(self, name) >= 0, f"tune.{name}", getattr(self, name), "an integer >= 0")
         _require(self.epochs >= 1, "tune.epochs", self.epochs, "an integer >= 1")
         _require(bool(self.space), "tune.space", {}, "at least one model.* or train.* key to search")
 
@@ -101,15 +116,12 @@ def _search_param(key: str, raw: Any, params: Params) -> SearchParam:
         dotted = resolve_key(key)
     except ConfigError:
         dotted = key
-    section, _, name = dotted.partition(".")
-    tunable = [f"{s}.{f.name}" for s in TUNABLE_SECTIONS for f in fields(getattr(params, s))]
     if dotted in NOT_SEARCHABLE:
         raise ConfigError(f"{where}: not searchable ({NOT_SEARCHABLE[dotted]})")
-    if dotted not in tunable:
-        raise ConfigError(
-            f"{where}: unknown parameter (expected a model.* or train.* key of params.yaml, e.g. train.lr)"
-        )
-    kind = get_type_hints(type(getattr(params, section)))[name]
+    if dotted.split(".")[0] not in TUNABLE_SECTIONS or dotted not in key_kinds():
+        expected = "expected a model.* or train.* key of params.yaml, e.g. train.lr"
+        raise ConfigError(f"{where}: unknown parameter ({_now(dotted) or expected})")
+    kind = key_kinds()[dotted]
     if not isinstance(raw, Mapping):
         raise ConfigError(f"{where} = {raw!r}: expected {{low: .., high: .., log: true|false}} or {{choices: [..]}}")
     allowed = {"choices"} if "choices" in raw else {"low", "high", "log"}
@@ -144,17 +156,45 @@ def _search_param(key: str, raw: Any, params: Params) -> SearchParam:
     return SearchParam(dotted, kind, low=low, high=high, log=log)
 
 
-def parse_tune(raw: Any, params: Params, overrides: Mapping[str, Any] | None = None) -> TuneConfig:
+def _check_searched_settings(space: tuple[SearchParam, ...], params: Params) -> None:
+    """A setting's key searched with the setting's name (``train.optimizer.weight_decay`` with
+    ``train.optimizer: {choices: [...]}``) must act under every name searched: else trials fail."""
+    for param in space:
+        section, setting, *key = param.key.split(".")
+        cls = choices(type(getattr(params, section))).get(setting)
+        if cls is None or key in ([], ["name"]):
+            continue
+        for named in space:
+            if named.key in (f"{section}.{setting}", f"{section}.{setting}.name"):
+                takers = [name for name, keys in cls.TAKES.items() if key[0] in keys]
+                for name in named.choices:
+                    if name not in takers:
+                        raise ConfigError(
+                            f"tune.space.{param.key}: {name} (a choice of tune.space.{named.key}) takes no"
+                            f" {key[0]}; search them together only with names that take it ({', '.join(takers)})"
+                        )
+
+
+def parse_tune(
+    raw: Any, params: Params, overrides: Mapping[str, Any] | None = None, source: str = "params"
+) -> TuneConfig:
     """Validate the ``tune`` section (after ``overrides`` such as ``{"tune.n_trials": "4"}``); the searched
     values are checked against ``params`` (a dropout range must stay in [0, 1))."""
     if not isinstance(raw, Mapping):
         raise ConfigError(f"tune: expected a mapping of keys, got {raw!r}")
-    raw = dict(raw)
+    raw = converted("tune", raw, choices(TuneConfig), source)
+    changes: dict[str, dict[str, Any]] = {}
     for key, value in (overrides or {}).items():
         name = key.removeprefix("tune.")
+        setting, _, key_in_setting = name.partition(".")
+        if setting in choices(TuneConfig) and key_in_setting in ("", "name", *PrunerConfig.keys()):
+            changes.setdefault(setting, {})[key_in_setting] = parse_value(value)
+            continue
         if name not in TUNE_KEYS or name == "space":
-            raise ConfigError(f"{key}: unknown parameter (expected one of tune.{', tune.'.join(TUNE_KEYS[:-1])})")
+            expected = f"expected one of tune.{', tune.'.join(TUNE_KEYS[:-1])}, tune.pruner.KEY"
+            raise ConfigError(f"{key}: unknown parameter ({_now(f'tune.{name}') or expected})")
         raw[name] = parse_value(value)
+    apply_choice_changes(TuneConfig, "tune", raw, changes, source)
     _check_keys("tune", raw, TUNE_KEYS)
     # Trials train one after another in this process: torchrun is never started, so N would be ignored.
     processes = params.train.processes
@@ -174,16 +214,26 @@ def parse_tune(raw: Any, params: Params, overrides: Mapping[str, Any] | None = N
         "n_trials": _check_type("tune.n_trials", raw["n_trials"], int),
         "timeout": None if timeout is None else _check_type("tune.timeout", timeout, float),
         "sampler_seed": _check_type("tune.sampler_seed", raw["sampler_seed"], int),
-        "pruner": _check_type("tune.pruner", raw["pruner"], str),
-        "pruner_startup_trials": _check_type("tune.pruner_startup_trials", raw["pruner_startup_trials"], int),
-        "pruner_warmup_epochs": _check_type("tune.pruner_warmup_epochs", raw["pruner_warmup_epochs"], int),
+        "pruner": PrunerConfig.parse(raw["pruner"]),
         "epochs": _check_type("tune.epochs", raw["epochs"], int),
         "space": tuple(_search_param(str(k), v, params) for k, v in space.items()),
     }
-    keys = [p.key for p in values["space"]]
+    keys = [_setting_name(p.key, params) for p in values["space"]]
     for key in keys:
         _require(keys.count(key) == 1, "tune.space", list(space), f"each key once ({key} is given twice)")
+    _check_searched_settings(values["space"], params)
     return TuneConfig(**values)
+
+
+def _now(dotted: str) -> str | None:
+    """Where a key of the old flat layout went: ``now train.scheduler.gamma, where it acts``."""
+    return f"now {new_key(dotted)}, where it acts" if new_key(dotted) else None
+
+
+def _setting_name(key: str, params: Params) -> str:
+    """``train.optimizer`` for ``train.optimizer.name`` too: two ways of writing one key."""
+    section, _, name = key.removesuffix(".name").partition(".")
+    return f"{section}.{name}" if name in choices(type(getattr(params, section))) else key
 
 
 def load_tune(path: Path, params: Params, overrides: Mapping[str, Any] | None = None) -> TuneConfig:
@@ -192,6 +242,6 @@ def load_tune(path: Path, params: Params, overrides: Mapping[str, Any] | None = 
     try:
         if not isinstance(raw, Mapping) or "tune" not in raw:
             raise ConfigError("tune: missing section")
-        return parse_tune(raw["tune"], params, overrides)
+        return parse_tune(raw["tune"], params, overrides, str(path))
     except ConfigError as exc:
         raise ConfigError(f"{path}: {exc}") from None

@@ -78,11 +78,11 @@ class TrialSetup:
 
 
 def make_pruner(cfg: TuneConfig) -> optuna.pruners.BasePruner:
-    if cfg.pruner == "median":
+    if cfg.pruner.name == "median":
         return optuna.pruners.MedianPruner(
-            n_startup_trials=cfg.pruner_startup_trials, n_warmup_steps=cfg.pruner_warmup_epochs
+            n_startup_trials=cfg.pruner.startup_trials, n_warmup_steps=cfg.pruner.warmup_epochs
         )
-    if cfg.pruner == "hyperband":
+    if cfg.pruner.name == "hyperband":
         return optuna.pruners.HyperbandPruner(min_resource=1, max_resource=cfg.epochs)
     return optuna.pruners.NopPruner()
 

@@ -128,7 +128,7 @@ def log_model(
         name="model",
         python_model=DigitClassifier(dataclasses.asdict(model_cfg), dataset),
         artifacts={WEIGHTS_ARTIFACT: str(weights)},
-        code_paths=[str(Path(__file__).resolve().parent)],
+        code_paths=[str(Path(__file__).resolve().parents[1])],  # the whole mnist_cnn package
         signature=SIGNATURE,
         input_example=example,
         registered_model_name=registered_model_name,
