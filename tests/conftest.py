@@ -10,6 +10,11 @@ browser). docs/tests.md lists them."""
 from __future__ import annotations
 
 import os
+
+# One thread per torch process (the tests' own and every stage they start), unless set outside: the
+# networks here are tiny, and on 2 shared cores OpenMP's threads spin against each other and against
+# whatever else runs (2-epoch trainings measured 8x slower with 2 threads on a busy 2-core machine).
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 import shutil
 import sqlite3
 import subprocess
@@ -116,11 +121,23 @@ def make_project(root: Path, tiny_mirror: Path, **overrides) -> Paths:
     return Paths(root=root, params_file=params_file)
 
 
+TESTS = Path(__file__).resolve().parent
+
+
+def tier(request) -> str:
+    """``unit``, ``integration`` or ``e2e``: the folder under tests/ the requesting test is in."""
+    return Path(request.node.path).resolve().relative_to(TESTS).parts[0]
+
+
 @pytest.fixture
-def project(tmp_path, tiny_mirror) -> Paths:
-    """A project directory with tiny params and the tiny data already downloaded into data/raw. No
-    MLflow store yet: tests/integration and tests/e2e add a created one (``store``)."""
-    return make_project(tmp_path / "project", tiny_mirror)
+def project(request, tmp_path, tiny_mirror) -> Paths:
+    """A project directory with tiny params and the tiny data already downloaded into data/raw. In
+    tests/unit nothing more (a unit test opens no store); in the other tiers its MLflow store is
+    already created (``store``)."""
+    paths = make_project(tmp_path / "project", tiny_mirror)
+    if tier(request) != "unit":
+        request.getfixturevalue("store")
+    return paths
 
 
 # The MLflow store. Creating a SQLite store's tables takes MLflow several seconds (its migrations);
@@ -129,20 +146,29 @@ def project(tmp_path, tiny_mirror) -> Paths:
 
 @pytest.fixture(scope="session")
 def store_template(tmp_path_factory) -> Path:
-    """An empty SQLite store whose tables MLflow has created (no experiment, so no artifact path)."""
+    """An empty SQLite store whose tables MLflow has created. Its one experiment, Default, keeps its
+    artifacts in ./mlruns of the directory the store was created from: the template's own folder."""
     from mnist_cnn.tracking import store
 
     path = tmp_path_factory.mktemp("store-template") / "mlflow.db"
-    store.create_store(f"sqlite:///{path}")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(path.parent)
+        store.create_store(f"sqlite:///{path}")
+    return path
+
+
+def new_store(store_template: Path, path: Path) -> Path:
+    """A created store at ``path``: the template copied, Default's artifacts in ./mlruns beside it (as
+    if created from that folder)."""
+    shutil.copy2(store_template, path)
+    repoint_store(path, store_template.parent, path.parent)
     return path
 
 
 @pytest.fixture
 def store(tmp_path, store_template) -> Path:
     """The test's own store (``$MLFLOW_TRACKING_URI``), created: a copy of the template."""
-    path = tmp_path / "mlflow.db"
-    shutil.copy2(store_template, path)
-    return path
+    return new_store(store_template, tmp_path / "mlflow.db")
 
 
 def repoint_store(db: Path, old: Path, new: Path) -> None:
@@ -178,7 +204,11 @@ def copy_tree_with_store(template: Path, dest: Path) -> Path:
 # where it is; tests that change it get a copy (``trained_project``).
 
 
-def _train_and_evaluate(root: Path, tiny_mirror: Path, params_overrides: dict, cli_overrides: dict, env: dict):
+def tracked_training(
+    root: Path, tiny_mirror: Path, params_overrides: dict, cli_overrides: dict, env: dict, evaluated: bool = True
+):
+    """In ``root``: a store (a copy of the template, at root/mlflow.db) and a project (root/project) whose
+    training ran in process (``train.run_train``), then, if ``evaluated``, its evaluation."""
     from mlflow.tracking import MlflowClient
 
     from mnist_cnn.core.params import load_params
@@ -195,7 +225,7 @@ def _train_and_evaluate(root: Path, tiny_mirror: Path, params_overrides: dict, c
         params = load_params(paths.params_file, cli_overrides)
         run_id, result = train.run_train(params, paths, show_progress=False)
         trained = MlflowClient(uri, uri).get_run(run_id)  # as it was before evaluate
-        eval_run_id, evaluation = evaluate.run_evaluate(params, paths)
+        eval_run_id, evaluation = evaluate.run_evaluate(params, paths) if evaluated else (None, None)
     return SimpleNamespace(
         root=root,
         uri=uri,
@@ -218,8 +248,8 @@ def champion_store(tmp_path_factory, tiny_mirror, store_template):
     import mlflow
 
     root = tmp_path_factory.mktemp("champion")
-    shutil.copy2(store_template, root / "mlflow.db")
-    built = _train_and_evaluate(root, tiny_mirror, SEED_WIDTHS, {}, {})
+    new_store(store_template, root / "mlflow.db")
+    built = tracked_training(root, tiny_mirror, SEED_WIDTHS, {}, {})
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("MLFLOW_TRACKING_URI", built.uri)
         mp.setenv("MLFLOW_REGISTRY_URI", built.uri)
@@ -242,6 +272,8 @@ def trained_project(champion_store, tmp_path):
         run_id=champion_store.run_id,
         result=champion_store.result,
         evaluation=champion_store.evaluation,
+        eval_run_id=champion_store.eval_run_id,
+        trained_run=champion_store.trained_run,
     )
 
 
@@ -251,8 +283,74 @@ def named_run(tmp_path_factory, tiny_mirror, store_template):
     training lasts a few seconds; MLflow's default is 10 s): the run as it was after training
     (``trained_run``) and the store after evaluating. Read only: the UI test serves it."""
     root = tmp_path_factory.mktemp("named-run")
-    shutil.copy2(store_template, root / "mlflow.db")
-    return _train_and_evaluate(root, tiny_mirror, {}, {"lr": "0.2"}, {"MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL": "0.2"})
+    new_store(store_template, root / "mlflow.db")
+    return tracked_training(root, tiny_mirror, {}, {"lr": "0.2"}, {"MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL": "0.2"})
+
+
+# Digits as image files, and the champion loaded in process
+
+
+INK, PAPER = (20, 30, 120), (250, 240, 200)  # blue ink on cream paper
+
+
+def variants(image):
+    """The same digit as a user might have it: 4x larger, black on white, in colour, all three."""
+    import numpy as np
+    from PIL import Image
+
+    ink, paper = np.array(INK), np.array(PAPER)
+    big = Image.fromarray(image).resize((112, 112), Image.Resampling.NEAREST)
+    coverage = np.asarray(big, dtype=np.float64)[..., None] / 255.0
+    coloured = (paper + (ink - paper) * coverage).round().astype(np.uint8)
+    return {
+        "raw": Image.fromarray(image),
+        "big": big,
+        "inverted": Image.fromarray(255 - image),
+        "rgb": Image.fromarray((paper + (ink - paper) * image[..., None] / 255.0).round().astype(np.uint8)),
+        "big-inverted-rgb": Image.fromarray(coloured),
+    }
+
+
+@pytest.fixture(scope="session")
+def digits(tiny_mirror, tmp_path_factory):
+    """The tiny test split (digits the models did not train on) written as PNG files, one directory per variant."""
+    from mnist_cnn.core.data import load_split
+
+    root = tmp_path_factory.mktemp("digits")
+    images = load_split(tiny_mirror, train=False).images.numpy()
+    for i, image in enumerate(images):
+        for name, picture in variants(image).items():
+            (root / name).mkdir(exist_ok=True)
+            picture.save(root / name / f"{i:03d}.png")
+    return root, images
+
+
+@pytest.fixture
+def champion_env(champion_store, monkeypatch):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", champion_store.uri)
+    return {**os.environ, "MLFLOW_TRACKING_URI": champion_store.uri}
+
+
+@pytest.fixture(scope="session")
+def champion(champion_store):
+    """The shared tiny champion loaded in-process, and its answer for the tiny test split (digits it did
+    not train on)."""
+    import mlflow
+    import numpy as np
+
+    from mnist_cnn.core.data import load_split
+
+    model = mlflow.pyfunc.load_model(str(champion_store.local))
+    test = load_split(champion_store.project / "data" / "raw", train=False)
+    pixels = test.images.numpy()  # uint8, 0-255: what a client sends
+    return SimpleNamespace(
+        uri=champion_store.uri,
+        pixels=pixels,
+        labels=test.labels.numpy(),
+        expected=model.predict(pixels.astype(np.float32)),
+        model=model,
+        local=str(champion_store.local),
+    )
 
 
 # DVC
@@ -319,7 +417,7 @@ def reproduced_template(dvc_template, tmp_path_factory, tiny_mirror, store_templ
     (<repo>/mlflow.db) holds the baseline's run."""
     repo = tmp_path_factory.mktemp("reproduced") / "repo"
     shutil.copytree(dvc_template, repo, symlinks=True)
-    shutil.copy2(store_template, repo / "mlflow.db")
+    new_store(store_template, repo / "mlflow.db")
     write_tiny_params(repo / "params.yaml", **SEED_WIDTHS)
     with pytest.MonkeyPatch.context() as mp:
         for name in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI", "MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_ID"):
@@ -393,3 +491,39 @@ def the_runs(experiment="mnist-cnn"):
     store.configure()
     exp = mlflow.get_experiment_by_name(experiment)
     return MlflowClient().search_runs([exp.experiment_id], order_by=["start_time ASC"]) if exp else []
+
+
+def only_run(experiment="mnist-cnn"):
+    runs = the_runs(experiment)
+    assert len(runs) == 1
+    return runs[0]
+
+
+EPOCH_LINE = "epoch {epoch:>3}/"
+
+
+def error_line(stderr: str) -> str:
+    """The one ``error:`` line of a stage's stderr (MLflow's own INFO lines may come before it)."""
+    assert "Traceback" not in stderr, stderr
+    errors = [line for line in stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1, stderr
+    return errors[0]
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def processes_in(root) -> list:
+    """Processes working in ``root`` (the stage, torchrun and its workers)."""
+    import psutil
+
+    found = []
+    for proc in psutil.process_iter(["cwd"]):
+        if proc.info["cwd"] and proc.info["cwd"] == str(root):
+            found.append(proc)
+    return found

@@ -8,7 +8,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from mnist_cnn.core import files
 from mnist_cnn.core.errors import ProjectError
 
 PARAMS = Path("params.yaml")
@@ -112,16 +111,16 @@ class Paths:
     """Where the stages read and write; defaults are the project layout, tests point them at tmp dirs."""
 
     root: Path = Path(".")
-    params_file: Path = files.PARAMS
+    params_file: Path = PARAMS
 
     @property
     def data(self) -> Path:
-        return self.root / files.DATA_DIR
+        return self.root / DATA_DIR
 
     @property
     def models(self) -> Path:
-        return self.root / files.MODEL_DIR
+        return self.root / MODEL_DIR
 
     @property
     def reports(self) -> Path:
-        return self.root / files.REPORTS_DIR
+        return self.root / REPORTS_DIR

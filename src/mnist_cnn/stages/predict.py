@@ -9,7 +9,7 @@ import numpy as np
 import pandas as pd
 
 from mnist_cnn.core.images import ImageError, image_files, load_digit
-from mnist_cnn.tracking.pyfunc import load_model
+from mnist_cnn.tracking.pyfunc import ModelError, load_model
 
 DEFAULT_MODEL_URI = "models:/mnist-cnn@champion"
 
@@ -55,7 +55,7 @@ def predict(paths: list[Path], model_uri: str = DEFAULT_MODEL_URI) -> list[Predi
     if loaded:
         answer = load_model(model_uri).predict(np.stack(list(loaded.values())))
         if not _is_digit_table(answer, len(loaded)):
-            raise RuntimeError(
+            raise ModelError(
                 f"--model-uri {model_uri}: not an mnist-cnn model (its answer has no integer digit and numeric"
                 " probability and p0..p9 columns, one row per image)"
             )

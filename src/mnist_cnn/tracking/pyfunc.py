@@ -22,7 +22,7 @@ from mlflow.models.model import ModelInfo
 from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 from mlflow.types import ColSpec, Schema, TensorSpec
 
-from mnist_cnn.core.errors import masked, one_line
+from mnist_cnn.core.errors import ProjectError, masked, one_line
 from mnist_cnn.core.model import IMAGE_SIZE, NUM_CLASSES, RawPixelClassifier, load_weights
 from mnist_cnn.core.params import ModelConfig
 from mnist_cnn.core.runtime import memory_format
@@ -151,6 +151,10 @@ def _version(distribution: str) -> str:
 STORE_SCHEMES = ("models:", "runs:")
 
 
+class ModelError(ProjectError, RuntimeError):
+    """The model URI names no model that loads, or a model that is not an mnist-cnn digit classifier."""
+
+
 def load_model(model_uri: str) -> mlflow.pyfunc.PyFuncModel:
     """The pyfunc model at ``model_uri``; errors name the URI and, for a registry URI, the store."""
     where = ""
@@ -160,7 +164,7 @@ def load_model(model_uri: str) -> mlflow.pyfunc.PyFuncModel:
         # Opening a missing (or 0-byte) file would make an empty store of it.
         if store is not None and (not store.is_file() or store.stat().st_size == 0):
             empty = " (an empty file)" if store.is_file() else ""
-            raise RuntimeError(
+            raise ModelError(
                 f"{model_uri}: no MLflow store at {store}{empty}; "
                 "run in the project directory or set MLFLOW_TRACKING_URI"
             )
@@ -169,4 +173,4 @@ def load_model(model_uri: str) -> mlflow.pyfunc.PyFuncModel:
     try:
         return mlflow.pyfunc.load_model(model_uri)
     except (MlflowException, ValueError, OSError) as exc:
-        raise RuntimeError(f"--model-uri {model_uri}{where}: {one_line(exc)}") from exc
+        raise ModelError(f"--model-uri {model_uri}{where}: {one_line(exc)}") from exc

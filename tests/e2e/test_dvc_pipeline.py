@@ -2,15 +2,13 @@
 
 import json
 import os
-import subprocess
 import sys
 from pathlib import Path
 
 import mlflow
 from mlflow.tracking import MlflowClient
 
-from conftest import dvc, git, run_queue, sh
-from mnist_cnn.tracking import store
+from conftest import TINY_WIDTHS, dvc, git, run_queue, sh
 
 
 def ran_stages(output: str) -> list[str]:
@@ -24,8 +22,11 @@ def runs_in(repo: Path):
     return MlflowClient().search_runs([experiment.experiment_id], order_by=["start_time ASC"])
 
 
-def test_repro_then_noop_then_param_change_reruns_only_train_and_evaluate(dvc_repo):
-    first = dvc("repro", cwd=dvc_repo)
+def test_repro_then_noop_then_param_change_reruns_only_train_and_evaluate(reproduced_template, reproduced_repo):
+    """The first ``dvc repro`` is the session's (tests/conftest.py: reproduced_template, its output kept,
+    the result committed); the rest runs in this test's copy of that repo."""
+    dvc_repo = reproduced_repo
+    first = reproduced_template.output
     assert ran_stages(first) == ["download", "train", "evaluate"]
     metrics = json.loads((dvc_repo / "reports" / "metrics.json").read_text())
     assert set(metrics) == {"train", "val", "test"} and metrics["test"]["accuracy"] > 50
@@ -48,8 +49,7 @@ def test_repro_then_noop_then_param_change_reruns_only_train_and_evaluate(dvc_re
     assert ran_stages(second) == []
     assert len(runs_in(dvc_repo)) == 1
 
-    git("add", "-A", cwd=dvc_repo)
-    git("commit", "-qm", "first run", cwd=dvc_repo)
+    # The first run is committed (the template did it).
     experiment = dvc("exp", "run", "-S", "train.lr=0.2", cwd=dvc_repo)
     assert ran_stages(experiment) == ["train", "evaluate"]
     runs = runs_in(dvc_repo)
@@ -63,35 +63,12 @@ def test_repro_then_noop_then_param_change_reruns_only_train_and_evaluate(dvc_re
     assert len(versions) == 2
 
 
-def test_download_without_network_or_mirror_fails_fast_with_one_clear_line(dvc_repo, monkeypatch):
-    monkeypatch.setenv("MNIST_MIRROR", str(dvc_repo / "no-such-dir"))
-    env = {**os.environ}
-    result = subprocess.run(
-        [sys.executable, "-m", "mnist_cnn", "download"],
-        cwd=dvc_repo,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-    assert result.returncode == 1
-    assert result.stderr.strip().splitlines()[-1].startswith("error: mirror ")
-    assert "no-such-dir" in result.stderr and "not a directory" in result.stderr
-    assert not (dvc_repo / "data" / "raw" / "train-images-idx3-ubyte.gz").exists()
-
-
-def test_store_path_is_absolute_in_the_repo(dvc_repo, monkeypatch):
-    monkeypatch.chdir(dvc_repo)
-    assert store.tracking_uri() == f"sqlite:///{dvc_repo.resolve()}/mlflow.db"
-
-
-def test_queue_of_four_experiments_two_at_a_time_on_sqlite(dvc_repo):
-    dvc("repro", cwd=dvc_repo)
-    git("add", "-A", cwd=dvc_repo)
-    git("commit", "-qm", "baseline", cwd=dvc_repo)
+def test_queue_of_four_experiments_two_at_a_time_on_sqlite(reproduced_repo):
+    dvc_repo = reproduced_repo  # the baseline reproduced and committed
     rates = ["0.1", "0.2", "0.3", "0.5"]
+    tiny = [arg for key, value in TINY_WIDTHS.items() for arg in ("-S", f"{key}={value}")]  # no accuracy asserted
     for lr in rates:
-        dvc("exp", "run", "--queue", "-S", f"train.lr={lr}", cwd=dvc_repo)
+        dvc("exp", "run", "--queue", "-S", f"train.lr={lr}", *tiny, cwd=dvc_repo)
     status = run_queue(dvc_repo)
     assert status.count("Success") == 4, status
 
@@ -110,10 +87,10 @@ def test_queue_of_four_experiments_two_at_a_time_on_sqlite(dvc_repo):
     assert client.get_run(champion.run_id).data.metrics["test_acc"] == best.data.metrics["test_acc"]
 
 
-def test_remote_push_then_fresh_clone_pulls_everything_and_needs_no_training(dvc_repo, tmp_path):
+def test_remote_push_then_fresh_clone_pulls_everything_and_needs_no_training(reproduced_repo, tmp_path):
+    dvc_repo = reproduced_repo  # reproduced and committed
     remote = tmp_path / "remote"
     dvc("remote", "add", "-d", "shared", str(remote), cwd=dvc_repo)
-    dvc("repro", cwd=dvc_repo)
     dvc("push", cwd=dvc_repo)
     git("add", "-A", cwd=dvc_repo)
     git("commit", "-qm", "trained", cwd=dvc_repo)

@@ -1,37 +1,31 @@
 """MLflow against a real SQLite store in the test's tmp dir: one run per training, across stages."""
 
 import json
-import signal
-import subprocess
-import sys
-import time
 
 import mlflow
 import numpy as np
 import pytest
 from mlflow.tracking import MlflowClient
 
-from conftest import TINY_OVERRIDES, write_tiny_params
+from conftest import only_run
 from mnist_cnn.core.data import load_split
-from mnist_cnn.ops import signals
-from mnist_cnn.stages import evaluate, train
+from mnist_cnn.stages import train
 from mnist_cnn.tracking import registry, store
 
 EPOCH_METRICS = ("train_loss", "train_acc", "val_loss", "val_acc", "lr", "epoch_seconds")
 
 
-def only_run(experiment="mnist-cnn"):
-    store.configure()
-    runs = MlflowClient().search_runs([mlflow.get_experiment_by_name(experiment).experiment_id])
-    assert len(runs) == 1
-    return runs[0]
-
-
-def test_train_then_evaluate_is_one_finished_run_with_everything(project, tiny_params):
-    run_id, result = train.run_train(tiny_params, project, show_progress=False)
-    assert MlflowClient().get_run(run_id).info.status == "FINISHED"
-    eval_run_id, evaluation = evaluate.run_evaluate(tiny_params, project)
-    assert eval_run_id == run_id
+def test_train_then_evaluate_is_one_finished_run_with_everything(trained_project):
+    """The champion's training (train.run_train, then evaluate.run_evaluate, with the seed's network),
+    a copy of its project and store."""
+    project, run_id, result, evaluation = (
+        trained_project.paths,
+        trained_project.run_id,
+        trained_project.result,
+        trained_project.evaluation,
+    )
+    assert trained_project.trained_run.info.status == "FINISHED"  # as train left it
+    assert trained_project.eval_run_id == run_id
     run = only_run()
     assert run.info.run_id == run_id and run.info.status == "FINISHED"
     client = MlflowClient()
@@ -73,11 +67,12 @@ def test_train_then_evaluate_is_one_finished_run_with_everything(project, tiny_p
     assert str(version.version) == "1" and version.run_id == run_id
 
 
-def test_registered_champion_predicts_digits_from_raw_pixels(project, tiny_params):
-    train.run_train(tiny_params, project, show_progress=False)
-    _, evaluation = evaluate.run_evaluate(tiny_params, project)
+def test_registered_champion_predicts_digits_from_raw_pixels(trained_project):
+    evaluation = trained_project.evaluation
+    store.configure()
     model = mlflow.pyfunc.load_model("models:/mnist-cnn@champion")
-    pixels = load_split(project.data, train=False).images.numpy().astype(np.float32)  # 0-255, not normalised
+    test_split = load_split(trained_project.paths.data, train=False)
+    pixels = test_split.images.numpy().astype(np.float32)  # 0-255, not normalised
     assert pixels.max() == 255.0
     answer = model.predict(pixels)
     assert list(answer.columns) == ["digit", "probability", *(f"p{k}" for k in range(10))]
@@ -91,7 +86,7 @@ def test_registered_champion_predicts_digits_from_raw_pixels(project, tiny_param
     assert signature.outputs.input_names() == list(answer.columns)
 
 
-def test_champion_moves_only_to_a_better_version(tmp_path):
+def test_champion_moves_only_to_a_better_version(store):
     store.configure()
     client = MlflowClient()
     client.create_registered_model("m")
@@ -129,65 +124,6 @@ def test_interrupt_ends_the_run_killed(project, tiny_params, monkeypatch):
     assert only_run().info.status == "KILLED"
 
 
-def test_a_hangup_while_a_run_ends_is_held_to_the_end():
-    """A torchrun agent passes the terminal's SIGHUP on to workers that already got it: the second must
-    not cut ending the run short."""
-    previous = signal.signal(signal.SIGHUP, signal.SIG_DFL)  # a terminal's, whatever the test runner's is
-    try:
-        steps = []
-        with signals.stop_signals_interrupt():  # as cli.main runs every stage
-            with pytest.raises(KeyboardInterrupt), signals.signals_deferred():
-                signal.raise_signal(signal.SIGHUP)
-                steps.append("run ended")
-        assert steps == ["run ended"]
-    finally:
-        signal.signal(signal.SIGHUP, previous)
-
-
-def start_long_training(project, sighup) -> subprocess.Popen:
-    """``train`` in a child, once its MLflow run exists; ``sighup``: the disposition it starts with (a
-    terminal's default, or nohup's ignore; the test runner's own may be either)."""
-    write_tiny_params(project.params_file, **{"train.epochs": 500, "train.patience": 500})
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "mnist_cnn", "train", "--no-progress"],
-        cwd=project.root,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        preexec_fn=lambda: signal.signal(signal.SIGHUP, sighup),
-    )
-    store.configure()
-    deadline = time.time() + 120
-    while time.time() < deadline:
-        experiment = mlflow.get_experiment_by_name("mnist-cnn")
-        if experiment and MlflowClient().search_runs([experiment.experiment_id]):
-            break
-        time.sleep(0.5)
-    time.sleep(2)
-    return proc
-
-
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP], ids=["SIGTERM", "SIGHUP"])
-def test_sigterm_or_sighup_during_training_ends_the_run_killed(project, sig):
-    proc = start_long_training(project, signal.SIG_DFL)
-    proc.send_signal(sig)  # SIGHUP: the terminal closed; its default action would leave the run RUNNING
-    output, _ = proc.communicate(timeout=60)
-    assert proc.returncode == 130, output
-    assert only_run().info.status == "KILLED"
-    assert not (project.models / "model.pt").exists()
-
-
-def test_under_nohup_sighup_stays_ignored(project):
-    proc = start_long_training(project, signal.SIG_IGN)
-    proc.send_signal(signal.SIGHUP)
-    time.sleep(2)
-    assert proc.poll() is None and only_run().info.status == "RUNNING"  # still training
-    proc.send_signal(signal.SIGTERM)
-    output, _ = proc.communicate(timeout=60)
-    assert proc.returncode == 130, output
-    assert only_run().info.status == "KILLED"
-
-
 def test_mlflow_run_id_from_environment_is_reused(project, tiny_params, monkeypatch):
     store.configure()
     experiment_id = store.experiment_id("mnist-cnn")
@@ -208,40 +144,20 @@ def test_param_already_logged_by_mlflow_run_is_not_a_clash(project, tiny_params,
     assert only_run().data.params["train.epochs"] == "2"
 
 
-def test_store_defaults_to_project_root_and_survives_dvc_temp_dirs(tmp_path, monkeypatch):
-    monkeypatch.delenv("MLFLOW_TRACKING_URI")
-    assert store.tracking_uri(tmp_path) == f"sqlite:///{tmp_path}/mlflow.db"
-    temp_copy = tmp_path / ".dvc" / "tmp" / "exps" / "tmpabc123"
-    temp_copy.mkdir(parents=True)
-    assert store.project_root(temp_copy) == tmp_path
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", "sqlite:///rel.db")
-    assert store.tracking_uri() == f"sqlite:///{tmp_path}/rel.db"
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://store.example:5000")
-    assert store.tracking_uri() == "http://store.example:5000"
-
-
-def test_tiny_overrides_are_what_the_tests_assume():
-    assert TINY_OVERRIDES["train.epochs"] == 2
-
-
-def test_run_is_named_described_lists_its_datasets_and_samples_system_metrics(project, monkeypatch):
+def test_run_is_named_described_lists_its_datasets_and_samples_system_metrics(named_run):
+    """``train --lr 0.2`` then ``evaluate`` (tests/conftest.py: named_run, read where it is)."""
     from mnist_cnn.core.data import split_digests, verified_md5s
-    from mnist_cnn.core.params import load_params
 
-    # MLflow samples every 10 s by default: longer than this whole tiny training.
-    monkeypatch.setenv("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", "0.2")
-    params = load_params(project.params_file, {"lr": "0.2"})
-    run_id, result = train.run_train(params, project, show_progress=False)
-    client = MlflowClient()
-    trained = client.get_run(run_id)
+    project, params, run_id, result = named_run.paths, named_run.params, named_run.run_id, named_run.result
+    client = MlflowClient(named_run.uri, named_run.uri)
+    trained = named_run.trained_run  # as train left it
     assert trained.info.run_name == "train lr=0.2"
     assert trained.data.tags["launched_by"] == "cli"
     assert trained.data.tags["mlflow.note.content"].startswith("Test accuracy: not evaluated yet")
     system = {key for key in trained.data.metrics if key.startswith("system/")}
     assert {"system/cpu_utilization_percentage", "system/system_memory_usage_megabytes"} <= system
 
-    _, evaluation = evaluate.run_evaluate(params, project)
+    evaluation = named_run.evaluation
     run = client.get_run(run_id)
     description = run.data.tags["mlflow.note.content"]
     assert description.startswith(f"**Test accuracy {evaluation.metrics['test']['accuracy']:.2f}%**")

@@ -14,8 +14,6 @@ from PIL import Image
 
 import ui_driver as ui
 from conftest import REPO
-from mnist_cnn.core.params import load_params
-from mnist_cnn.stages import evaluate, train
 from mnist_cnn.tracking import store
 
 pytest.importorskip("playwright.sync_api", reason="Playwright for Python is not installed (pip install -e .[dev])")
@@ -34,15 +32,14 @@ def png_width(data: bytes) -> int:
 
 
 @pytest.fixture
-def served_run(project, tmp_path, monkeypatch):
-    """A finished, evaluated and registered run (champion) and a server on its store; (url, run)."""
-    # A tiny training lasts a few seconds: sample system metrics often enough to record some.
-    monkeypatch.setenv("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", "0.2")
-    params = load_params(project.params_file, {"lr": "0.2"})
-    run_id, _ = train.run_train(params, project, show_progress=False)
-    evaluate.run_evaluate(params, project)
+def served_run(named_run, tmp_path, monkeypatch):
+    """A finished, evaluated and registered run (champion) and a server on its store; (url, run). The
+    run is ``train --lr 0.2`` then ``evaluate``, system metrics sampled every 0.2 s (tests/conftest.py:
+    named_run, read where it is)."""
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", named_run.uri)
+    monkeypatch.setenv("MLFLOW_REGISTRY_URI", named_run.uri)
     with ui.mlflow_server(store.tracking_uri(), tmp_path / "server.log") as url:
-        yield url, MlflowClient().get_run(run_id)
+        yield url, MlflowClient(named_run.uri, named_run.uri).get_run(named_run.run_id)
 
 
 def text_of(page) -> str:
@@ -71,7 +68,7 @@ def test_ui_shows_the_run_its_params_curve_artifact_and_champion(served_run, tmp
         page.get_by_text("Parameters (").first.wait_for()
         shown = text_of(page)
         assert re.search(r"Test accuracy \d+\.\d\d%", shown), shown
-        assert re.search(r"train\.lr\s+0\.2\b", shown) and re.search(r"model\.hidden_3\s+112\b", shown), shown
+        assert re.search(r"train\.lr\s+0\.2\b", shown) and re.search(r"model\.hidden_3\s+16\b", shown), shown
         assert re.search(r"device\s+cpu\b", shown) and "system/cpu_utilization_percentage" in shown, shown
         page.screenshot(path=shots / "run.png", full_page=True)
 

@@ -1,31 +1,27 @@
+"""The download stage in process: local mirrors, checksums, and real HTTP servers on 127.0.0.1 that
+cut, garble or trickle (in a thread: tests/mirror_servers.py)."""
+
 import contextlib
-import functools
 import gzip
-import http.server
 import json
 import os
 import re
 import shutil
-import signal
 import socketserver
 import stat
-import subprocess
-import sys
-import threading
 import time
 import urllib.error
-from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+from mirror_servers import QuietHandler, mirror_handler, serving, trickle_handler
 from mnist_cnn.core.data import FILES, DataError, load_split, md5sum, read_idx
 from mnist_cnn.core.params import DataConfig
 from mnist_cnn.stages import download
 
 MNIST = DataConfig("mnist")
-REPO = Path(__file__).resolve().parents[1]
 
 
 def test_download_from_local_mirror_verifies_every_file(tiny_mirror, tmp_path):
@@ -152,39 +148,6 @@ def test_read_idx_rejects_truncated_and_foreign_files(tmp_path):
 # Real servers on 127.0.0.1 (a free port each), for the ways a mirror fails in the wild.
 
 
-@contextlib.contextmanager
-def serving(handler: Callable[..., socketserver.BaseRequestHandler]) -> Iterator[str]:
-    """Serve ``handler`` on a free port of 127.0.0.1 in a thread; yield the base URL; stop it on exit."""
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    server.stopping = threading.Event()  # handlers that stream slowly give up when it is set
-    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{server.server_address[1]}"
-    finally:
-        server.stopping.set()
-        server.shutdown()
-        server.server_close()
-        thread.join(timeout=5)
-
-
-class QuietHandler(http.server.BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"
-
-    def log_message(self, *args) -> None:
-        pass
-
-
-class QuietFiles(http.server.SimpleHTTPRequestHandler):
-    def log_message(self, *args) -> None:
-        pass
-
-
-def mirror_handler(directory: Path) -> Callable[..., socketserver.BaseRequestHandler]:
-    """A good mirror: the files of ``directory``."""
-    return functools.partial(QuietFiles, directory=str(directory))
-
-
 class CutOffChunked(QuietHandler):
     """Chunked transfer encoding, the connection closed in the middle of the first chunk."""
 
@@ -218,29 +181,6 @@ def not_http(reply: bytes) -> type[socketserver.StreamRequestHandler]:
             self.wfile.write(reply)
 
     return NotHttp
-
-
-def trickle_handler(directory: Path, burst: int = 0, interval: float = 0.5) -> type[QuietHandler]:
-    """The files of ``directory``: the first ``burst`` bytes at once, then one byte every ``interval`` s."""
-
-    class Trickle(QuietHandler):
-        def do_GET(self) -> None:
-            blob = (directory / self.path.lstrip("/")).read_bytes()
-            self.send_response(200)
-            self.send_header("Content-Length", str(len(blob)))
-            self.end_headers()
-            try:
-                self.wfile.write(blob[:burst])
-                for i in range(burst, len(blob)):
-                    # Bounded in time however the test ends: the server's stop event ends it.
-                    if self.server.stopping.wait(interval):
-                        return
-                    self.wfile.write(blob[i : i + 1])
-            except OSError:  # the client gave up
-                pass
-            self.close_connection = True
-
-    return Trickle
 
 
 BROKEN = {
@@ -299,53 +239,3 @@ def test_downloaded_files_get_the_umasks_mode(tiny_mirror, tmp_path):
         assert stat.S_IMODE((tmp_path / "raw" / name).stat().st_mode) == 0o664, name
 
 
-def _wait_for(condition: Callable[[], bool], seconds: float) -> bool:
-    end = time.monotonic() + seconds
-    while time.monotonic() < end:
-        with contextlib.suppress(OSError):  # files come and go under our feet
-            if condition():
-                return True
-        time.sleep(0.05)
-    return False
-
-
-# SIGTERM: the CLI turns it into KeyboardInterrupt, as Ctrl-C (SIGINT) is, so both clean up.
-@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGINT, signal.SIGTERM], ids=["SIGKILL", "SIGINT", "SIGTERM"])
-def test_download_stopped_mid_file_leaves_nothing_in_the_output(tiny_mirror, tmp_path, sig):
-    root = tmp_path / "project"
-    raw = root / "data" / "raw"
-    partial = download.partial_dir(raw)
-    command = [
-        sys.executable,
-        "-m",
-        "mnist_cnn",
-        "download",
-        "--params",
-        str(REPO / "params.yaml"),
-        "--root",
-        str(root),
-    ]
-    # The burst fills more than the writer's buffer, so the partial file on disk proves the download is mid-file.
-    with serving(trickle_handler(tiny_mirror, burst=20000)) as slow:
-        proc = subprocess.Popen([*command, "--mirror", slow], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        try:
-            started = _wait_for(lambda: any(p.stat().st_size > 0 for p in partial.iterdir()), 30)
-            assert started, "the download never got under way"
-            proc.send_signal(sig)
-            _, stderr = proc.communicate(timeout=10)
-        finally:
-            if proc.poll() is None:
-                proc.kill()
-                proc.communicate()
-    assert list(raw.iterdir()) == [], "data/raw (a DVC output) holds a partial file"
-    if sig == signal.SIGKILL:
-        assert proc.returncode == -signal.SIGKILL
-        assert partial.is_dir()  # no chance to clean up; the next run does
-    else:
-        assert proc.returncode == 130 and stderr.strip().splitlines()[-1] == "interrupted"
-        assert not partial.exists()
-    with serving(mirror_handler(tiny_mirror)) as good:
-        rerun = subprocess.run([*command, "--mirror", good], capture_output=True, text=True, timeout=60)
-    assert rerun.returncode == 0, rerun.stderr
-    assert sorted(p.name for p in raw.iterdir()) == sorted(FILES.values())
-    assert not partial.exists()

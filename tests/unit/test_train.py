@@ -1,6 +1,10 @@
+"""The network, the training loop, its schedules and augmentation, and evaluate: in process, no MLflow."""
+
 import dataclasses
 import json
 import re
+import shutil
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -19,8 +23,8 @@ from mnist_cnn.stages.evaluate import evaluate
 from mnist_cnn.stages.train import train
 
 
-def test_seed_architecture_and_shapes(tiny_params):
-    net = Net(tiny_params.model)
+def test_seed_architecture_and_shapes(seed_params):
+    net = Net(seed_params.model)
     assert net.fc1.in_features == 6912 and net.fc1.out_features == 112
     assert net.conv1.out_channels == 48 and net.conv2.out_channels == 48
     out = net(torch.randn(3, 1, 28, 28))
@@ -28,14 +32,14 @@ def test_seed_architecture_and_shapes(tiny_params):
     assert torch.allclose(out.exp().sum(dim=1), torch.ones(3), atol=1e-5)  # log-probabilities
 
 
-def test_padding_keeps_the_maps_28_wide_and_an_old_architecture_loads_without_it(tiny_params, tmp_path):
-    padded = Net(dataclasses.replace(tiny_params.model, padding=1))
+def test_padding_keeps_the_maps_28_wide_and_an_old_architecture_loads_without_it(seed_params, tmp_path):
+    padded = Net(dataclasses.replace(seed_params.model, padding=1))
     assert padded.fc1.in_features == 48 * 14 * 14 and padded.conv1.padding == (1, 1)
     assert padded(torch.randn(2, 1, 28, 28)).shape == (2, 10)
     # A model registered before `padding` existed stored its architecture without the key.
     new_keys = ("padding", "kernel_size", "dilation")
-    old = {k: v for k, v in dataclasses.asdict(tiny_params.model).items() if k not in new_keys}
-    torch.save(Net(tiny_params.model).state_dict(), tmp_path / "old.pt")
+    old = {k: v for k, v in dataclasses.asdict(seed_params.model).items() if k not in new_keys}
+    torch.save(Net(seed_params.model).state_dict(), tmp_path / "old.pt")
     assert load_weights(ModelConfig(**old), tmp_path / "old.pt").fc1.in_features == 6912
 
 
@@ -47,8 +51,8 @@ def test_padding_keeps_the_maps_28_wide_and_an_old_architecture_loads_without_it
         ({"kernel_size": 5, "dilation": 2, "padding": 1}, 48 * 10 * 10),  # 28 > 26 > 20 > pooled 10
     ],
 )
-def test_wider_kernels_and_dilation_size_fc1_to_the_pooled_map(tiny_params, change, in_features):
-    net = Net(dataclasses.replace(tiny_params.model, **change))
+def test_wider_kernels_and_dilation_size_fc1_to_the_pooled_map(seed_params, change, in_features):
+    net = Net(dataclasses.replace(seed_params.model, **change))
     assert net.fc1.in_features == in_features
     assert net.conv1.kernel_size == net.conv2.kernel_size == (change.get("kernel_size", 3),) * 2
     assert net.conv2.dilation == (change.get("dilation", 1),) * 2 and net.conv1.dilation == (1, 1)
@@ -62,23 +66,6 @@ def test_split_is_80_20_and_disjoint(project, tiny_params):
     assert torch.equal(train_data.x, again.x)
     other, _ = load_train_val(project.data, "mnist", 0.2, seed=2, device=torch.device("cpu"))
     assert not torch.equal(train_data.y, other.y)
-
-
-def test_train_learns_and_writes_weights_and_history(project, tiny_params):
-    step_decay = dataclasses.replace(tiny_params.train, epochs=3, scheduler=SchedulerConfig("step", gamma=0.7))
-    params = dataclasses.replace(tiny_params, train=step_decay)
-    result = train(params, project.data, project.models, project.reports, show_progress=False)
-    assert [s.epoch for s in result.history] == [1, 2, 3]
-    assert result.history[-1].val_acc > 80.0  # 10 classes: chance is 10%
-    assert result.history[-1].train_loss < result.history[0].train_loss
-    assert [s.lr for s in result.history] == pytest.approx([0.43, 0.43 * 0.7, 0.43 * 0.49])
-    history = (project.reports / "history.csv").read_text().splitlines()
-    assert history[0] == "epoch,train_loss,train_acc,val_loss,val_acc,lr,epoch_seconds"
-    assert len(history) == 4
-    net = load_weights(params.model, project.models / "model.pt")  # weights_only=True inside
-    _, val_data = load_train_val(project.data, "mnist", 0.2, 1, torch.device("cpu"))
-    val_loss, _ = loss_and_accuracy(predict_log_probs(net, val_data.x, 500), val_data.y)
-    assert val_loss == pytest.approx(result.best_val_loss, rel=1e-5)
 
 
 def train_and_shuffled_val(data_dir) -> tuple[Tensors, Tensors]:
@@ -130,41 +117,52 @@ def test_monitor_rules_on_ties_and_a_diverged_epoch():
     assert loop.improves(stats(0.4, 10.0), "val_loss") and not loop.improves(stats(0.5, 99.0), "val_loss")
 
 
-def test_same_params_same_metrics_to_the_last_digit(project, tiny_params, tmp_path):
-    first = train(tiny_params, project.data, tmp_path / "a", tmp_path / "ra", show_progress=False)
+@pytest.fixture(scope="module")
+def evaluated(tmp_path_factory, tiny_mirror):
+    """One training of the tiny params, and its evaluation: read by the tests below, never changed."""
+    root = tmp_path_factory.mktemp("evaluated")
+    params = parse_params(repo_params_raw(), TINY_OVERRIDES)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("MNIST_MD5S", str(tiny_mirror.parent / "md5s.json"))
+        trained = train(params, tiny_mirror, root / "models", root / "reports", show_progress=False)
+        _, evaluation = evaluate(params, tiny_mirror, root / "models", root / "reports")
+    return SimpleNamespace(models=root / "models", reports=root / "reports", trained=trained, evaluation=evaluation)
+
+
+def test_same_params_same_metrics_to_the_last_digit(project, tiny_params, tmp_path, evaluated):
+    first = evaluated.trained  # the same params, trained in another directory
     second = train(tiny_params, project.data, tmp_path / "b", tmp_path / "rb", show_progress=False)
     strip = lambda h: [dataclasses.replace(s, epoch_seconds=0.0) for s in h]  # noqa: E731
     assert strip(first.history) == strip(second.history)
-    assert (tmp_path / "a" / "model.pt").read_bytes() != b""
-    a = torch.load(tmp_path / "a" / "model.pt", weights_only=True)
+    assert (evaluated.models / "model.pt").read_bytes() != b""
+    a = torch.load(evaluated.models / "model.pt", weights_only=True)
     b = torch.load(tmp_path / "b" / "model.pt", weights_only=True)
     assert all(torch.equal(a[k], b[k]) for k in a)
-    _, eval_a = evaluate(tiny_params, project.data, tmp_path / "a", tmp_path / "ra")
+    eval_a = evaluated.evaluation
     _, eval_b = evaluate(tiny_params, project.data, tmp_path / "b", tmp_path / "rb")
-    assert (tmp_path / "ra" / "metrics.json").read_text() == (tmp_path / "rb" / "metrics.json").read_text()
+    assert (evaluated.reports / "metrics.json").read_text() == (tmp_path / "rb" / "metrics.json").read_text()
     assert eval_a.metrics == eval_b.metrics
 
 
-def test_evaluate_writes_seed_table_confusion_rows_and_report(project, tiny_params):
-    train(tiny_params, project.data, project.models, project.reports, show_progress=False)
-    _, result = evaluate(tiny_params, project.data, project.models, project.reports)
-    metrics = json.loads((project.reports / files.METRICS.name).read_text())
+def test_evaluate_writes_seed_table_confusion_rows_and_report(evaluated):
+    reports, result = evaluated.reports, evaluated.evaluation
+    metrics = json.loads((reports / files.METRICS.name).read_text())
     assert set(metrics) == {"train", "val", "test"}
     for split in metrics.values():
         assert set(split) == {"loss", "accuracy"} and 0 <= split["accuracy"] <= 100
-    rows = (project.reports / files.PREDICTIONS.name).read_text().splitlines()
+    rows = (reports / files.PREDICTIONS.name).read_text().splitlines()
     assert rows[0] == "actual,predicted" and len(rows) == 1 + 297
     correct = sum(a == p for a, p in (r.split(",") for r in rows[1:]))
     assert 100.0 * correct / 297 == pytest.approx(metrics["test"]["accuracy"], abs=1e-3)
     assert result.confusion.sum() == 297 and result.confusion.trace() == correct
-    assert "precision" in (project.reports / files.CLASSIFICATION_REPORT.name).read_text()
+    assert "precision" in (reports / files.CLASSIFICATION_REPORT.name).read_text()
 
 
-def test_evaluate_without_weights_names_the_missing_file(project, tiny_params):
+def test_evaluate_without_weights_names_the_missing_file(project, tiny_params, evaluated):
     with pytest.raises(DataError, match=r"model\.pt: trained weights not found \(run the train stage first\)"):
         evaluate(tiny_params, project.data, project.models, project.reports)
     wider = dataclasses.replace(tiny_params, model=dataclasses.replace(tiny_params.model, hidden_3=64))
-    train(tiny_params, project.data, project.models, project.reports, show_progress=False)
+    shutil.copytree(evaluated.models, project.models)  # trained with tiny_params
     with pytest.raises(DataError, match=r"model\.pt: weights do not fit the model in params.yaml"):
         evaluate(wider, project.data, project.models, project.reports)
 
@@ -240,22 +238,6 @@ def test_plateau_follows_the_monitored_value(tiny_params, monitor, lrs):
         seen.append(optimizer.param_groups[0]["lr"])
         scheduler.step(monitor_value(cfg, val_loss, val_acc))
     assert seen == lrs
-
-
-def test_onecycle_and_label_smoothing_train(project):
-    params = parse_params(
-        repo_params_raw(),
-        {
-            **TINY_OVERRIDES,
-            "train.scheduler": "onecycle",
-            "train.label_smoothing": 0.1,
-            "train.batch_size": 128,
-        },
-    )
-    result = train(params, project.data, project.models, project.reports, show_progress=False)
-    lrs = [s.lr for s in result.history]
-    assert lrs[0] < params.train.lr  # one-cycle warms up from lr/25
-    assert result.history[-1].val_acc > 50.0
 
 
 def test_diverging_training_is_a_clear_error_and_writes_nothing(project, tiny_params):
@@ -430,9 +412,9 @@ def test_tta_shift_moves_one_pixel_and_fills_the_background():
     assert shift(x, 0, 0, -1.0) is x
 
 
-def test_evaluate_with_tta_scores_the_averaged_shifts(project, tiny_params, tmp_path):
-    train(tiny_params, project.data, project.models, project.reports, show_progress=False)
-    _, plain = evaluate(tiny_params, project.data, project.models, tmp_path)
+def test_evaluate_with_tta_scores_the_averaged_shifts(project, tiny_params, evaluated):
+    shutil.copytree(evaluated.models, project.models)  # trained with tiny_params
+    plain = evaluated.evaluation
     tta = dataclasses.replace(tiny_params, evaluate=dataclasses.replace(tiny_params.evaluate, tta=True))
     _, averaged = evaluate(tta, project.data, project.models, project.reports)
     assert averaged.metrics["test"]["loss"] != plain.metrics["test"]["loss"]

@@ -16,7 +16,7 @@ from mnist_cnn.core.data import load_split
 from mnist_cnn.tracking.store import configure
 
 
-def test_mlflow_run_main_entry_point(tmp_path, tiny_mirror):
+def test_mlflow_run_main_entry_point(tmp_path, tiny_mirror, store):
     project = tmp_path / "project"
     project.mkdir()
     copy_project_files(project)
@@ -57,7 +57,7 @@ def test_mlflow_run_main_entry_point(tmp_path, tiny_mirror):
     assert run.data.tags["launched_by"] == "mlflow run" and run.data.tags["mlflow.source.type"] == "PROJECT"
     params = run.data.params
     assert params["epochs"] == "1" and params["train.epochs"] == "1"  # -P overrides params.yaml's 3
-    assert params["train.lr"] == "0.2" and params["model.hidden_3"] == "112"
+    assert params["train.lr"] == "0.2" and params["model.hidden_3"] == "16"  # the params file's (tiny widths)
     assert params["mlflow.registered_model"] == "mnist-cnn"
     history = MlflowClient().get_metric_history(run.info.run_id, "val_loss")
     assert [m.step for m in history] == [1]
@@ -71,45 +71,7 @@ def test_mlflow_run_main_entry_point(tmp_path, tiny_mirror):
     assert digits.shape == (8,) and set(digits.tolist()) <= set(range(10))
 
 
-def test_mlproject_parameters_are_params_yaml_keys():
-    import yaml
-
-    from conftest import REPO
-    from mnist_cnn.core.params import resolve_key
-
-    spec = yaml.safe_load((REPO / "MLproject").read_text())
-    from mnist_cnn.core.search import TUNE_KEYS
-
-    assert set(spec["entry_points"]) == {"main", "download", "train", "evaluate", "tune", "predict"}
-    for entry_name, entry in spec["entry_points"].items():
-        for name, declared in entry["parameters"].items():
-            if name in ("params_file", "mirror", "path", "model_uri"):  # not params.yaml keys
-                continue
-            assert declared["default"] == "", f"{name}: defaults live in params.yaml, not MLproject"
-            if entry_name == "tune":
-                assert name in TUNE_KEYS and f"--tune.{name} {{{name}}}" in entry["command"]
-            else:
-                resolve_key(name)  # raises for a name that maps to no params.yaml key
-
-
-def test_conda_yaml_pins_what_pyproject_pins():
-    import tomllib
-    import yaml
-    from packaging.specifiers import SpecifierSet
-
-    from conftest import REPO
-
-    pyproject = tomllib.loads((REPO / "pyproject.toml").read_text())
-    conda = yaml.safe_load((REPO / "conda.yaml").read_text())
-    python = pyproject["tool"]["mnist-cnn"]["python"]
-    assert f"python={python}" in conda["dependencies"]
-    assert len(python.split(".")) == 3, "an exact version: pyenv fetches the newest for a bare 3.11"
-    assert python in SpecifierSet(pyproject["project"]["requires-python"])
-    pip = next(d["pip"] for d in conda["dependencies"] if isinstance(d, dict))
-    assert sorted(pip) == sorted(pyproject["project"]["dependencies"])
-
-
-def test_mlflow_run_whose_environment_fails_is_closed_by_runs_clean(tmp_path, tiny_mirror, monkeypatch):
+def test_mlflow_run_whose_environment_fails_is_closed_by_runs_clean(tmp_path, tiny_mirror, monkeypatch, store):
     import shutil
 
     if shutil.which("conda"):
@@ -145,7 +107,7 @@ def test_mlflow_run_whose_environment_fails_is_closed_by_runs_clean(tmp_path, ti
 
 @pytest.mark.slow
 @pytest.mark.parametrize("env_manager", ["virtualenv", "uv"])
-def test_mlflow_run_builds_its_environment(env_manager, tmp_path, tiny_mirror, monkeypatch):
+def test_mlflow_run_builds_its_environment(env_manager, tmp_path, tiny_mirror, monkeypatch, store):
     """Opt-in (-m slow): minutes, since it installs torch into a fresh environment from conda.yaml."""
     import shutil
 

@@ -1,0 +1,53 @@
+"""The champion's logged model in process: it checks its own input, and it loads without ``src/``."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from mlflow.exceptions import MlflowException
+
+
+def test_the_model_checks_its_input_itself(champion):
+    """What the signature cannot say (range, NaN), and the shape for callers that bypass it: one line each."""
+    pixels, model = champion.pixels, champion.model
+    python_model = model.unwrap_python_model()
+    bad = {
+        "shape (1, 27, 27)": np.zeros((1, 27, 27), np.float32),
+        "shape (0, 28, 28)": np.zeros((0, 28, 28), np.float32),
+        "image 0 has values from 0 to 256": np.full((1, 28, 28), 256, np.float32) * (np.arange(28) > 0)[:, None],
+        "image 1 holds NaN": np.stack([pixels[0], np.full((28, 28), np.nan)]).astype(np.float32),
+        "expected numbers": np.array([["a"] * 28] * 28, dtype=object)[None],
+    }
+    for fragment, pixels_in in bad.items():
+        with pytest.raises(MlflowException, match=fragment.replace("(", r"\(").replace(")", r"\)")) as caught:
+            python_model.predict(None, pixels_in)
+        assert caught.value.error_code == "INVALID_PARAMETER_VALUE"
+        assert "\n" not in caught.value.message
+    # Through pyfunc too (after the signature's own checks pass).
+    with pytest.raises(MlflowException, match="expected raw pixels in 0-255"):
+        model.predict(np.full((2, 28, 28), 1000, np.float32))
+
+
+def test_the_logged_model_loads_without_the_source_checkout(champion):
+    """The package is logged with the model (code_paths): it loads and predicts with ``src/`` off sys.path."""
+    local = champion.local
+    script = (
+        "import sys, numpy as np, mlflow\n"
+        "sys.path = [p for p in sys.path if not p.rstrip('/').endswith('/src')]\n"
+        "assert 'mnist_cnn' not in sys.modules\n"
+        f"model = mlflow.pyfunc.load_model({local!r})\n"
+        "import mnist_cnn\n"
+        "print(mnist_cnn.__file__)\n"
+        f"print(model.predict(np.load({local!r} + '/../pixels.npy'))['digit'].tolist())\n"
+    )
+    np.save(os.path.join(local, "..", "pixels.npy"), champion.pixels[:20].astype(np.float32))
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    where, digits = result.stdout.strip().splitlines()[-2:]
+    assert where.startswith(os.path.join(local, "code", "mnist_cnn")), where
+    assert json.loads(digits) == champion.expected["digit"].tolist()[:20]
