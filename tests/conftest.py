@@ -59,10 +59,18 @@ def tiny_mirror(tmp_path_factory) -> Path:
 @pytest.fixture(autouse=True)
 def isolated_env(tmp_path, monkeypatch, tiny_mirror):
     """Each test: its own MLflow store, the tiny data's checksums, no mirror or run inherited from outside."""
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     # mlflow.set_registry_uri (store.configure) exports MLFLOW_REGISTRY_URI: never let one test's leak
     # into the next one's subprocesses.
-    monkeypatch.setenv("MLFLOW_REGISTRY_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    monkeypatch.setenv("MLFLOW_REGISTRY_URI", uri)
+    if "mlflow" in sys.modules:
+        # MLflow puts the URI last set in this process (an earlier test's, a template's) before the
+        # environment's: this test's store is the one above.
+        import mlflow
+
+        mlflow.set_tracking_uri(uri)
+        mlflow.set_registry_uri(uri)
     monkeypatch.setenv("MNIST_MD5S", str(tiny_mirror.parent / "md5s.json"))
     monkeypatch.delenv("MNIST_MIRROR", raising=False)
     monkeypatch.delenv("MLFLOW_RUN_ID", raising=False)
@@ -127,6 +135,18 @@ TESTS = Path(__file__).resolve().parent
 def tier(request) -> str:
     """``unit``, ``integration`` or ``e2e``: the folder under tests/ the requesting test is in."""
     return Path(request.node.path).resolve().relative_to(TESTS).parts[0]
+
+
+TIERS = ("unit", "integration", "e2e")
+
+
+def pytest_collection_modifyitems(items):
+    """The fastest tier first (a failing unit test shows in seconds); a file outside the tiers last."""
+    def rank(item) -> int:
+        folder = Path(item.path).resolve().relative_to(TESTS).parts[0]
+        return TIERS.index(folder) if folder in TIERS else len(TIERS)
+
+    items.sort(key=rank)
 
 
 @pytest.fixture

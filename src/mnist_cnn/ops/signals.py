@@ -8,7 +8,6 @@ from collections.abc import Iterator
 
 from mnist_cnn.core.distributed import under_torchrun
 from mnist_cnn.core.errors import ProjectError
-from mnist_cnn.ops import signals
 
 
 class WorkerStopped(ProjectError, RuntimeError):
@@ -58,7 +57,7 @@ def signals_deferred() -> Iterator[None]:
     hung at times joining its async-logging thread. The first one held is raised again on leaving.
     """
     held: list[int] = []
-    stops = [signal.SIGINT, *signals.stop_signals()]
+    stops = [signal.SIGINT, *stop_signals()]
     previous = {sig: signal.signal(sig, lambda signum, frame: held.append(signum)) for sig in stops}
     try:
         yield

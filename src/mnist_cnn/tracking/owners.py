@@ -16,7 +16,7 @@ from pathlib import Path
 import psutil
 from mlflow.tracking import MlflowClient
 
-from mnist_cnn.tracking import owners, store
+from mnist_cnn.tracking import store
 from mnist_cnn.tracking.store import is_local_store
 
 log = logging.getLogger(__name__)
@@ -34,11 +34,11 @@ class RunState:
 def running(experiment: str, root: Path | None = None) -> list[RunState]:
     store.configure(root)
     states, local = [], store.is_local_store()
-    for run in owners.running_runs([store.experiment_id(experiment, root)]):
+    for run in running_runs([store.experiment_id(experiment, root)]):
         tags = run.data.tags
-        stale = owners.run_is_stale(tags, local)
+        stale = run_is_stale(tags, local)
         state = "unknown" if stale is None else ("stale" if stale else "alive")
-        host, pid = tags.get(owners.HOST_TAG, "?"), tags.get(owners.PID_TAG, "?")
+        host, pid = tags.get(HOST_TAG, "?"), tags.get(PID_TAG, "?")
         states.append(RunState(run.info.run_id, run.info.run_name or "", host, pid, state))
     return states
 
@@ -46,7 +46,7 @@ def running(experiment: str, root: Path | None = None) -> list[RunState]:
 def clean(experiment: str, root: Path | None = None) -> list[str]:
     """End the stale runs as KILLED; return their ids."""
     store.configure(root)
-    return owners.close_stale_runs([store.experiment_id(experiment, root)])
+    return close_stale_runs([store.experiment_id(experiment, root)])
 
 
 # Who owns a RUNNING run: a run whose process is gone is stale (closed KILLED by close_stale_runs).
