@@ -435,3 +435,25 @@ def test_mlproject_passes_any_params_key_through_as_an_override(entry):
     assert (params.train.epochs, params.train.lr) == (1, 0.2)
     assert params.train.optimizer == OptimizerConfig("adamw", weight_decay=0.01)
     assert params.train.scheduler == SchedulerConfig("step", gamma=0.5)
+
+
+def test_best_params_nest_a_searched_setting_key_under_its_setting():
+    """A study over ``train.optimizer`` and ``train.optimizer.weight_decay`` writes a valid params.yaml
+    section: the key under its setting, the searched name as the setting's ``name``."""
+    from types import SimpleNamespace
+
+    from mnist_cnn.core.params import parse_params
+    from mnist_cnn.core.params_yaml import yaml_load
+    from mnist_cnn.stages.tune import best_params_yaml
+
+    best = SimpleNamespace(
+        number=3,
+        value=0.05,
+        params={"train.optimizer": "adamw", "train.optimizer.weight_decay": 0.05, "train.lr": 0.002},
+    )
+    written = yaml_load(best_params_yaml(SimpleNamespace(best_trial=best, study_name="s")))
+    assert written == {"train": {"optimizer": {"name": "adamw", "weight_decay": 0.05}, "lr": 0.002}}
+    raw = yaml_load((REPO / "params.yaml").read_text())
+    raw["train"].update(written["train"])
+    train = parse_params(raw).train
+    assert (train.optimizer.name, train.optimizer.weight_decay, train.lr) == ("adamw", 0.05, 0.002)

@@ -206,10 +206,10 @@ def best_params_yaml(study: optuna.Study) -> str:
     """The best trial's values in ``params.yaml``'s shape, with the ``dvc exp run`` that applies them."""
     best = study.best_trial
     sections: dict[str, dict[str, Any]] = {}
-    for section in TUNABLE_SECTIONS:
-        for key, value in best.params.items():
-            if key.startswith(f"{section}."):
-                sections.setdefault(section, {})[key.split(".", 1)[1]] = value
+    for key, value in best.params.items():
+        section, *path = key.split(".")
+        if section in TUNABLE_SECTIONS:
+            _nest(sections.setdefault(section, {}), path, value)
     set_params = " ".join(f"-S {k}={v}" for k, v in best.params.items())
     header = (
         f"# Best trial {best.number} of study {study.study_name!r}: validation loss {best.value:.6g}.\n"
@@ -217,6 +217,21 @@ def best_params_yaml(study: optuna.Study) -> str:
         "# or copy these keys into params.yaml's sections.\n"
     )
     return header + yaml.safe_dump(sections, sort_keys=False)
+
+
+
+def _nest(node: dict[str, Any], path: list[str], value: Any) -> None:
+    """``optimizer.weight_decay`` as ``{optimizer: {weight_decay: ...}}``; a setting's bare name beside
+    keys of its own (``optimizer: adamw`` and ``optimizer.weight_decay``) becomes its ``name``."""
+    for part in path[:-1]:
+        child = node.get(part)
+        if not isinstance(child, dict):
+            node[part] = child = {} if child is None else {"name": child}
+        node = child
+    if isinstance(node.get(path[-1]), dict):
+        node[path[-1]]["name"] = value
+    else:
+        node[path[-1]] = value
 
 
 def _log_plots(parent: str, study: optuna.Study) -> None:
