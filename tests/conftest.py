@@ -142,6 +142,7 @@ TIERS = ("unit", "integration", "e2e")
 
 def pytest_collection_modifyitems(items):
     """The fastest tier first (a failing unit test shows in seconds); a file outside the tiers last."""
+
     def rank(item) -> int:
         folder = Path(item.path).resolve().relative_to(TESTS).parts[0]
         return TIERS.index(folder) if folder in TIERS else len(TIERS)
@@ -153,10 +154,10 @@ def pytest_collection_modifyitems(items):
 def project(request, tmp_path, tiny_mirror) -> Paths:
     """A project directory with tiny params and the tiny data already downloaded into data/raw. In
     tests/unit nothing more (a unit test opens no store); in the other tiers its MLflow store is
-    already created (``store``)."""
+    already created (``mlflow_store``)."""
     paths = make_project(tmp_path / "project", tiny_mirror)
     if tier(request) != "unit":
-        request.getfixturevalue("store")
+        request.getfixturevalue("mlflow_store")
     return paths
 
 
@@ -186,7 +187,7 @@ def new_store(store_template: Path, path: Path) -> Path:
 
 
 @pytest.fixture
-def store(tmp_path, store_template) -> Path:
+def mlflow_store(tmp_path, store_template) -> Path:
     """The test's own store (``$MLFLOW_TRACKING_URI``), created: a copy of the template."""
     return new_store(store_template, tmp_path / "mlflow.db")
 
@@ -347,7 +348,12 @@ def digits(tiny_mirror, tmp_path_factory):
 
 @pytest.fixture
 def champion_env(champion_store, monkeypatch):
+    """The champion's store as this test's (read, never changed): here and for its child processes."""
+    import mlflow
+
     monkeypatch.setenv("MLFLOW_TRACKING_URI", champion_store.uri)
+    mlflow.set_tracking_uri(champion_store.uri)
+    mlflow.set_registry_uri(champion_store.uri)
     return {**os.environ, "MLFLOW_TRACKING_URI": champion_store.uri}
 
 

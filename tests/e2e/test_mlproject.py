@@ -16,7 +16,7 @@ from mnist_cnn.core.data import load_split
 from mnist_cnn.tracking.store import configure
 
 
-def test_mlflow_run_main_entry_point(tmp_path, tiny_mirror, store):
+def test_mlflow_run_main_entry_point(tmp_path, tiny_mirror, mlflow_store):
     project = tmp_path / "project"
     project.mkdir()
     copy_project_files(project)
@@ -71,7 +71,7 @@ def test_mlflow_run_main_entry_point(tmp_path, tiny_mirror, store):
     assert digits.shape == (8,) and set(digits.tolist()) <= set(range(10))
 
 
-def test_mlflow_run_whose_environment_fails_is_closed_by_runs_clean(tmp_path, tiny_mirror, monkeypatch, store):
+def test_mlflow_run_whose_environment_fails_is_closed_by_runs_clean(tmp_path, tiny_mirror, monkeypatch, mlflow_store):
     import shutil
 
     if shutil.which("conda"):
@@ -107,7 +107,7 @@ def test_mlflow_run_whose_environment_fails_is_closed_by_runs_clean(tmp_path, ti
 
 @pytest.mark.slow
 @pytest.mark.parametrize("env_manager", ["virtualenv", "uv"])
-def test_mlflow_run_builds_its_environment(env_manager, tmp_path, tiny_mirror, monkeypatch, store):
+def test_mlflow_run_builds_its_environment(env_manager, tmp_path, tiny_mirror, monkeypatch, mlflow_store):
     """Opt-in (-m slow): minutes, since it installs torch into a fresh environment from conda.yaml."""
     import shutil
 

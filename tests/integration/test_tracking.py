@@ -86,7 +86,7 @@ def test_registered_champion_predicts_digits_from_raw_pixels(trained_project):
     assert signature.outputs.input_names() == list(answer.columns)
 
 
-def test_champion_moves_only_to_a_better_version(store):
+def test_champion_moves_only_to_a_better_version(mlflow_store):
     store.configure()
     client = MlflowClient()
     client.create_registered_model("m")
