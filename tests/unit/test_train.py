@@ -336,7 +336,9 @@ def test_elastic_warp_is_seeded_and_bends_every_digit(project):
     assert Distortions(elastic_alpha=1).active and not Distortions(elastic_sigma=2).active
 
 
-def test_augmented_ema_batchnorm_training_repeats_and_saves_the_validated_average(project, tiny_params, tmp_path):
+def test_augmented_ema_batchnorm_training_repeats_and_saves_the_validated_average(
+    project, tiny_params, tmp_path, evaluated
+):
     preset = dataclasses.replace(
         tiny_params,
         model=dataclasses.replace(tiny_params.model, batchnorm=True),
@@ -353,7 +355,7 @@ def test_augmented_ema_batchnorm_training_repeats_and_saves_the_validated_averag
     result = train(preset, project.data, project.models, project.reports, show_progress=False)
     again = train(preset, project.data, tmp_path, tmp_path, show_progress=False)
     assert [h.val_loss for h in result.history] == [h.val_loss for h in again.history]  # seeded: same numbers
-    plain = train(tiny_params, project.data, tmp_path, tmp_path, show_progress=False)
+    plain = evaluated.trained  # tiny_params, trained plain
     assert result.history[0].train_loss != plain.history[0].train_loss
     net = load_weights(preset.model, project.models / "model.pt")
     assert net.bn1.running_var.ne(1).any()  # BatchNorm statistics were learnt (and averaged)
