@@ -16,6 +16,7 @@ import os
 # whatever else runs (2-epoch trainings measured 8x slower with 2 threads on a busy 2-core machine).
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 import shutil
+import signal
 import sqlite3
 import subprocess
 import sys
@@ -79,7 +80,11 @@ def isolated_env(tmp_path, monkeypatch, tiny_mirror):
     monkeypatch.setenv("DVC_NO_ANALYTICS", "1")
     # The stages' commands (`python -m mnist_cnn`) run with this interpreter.
     monkeypatch.setenv("PATH", f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
+    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
     yield
+    # A test that ends while a stage holds signals must not leave its handlers to the next test.
+    for sig, handler in handlers.items():
+        signal.signal(sig, handler)
     if "mlflow" in sys.modules:  # a unit test never imports it for a run
         import mlflow
 
