@@ -1,4 +1,5 @@
-"""The real DVC CLI on the tiny data, inside a temporary git repo: repro, no-op repro, `exp run -S`."""
+"""The real DVC CLI on the tiny data, inside a temporary git repo: repro, no-op repro, `exp run -S`, a
+queue of four experiments on SQLite, push to a remote and pull into a fresh clone."""
 
 import json
 import os

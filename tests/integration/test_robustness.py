@@ -1,5 +1,7 @@
-"""Faults made for real: parallel starts on a new store, signals, SIGKILL and resume, a dead or refusing
-tracking server, a full or read-only disk, corrupt weights, changed data, file modes."""
+"""Faults made for real, in process: stale runs closed by the next training, a crash after the weights
+are written, evaluate failing or repeated without rewriting history, a full or read-only disk (tmpfs and
+read-only bind mounts, as root), data changed since download, file modes. The faults that need a child
+process (signals, kill -9, four trainings at once) are in tests/e2e/test_kills.py."""
 
 from __future__ import annotations
 

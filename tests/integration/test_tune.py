@@ -1,4 +1,5 @@
-"""The tune stage for real: Optuna on the tiny data, the real fit, a private MLflow store, the DVC CLI."""
+"""The tune stage for real, in process: Optuna on the tiny data, the real fit, a private MLflow store; a
+damaged journal, another search space, Ctrl-C while the parent run ends."""
 
 from __future__ import annotations
 
