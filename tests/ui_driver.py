@@ -73,8 +73,11 @@ def mlflow_server(store_uri: str, log: Path, wait_s: float = 120.0) -> Iterator[
     args = [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port)]
     args += ["--backend-store-uri", store_uri, "--workers", "1"]
     url = f"http://127.0.0.1:{port}"
+    # MLflow's job runner (GenAI judges, trace roll-ups) would start eight more Python processes that
+    # this UI never uses.
+    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
     with open(log, "ab") as out:
-        proc = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        proc = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT, start_new_session=True, env=env)
     try:
         deadline = time.monotonic() + wait_s
         while not is_healthy(url):

@@ -73,7 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def run_stages(stage: str, args: argparse.Namespace, overrides: dict[str, str]) -> None:
-    from mnist_cnn.core import distributed
+    from mnist_cnn.core import world as distributed
     from mnist_cnn.stages.download import download
 
     if stage == "download":

@@ -7,49 +7,17 @@ this module only reads them, joins the process group and sums (or shares) values
 from __future__ import annotations
 
 import contextlib
-import os
 from collections.abc import Iterator
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.distributed as dist
 
 from mnist_cnn.core.errors import register_user_facing
+from mnist_cnn.core.world import World
 
 # A peer that died or a rendezvous that failed is a message for the user, not a bug of ours.
 register_user_facing(dist.DistError)
-
-
-@dataclass(frozen=True)
-class World:
-    rank: int = 0
-    size: int = 1
-    local_rank: int = 0
-
-    @property
-    def distributed(self) -> bool:
-        return self.size > 1
-
-    @property
-    def is_main(self) -> bool:
-        """Rank 0: the one process that logs to MLflow and writes models/ and reports/."""
-        return self.rank == 0
-
-
-SINGLE = World()
-
-
-def from_env() -> World:
-    """The world torchrun set up for this process (a single process when not under torchrun)."""
-    size = int(os.environ.get("WORLD_SIZE", "1"))
-    if size <= 1:
-        return SINGLE
-    return World(rank=int(os.environ["RANK"]), size=size, local_rank=int(os.environ.get("LOCAL_RANK", "0")))
-
-
-def under_torchrun() -> bool:
-    return from_env().distributed
 
 
 def device_for(world: World, device: torch.device) -> torch.device:

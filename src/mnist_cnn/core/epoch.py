@@ -12,9 +12,10 @@ from tqdm import tqdm
 
 from mnist_cnn.core.augment import Distortions, random_distort
 from mnist_cnn.core.data import Tensors
-from mnist_cnn.core.distributed import SINGLE, World, all_sum, shard
+from mnist_cnn.core.distributed import all_sum, shard
 from mnist_cnn.core.params import TrainConfig
 from mnist_cnn.core.runtime import autocast, memory_format
+from mnist_cnn.core.world import SINGLE, World
 
 
 @dataclass

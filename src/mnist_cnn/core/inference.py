@@ -7,13 +7,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from mnist_cnn.core.data import Tensors
-from mnist_cnn.core.distributed import (
-    SINGLE,
-    World,
-    all_sum,
-)
+from mnist_cnn.core.distributed import all_sum
 from mnist_cnn.core.model import NUM_CLASSES
 from mnist_cnn.core.runtime import autocast, memory_format
+from mnist_cnn.core.world import SINGLE, World
 
 
 def prepare_model(net: nn.Module, device: torch.device) -> nn.Module:

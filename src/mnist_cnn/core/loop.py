@@ -21,13 +21,7 @@ from tqdm import tqdm
 from mnist_cnn.core.augment import Distortions
 from mnist_cnn.core.checkpoint import CHECKPOINT_FORMAT, Checkpointing, save_torch
 from mnist_cnn.core.data import Tensors
-from mnist_cnn.core.distributed import (
-    SINGLE,
-    World,
-    from_main,
-    gathered,
-    shard_size,
-)
+from mnist_cnn.core.distributed import from_main, gathered, shard_size
 from mnist_cnn.core.epoch import Augmentation, batch_per_process, train_epoch
 from mnist_cnn.core.errors import ProjectError
 from mnist_cnn.core.inference import prepare_model, validate
@@ -35,6 +29,7 @@ from mnist_cnn.core.model import Net
 from mnist_cnn.core.optim import make_optimizer, monitor_value
 from mnist_cnn.core.params import Params, TrainConfig
 from mnist_cnn.core.runtime import seed_everything
+from mnist_cnn.core.world import SINGLE, World
 
 log = logging.getLogger(__name__)
 

@@ -6,8 +6,8 @@ import contextlib
 import signal
 from collections.abc import Iterator
 
-from mnist_cnn.core.distributed import under_torchrun
 from mnist_cnn.core.errors import ProjectError
+from mnist_cnn.core.world import under_torchrun
 
 
 class WorkerStopped(ProjectError, RuntimeError):

@@ -10,7 +10,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from sklearn.metrics import classification_report, confusion_matrix
 
 from mnist_cnn.core import figures, files
 from mnist_cnn.core.augment import TTA_SHIFTS, shift
@@ -70,6 +69,9 @@ def evaluate(
         loss, accuracy = loss_and_accuracy(log_probs, y)
         metrics[name] = {"loss": round(loss, 6), "accuracy": round(accuracy, 4)}
         test_log_probs = log_probs
+    # Imported here: scikit-learn costs seconds to import, and the train stage loads this module too.
+    from sklearn.metrics import classification_report, confusion_matrix
+
     actual = test.labels.numpy()
     best = test_log_probs.argmax(dim=1)
     predicted = best.cpu().numpy()

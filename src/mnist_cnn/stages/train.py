@@ -12,22 +12,18 @@ from pathlib import Path
 
 import torch
 
-from mnist_cnn.core import distributed, files
+from mnist_cnn.core import files
 from mnist_cnn.core.checkpoint import Checkpointing, load_checkpoint, save_torch, training_fingerprint
 from mnist_cnn.core.data import (
     load_train_val,
     verified_md5s,
 )
-from mnist_cnn.core.distributed import (
-    SINGLE,
-    World,
-    device_for,
-    process_group,
-)
+from mnist_cnn.core.distributed import device_for, process_group
 from mnist_cnn.core.files import Paths
 from mnist_cnn.core.loop import EpochStats, Reporter, TrainResult, fit
 from mnist_cnn.core.params import Params, TrainConfig
 from mnist_cnn.core.runtime import select_device, select_precision
+from mnist_cnn.core.world import SINGLE, World, from_env
 from mnist_cnn.tracking import records, runs, store
 
 log = logging.getLogger(__name__)
@@ -48,7 +44,7 @@ def run_train(
     run) is continued, in the MLflow run it was started in. Under torchrun only rank 0 tracks and
     writes; the other ranks train their shards and return (None, result).
     """
-    world = world or distributed.from_env()
+    world = world or from_env()
     root = store.project_root(paths.root.resolve())
     md5s = verified_md5s(paths.data, params.data.dataset)
     fingerprint = training_fingerprint(params, md5s, world.size)
