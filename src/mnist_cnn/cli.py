@@ -153,6 +153,24 @@ def _train_and_evaluate(stage: str, params: Params, args: argparse.Namespace) ->
             print(f"{split:>5}: loss {values['loss']:.4f}  accuracy {values['accuracy']:.2f}%")
 
 
+def tune_parser() -> argparse.ArgumentParser:
+    """``mnist-cnn tune``'s own options (``tune --help``); the rest are ``--KEY VALUE`` overrides."""
+    parser = argparse.ArgumentParser(
+        prog="mnist-cnn tune",
+        description="Run trials of the Optuna study of params.yaml's tune section (several workers may share it), "
+        "each trial a real training; the last worker writes reports/best_params.yaml.",
+        epilog="Any --KEY VALUE overrides params.yaml for this call: --tune.n_trials 10, --tune.storage URL, "
+        "--tune.study_name NAME, --tune.timeout SECONDS, --train.device cuda, ...",
+        allow_abbrev=False,
+    )
+    parser.add_argument("--params", type=Path, default=files.PARAMS, help="The params file (default: params.yaml).")
+    parser.add_argument(
+        "--root", type=Path, default=Path("."), help="The project directory holding data/ and reports/ (default: here)."
+    )
+    parser.add_argument("--no-progress", action="store_true", help="Print one line per epoch, no progress bars.")
+    return parser
+
+
 def run_tune(args: argparse.Namespace, overrides: dict[str, str]) -> None:
     """Both the base params and the tune section are checked before any trial (or MLflow) starts."""
     tune_overrides = {k: v for k, v in overrides.items() if k.startswith("tune.")}
@@ -293,6 +311,9 @@ def main(argv: list[str] | None = None) -> int:
         return server_main(argv[1:])
     if argv[:1] == ["predict"]:
         return predict_main(argv[1:])
+    if argv[:1] == ["tune"] and {"-h", "--help"} & set(argv[1:]):
+        tune_parser().print_help()
+        return 0
     args, extra = build_parser().parse_known_args(argv)
     # SIGTERM and SIGHUP unwind like Ctrl-C: temporary files go, the MLflow run ends KILLED.
     return shown_errors(lambda: run_stages(args.stage, args, parse_overrides(extra)), stop_signals=True)

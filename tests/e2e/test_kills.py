@@ -16,11 +16,14 @@ import mlflow
 import pytest
 import torch
 from mlflow.tracking import MlflowClient
+from optuna.trial import TrialState
 
 from conftest import EPOCH_LINE, only_run, stage, the_runs, wait_for_line, write_tiny_params
 from mnist_cnn.cli import main
 from mnist_cnn.stages import train
+from mnist_cnn.stages.tune import OWNER_ATTR
 from mnist_cnn.tracking import owners, store
+from tune_helpers import journal, tune_runs, write_tune_params
 
 
 def start_long_training(project, sighup) -> subprocess.Popen:
@@ -137,6 +140,31 @@ def test_sigkill_leaves_a_stale_run_that_runs_clean_closes(project, capsys):
     assert "closed 1 stale run(s) as KILLED" in out and killed.info.run_id in out
     assert client.get_run(killed.info.run_id).info.status == "KILLED"
     assert client.get_run(other.info.run_id).info.status == "RUNNING"
+
+
+def test_a_tune_worker_killed_mid_trial_leaves_no_trial_running_and_the_next_worker_completes_the_study(project):
+    """kill -9 in a trial leaves it RUNNING in the study: the next worker ends it FAIL (its worker is
+    provably gone) and runs the trial it did not finish: the study gets its n_trials finished."""
+    write_tune_params(project.params_file, n_trials=1, epochs=2, pruner="none")
+    killed = stage(project, "tune")
+    wait_for_line(killed, EPOCH_LINE.format(epoch=1))
+    killed.kill()
+    killed.wait(timeout=30)
+    (left,) = journal(project.root).get_trials()
+    assert left.state == TrialState.RUNNING and left.user_attrs[OWNER_ATTR][owners.PID_TAG] == str(killed.pid)
+
+    worker = stage(project, "tune")
+    output, _ = worker.communicate(timeout=300)
+    assert worker.returncode == 0, output
+    assert f"trial 0 was left RUNNING (its worker, process {killed.pid}, is gone): ended FAIL" in output
+    assert "this worker ran trial(s) [1]" in output
+    trials = journal(project.root).get_trials()
+    assert [t.state for t in trials] == [TrialState.FAIL, TrialState.COMPLETE]
+    parents, children = tune_runs(project.root)
+    assert [p.info.status for p in parents] == ["FINISHED"]
+    (child_0,) = [c for c in children if c.data.tags["optuna.trial_number"] == "0"]
+    assert child_0.info.status == "KILLED"  # closed as stale by the next worker's first trial
+    assert (project.root / "reports" / "best_params.yaml").is_file()
 
 
 # Resume after SIGKILL

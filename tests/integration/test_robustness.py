@@ -24,16 +24,39 @@ from mnist_cnn.tracking import owners
 from mnist_cnn.tracking.store import configure, experiment_id
 
 
-def test_next_training_closes_stale_runs_of_this_host(project, tiny_params):
+def test_next_training_closes_stale_runs_of_this_machine_only(project, tiny_params):
+    """A dead process's run is closed only when its owner tags prove it ran here: the same host, boot id
+    and PID namespace. Another boot id (a VM image with this host name), another PID namespace (a
+    container), or a run without those tags (an older version's) is unknown and stays RUNNING."""
     configure()
     exp_id = experiment_id("mnist-cnn")
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
-    stale = MlflowClient().create_run(
-        exp_id, tags={owners.HOST_TAG: socket.gethostname(), owners.PID_TAG: str(dead.pid)}
-    )
+    here = {**owners.owner_tags(), owners.PID_TAG: str(dead.pid)}
+    del here[owners.PID_START_TAG]
+    assert here[owners.HOST_TAG] == socket.gethostname()
+    client = MlflowClient()
+    owned = {
+        "here": here,
+        "another boot": {**here, owners.BOOT_TAG: "00000000-0000-0000-0000-000000000000"},
+        "another namespace": {**here, owners.PID_NS_TAG: "pid:[1]"},
+        "no machine tags": {owners.HOST_TAG: socket.gethostname(), owners.PID_TAG: str(dead.pid)},
+    }
+    runs = {name: client.create_run(exp_id, tags=tags).info.run_id for name, tags in owned.items()}
+    assert {name: owners.run_is_stale(tags) for name, tags in owned.items()} == {
+        "here": True,
+        "another boot": None,
+        "another namespace": None,
+        "no machine tags": None,
+    }
     train.run_train(tiny_params, project, show_progress=False)
-    assert MlflowClient().get_run(stale.info.run_id).info.status == "KILLED"
+    states = {name: client.get_run(run_id).info.status for name, run_id in runs.items()}
+    assert states == {
+        "here": "KILLED",
+        "another boot": "RUNNING",
+        "another namespace": "RUNNING",
+        "no machine tags": "RUNNING",
+    }
 
 
 def test_a_crash_after_the_weights_are_written_resumes_with_nothing_to_train(project, tiny_params, monkeypatch):
@@ -195,5 +218,3 @@ def test_full_disk_while_training_is_one_line_and_the_run_failed(project, mounte
     assert err == f"error: {models}/checkpoint.pt: cannot write (No space left on device)"
     assert [p.name for p in models.iterdir()] == [".lock"]  # the stage lock; no partial file
     assert [run.info.status for run in the_runs()] == ["FAILED"]
-
-

@@ -65,7 +65,8 @@ def test_database_storage_url_runs_the_study(project, tmp_path):
 
 
 def test_a_diverging_trial_fails_and_the_study_goes_on(project):
-    write_tune_params(project.params_file, n_trials=1, epochs=1, pruner="none", space={"train.lr": {"choices": [1e12]}})
+    space = {"train.lr": {"choices": [1e12, 1e13]}}
+    write_tune_params(project.params_file, n_trials=1, epochs=1, pruner="none", space=space)
     params = load_params(project.params_file)
     result = tune(params, load_tune(project.params_file, params), project.root, show_progress=False)
     assert result.trials_run == [0] and result.best_trial is None and not result.best_params_written
@@ -133,6 +134,9 @@ def test_a_damaged_journal_is_one_line_and_exit_1_and_nothing_is_touched(project
     assert code == 0 and len(journal(project.root).get_trials()) == 1
 
 
+REMEDY = "use a new tune.study_name, or delete the journal tune/study.journal"
+
+
 def test_another_search_space_for_an_existing_study_is_one_line_before_any_change(project, capsys):
     parent = finished_study(project, space=TINY_SPACE)
     journal_bytes = (project.root / "tune" / "study.journal").read_bytes()
@@ -141,22 +145,60 @@ def test_another_search_space_for_an_existing_study_is_one_line_before_any_chang
         ("train.lr", ({"choices": [0.5, 1.0]}, "choices [1.0, 1e-05], now choices [0.5, 1.0]")),
         ("train.lr", ({"low": 0.1, "high": 1.0}, "choices [1.0, 1e-05], now numbers [0.1, 1.0]")),
         ("model.hidden_3", ({**hidden_3, "log": False}, "integers [16, 32] log, now integers [16, 32]")),
+        # A moved range too: the best so far may lie outside it, and would be written as the best again.
+        ("model.hidden_3", ({**hidden_3, "low": 8, "high": 64}, "integers [16, 32] log, now integers [8, 64] log")),
     ]:
         write_tune_params(project.params_file, n_trials=2, epochs=1, pruner="none", space={**TINY_SPACE, key: searched})
         code, err = run_tune_cli(project, capsys)
         assert code == 2
         assert err == (
-            f"error: tune.space.{key}: the study 'mnist-cnn' was made with another search space ({how});"
-            " use a new tune.study_name"
+            f"error: tune.space.{key}: the study 'mnist-cnn' was made with another search space ({how}); {REMEDY}"
         )
         assert_untouched(project, parent, journal_bytes)
 
-    # A moved range is what Optuna allows: the study goes on with it.
-    moved = {**TINY_SPACE, "model.hidden_3": {**hidden_3, "low": 8, "high": 64}}
-    write_tune_params(project.params_file, n_trials=2, epochs=1, pruner="none", space=moved)
+    fewer = {"train.lr": TINY_SPACE["train.lr"]}
+    write_tune_params(project.params_file, n_trials=2, epochs=1, pruner="none", space=fewer)
     code, err = run_tune_cli(project, capsys)
+    assert (code, err) == (
+        2,
+        "error: tune.space: the study 'mnist-cnn' was made with another search space (it searched"
+        f" model.hidden_3, train.lr; now train.lr); {REMEDY}",
+    )
+    assert_untouched(project, parent, journal_bytes)
+
+
+def test_other_fixed_params_for_an_existing_study_are_one_line_and_best_params_stay(project, capsys):
+    """The settings that are not searched are the study's too: after train.optimizer changes, the study's
+    best (trained with the old optimizer) must not be written as the best params again."""
+    parent = finished_study(project, space=TINY_SPACE)
+    journal_bytes = (project.root / "tune" / "study.journal").read_bytes()
+    best_params = project.root / "reports" / "best_params.yaml"
+    best_params.unlink()  # a rerun that went on would write it again
+    for changes, differ in [
+        ({"train.optimizer": "sgd"}, "train.optimizer.name = 'adadelta' (now 'sgd')"),
+        ({"train.optimizer": "adamw"}, "train.optimizer.name = 'adadelta' (now 'adamw'), train.optimizer.weight_decay"),
+        ({"train.batch_size": 32, "model.dropout2": 0.3}, "model.dropout2 = 0.17 (now 0.3), train.batch_size = "),
+    ]:
+        write_tune_params(project.params_file, n_trials=2, epochs=1, pruner="none", space=TINY_SPACE)
+        code, err = run_tune_cli(project, capsys, *[f"--{k}={v}" for k, v in changes.items()])
+        assert code == 2 and len(err.splitlines()) == 1, err
+        assert err.startswith(f"error: the study 'mnist-cnn' was made with other params: {differ}"), err
+        assert err.endswith(f"; {REMEDY}")
+        assert_untouched(project, parent, journal_bytes)
+        assert not best_params.exists()
+    # tune.epochs is every trial's train.epochs: another value is another study too.
+    code, err = run_tune_cli(project, capsys, "--tune.epochs", "2")
+    assert (code, err) == (
+        2,
+        f"error: the study 'mnist-cnn' was made with other params: tune.epochs = 1 (now 2); {REMEDY}",
+    )
+
+    # A worker's own settings may differ (another machine, another device); a new study name starts afresh.
+    code, err = run_tune_cli(project, capsys, "--train.device", "auto", "--train.resume", "never")
+    assert code == 0 and journal(project.root).get_trials()[-1].number == 1, err
+    code, err = run_tune_cli(project, capsys, "--train.optimizer", "sgd", "--tune.study_name", "sgd")
     assert code == 0, err
-    assert [t.state for t in journal(project.root).get_trials()] == [TrialState.COMPLETE] * 2
+    assert "Best trial 0 of study 'sgd'" in best_params.read_text()
 
 
 def test_a_worker_with_another_space_is_refused_before_the_first_worker_records_a_trial(project, capsys, monkeypatch):
@@ -177,7 +219,7 @@ def test_a_worker_with_another_space_is_refused_before_the_first_worker_records_
     assert (code, err) == (
         2,
         "error: tune.space.train.lr: the study 'mnist-cnn' was made with another search space"
-        " (choices [1.0, 1e-05], now numbers [0.1, 1.0]); use a new tune.study_name",
+        f" (choices [1.0, 1e-05], now numbers [0.1, 1.0]); {REMEDY}",
     )
     assert journal(project.root).get_trials() == []
 

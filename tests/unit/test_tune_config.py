@@ -62,6 +62,16 @@ from tune_helpers import write_tune_params
             {"space": {"train.monitor": {"choices": ["val_loss", "val_acc"]}}},
             "tune.space.train.monitor: not searchable",
         ),
+        # One value is no search: every trial would train the same configuration.
+        (
+            {"space": {"train.batch_size": {"choices": [64]}}},
+            "tune.space.train.batch_size.choices = [64]: expected two or more different values (to train with"
+            " one, set train.batch_size in params.yaml)",
+        ),
+        (
+            {"space": {"train.lr": {"choices": [0.5, 0.5]}}},
+            "tune.space.train.lr.choices = [0.5, 0.5]: expected two or more different values",
+        ),
     ],
 )
 def test_bad_tune_section_is_one_line_and_exit_2_before_any_trial(project, capsys, tune, message):
@@ -150,3 +160,56 @@ def test_database_lock_is_exclusive_across_workers_and_a_stale_one_is_broken(tmp
     with database_lock(storage, "s.workers-lock"):
         assert time.monotonic() - started < 30
     assert optuna.get_all_study_summaries(url) == []
+
+
+@pytest.mark.parametrize(
+    ("storage", "why"),
+    [
+        ("/dev/null", "/dev/null is not a regular file (expected an Optuna journal file)"),
+        ("data", "{root}/data is a directory (expected an Optuna journal file)"),
+        ("params.yaml/s.journal", "{root}/params.yaml is not a directory"),
+    ],
+)
+def test_a_storage_path_that_cannot_be_a_journal_is_one_line_and_makes_no_lock(project, capsys, storage, why):
+    write_tune_params(project.params_file)
+    before = set(Path("/dev").iterdir()), sorted(project.root.rglob("*"))
+    code = main(["tune", "--params", str(project.params_file), "--root", str(project.root), "--tune.storage", storage])
+    assert code == 1
+    expected = f"error: tune.storage = {storage!r}: {why.format(root=project.root)}"
+    assert capsys.readouterr().err.strip() == expected
+    assert (set(Path("/dev").iterdir()), sorted(project.root.rglob("*"))) == before  # no .workers.lock anywhere
+    assert not Path("/dev/null.workers.lock").exists()
+
+
+def test_a_journal_in_a_directory_that_cannot_be_written_is_one_line(project, capsys):
+    """A read-only mount refuses even root (access(2) answers EROFS)."""
+    import subprocess
+
+    studies = project.root / "studies"
+    studies.mkdir()
+    if os.geteuid() == 0:
+        mounted = subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(studies)], capture_output=True
+        )
+        if mounted.returncode != 0:
+            pytest.skip(f"cannot mount a read-only tmpfs: {mounted.stderr.decode().strip()}")
+    else:
+        studies.chmod(0o555)
+    try:
+        write_tune_params(project.params_file, storage="studies/s.journal")
+        code = main(["tune", "--params", str(project.params_file), "--root", str(project.root)])
+        assert code == 1
+        assert capsys.readouterr().err.strip() == (
+            f"error: tune.storage = 'studies/s.journal': the directory {studies} is not writable"
+        )
+    finally:
+        if os.geteuid() == 0:
+            subprocess.run(["umount", str(studies)], check=True)
+        else:
+            studies.chmod(0o755)
+
+
+def test_tune_help_is_tunes_own(capsys):
+    assert main(["tune", "--help"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("usage: mnist-cnn tune ") and "--tune.n_trials" in out and "--clean" not in out

@@ -19,6 +19,7 @@ from mnist_cnn.core.params import (
     apply_choice_changes,
     choices,
     converted,
+    flatten,
     key_kinds,
     new_key,
     parse_value,
@@ -57,6 +58,10 @@ NOT_SEARCHABLE = {
     "train.val_split": "every trial is scored on the same validation split, made once per worker",
     "train.seed": "a seed that happens to score well is luck, not a better configuration",
 }
+
+
+# Keys a worker sets for itself (its device, its speed): the workers of one study may differ in them.
+WORKER_KEYS = ("train.device", "train.precision", "train.compile", "train.resume", "train.processes")
 
 
 @dataclass(frozen=True)
@@ -222,7 +227,32 @@ def parse_tune(
     for key in keys:
         _require(keys.count(key) == 1, "tune.space", list(space), f"each key once ({key} is given twice)")
     _check_searched_settings(values["space"], params)
+    for key, param in zip(space, values["space"], strict=True):
+        # One value is no search: every trial would train the same configuration.
+        _require(
+            not param.choices or len(set(map(repr, param.choices))) >= 2,
+            f"tune.space.{key}.choices",
+            list(param.choices),
+            f"two or more different values (to train with one, set {param.key} in params.yaml)",
+        )
     return TuneConfig(**values)
+
+
+def fixed_params(params: Params, cfg: TuneConfig) -> dict[str, Any]:
+    """What every trial of the study trains with besides its sampled values: ``tune.epochs`` and the
+    data, model and train keys that are not searched (a searched setting's own keys neither), nor a
+    worker's own (``WORKER_KEYS``). Trials trained with other ones are another study."""
+    searched = [p.key.removesuffix(".name") for p in cfg.space]
+    fixed: dict[str, Any] = {"tune.epochs": cfg.epochs}
+    for key, value in flatten(params).items():
+        if key.split(".")[0] not in ("data", *TUNABLE_SECTIONS) or key in (*WORKER_KEYS, *TRIAL_KEYS):
+            continue
+        if not any(key == s or key.startswith(f"{s}.") for s in searched):
+            fixed[key] = value
+    return fixed
+
+
+TRIAL_KEYS = ("train.epochs", "train.monitor")  # set for every trial by the tune stage (tune.epochs, val_loss)
 
 
 def _now(dotted: str) -> str | None:

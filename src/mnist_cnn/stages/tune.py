@@ -31,9 +31,19 @@ from mnist_cnn.core.errors import one_line
 from mnist_cnn.core.loop import EpochStats, fit
 from mnist_cnn.core.params import Params, flatten, with_values
 from mnist_cnn.core.runtime import select_device, select_precision
-from mnist_cnn.core.search import TUNABLE_SECTIONS, TuneConfig
+from mnist_cnn.core.search import TUNABLE_SECTIONS, TuneConfig, fixed_params
 from mnist_cnn.ops import signals
-from mnist_cnn.stages.tune_study import check_space, distribution, open_storage, record_space
+from mnist_cnn.stages.tune_study import (
+    CONFIG_FAILURE,
+    FAILED_ATTR,
+    OWNER_ATTR,
+    check_study,
+    counted_trials,
+    distribution,
+    fail_trials_of_gone_workers,
+    open_storage,
+    record_study,
+)
 from mnist_cnn.tracking import owners, runs, store, tuning
 
 log = logging.getLogger(__name__)
@@ -46,9 +56,6 @@ WORKERS_ATTR = "mnist_cnn.workers"  # study user attr: workers that joined (each
 
 
 ACTIVE_ATTR = "mnist_cnn.active_workers"  # study user attr: owner tags of the workers still working
-
-
-OWNER_ATTR = "mnist_cnn.owner"  # trial user attr: host, pid and pid start of the worker running it
 
 
 RUN_ATTR = "mnist_cnn.run_id"  # trial user attr: the trial's MLflow child run
@@ -106,9 +113,11 @@ def _join(
     cfg: TuneConfig,
     exp_id: str,
     root: Path,
+    fixed: dict[str, Any],
     launcher: str | None = None,
 ) -> tuple[optuna.Study, str]:
     """Create or load the study and its parent run (under the workers' lock: one parent per study).
+    ``fixed``: this worker's params that are not searched, which must be the study's.
     ``launcher``: the run ``mlflow run`` made for this worker; the first worker's becomes the parent."""
     try:  # loaded, not create_study(load_if_exists): that appends a create entry to the journal each time
         study = optuna.load_study(study_name=cfg.study_name, storage=storage)
@@ -116,8 +125,8 @@ def _join(
         study = optuna.create_study(
             storage=storage, study_name=cfg.study_name, direction="minimize", load_if_exists=True
         )
-    check_space(study, cfg)
-    record_space(study, cfg)
+    check_study(study, cfg, fixed)
+    record_study(study, cfg, fixed)
     parent = study.user_attrs.get(PARENT_ATTR)
     if parent is None or not runs.run_exists(parent, root):
         parent = tuning.create_parent_run(cfg, exp_id, root, launcher)
@@ -166,6 +175,7 @@ def _run_and_tell(study: optuna.Study, trial: optuna.Trial, setup: TrialSetup) -
         study.tell(trial, state=TrialState.FAIL)
         raise
     except RuntimeError as exc:  # diverged, out of memory: this configuration fails, the study goes on
+        trial.set_user_attr(FAILED_ATTR, CONFIG_FAILURE)
         study.tell(trial, state=TrialState.FAIL)
         log.warning("trial %d failed: %s", trial.number, one_line(exc))
     except BaseException:
@@ -185,7 +195,8 @@ def _run_trials(
     ran: list[int] = []
     while deadline is None or time.monotonic() < deadline:
         with lock:  # count and ask together: the study gets exactly n_trials, whatever the workers
-            if len(study.get_trials(deepcopy=False)) >= setup.cfg.n_trials:
+            fail_trials_of_gone_workers(study)
+            if counted_trials(study) >= setup.cfg.n_trials:
                 break
             trial = study.ask({p.key: distribution(p) for p in setup.cfg.space})
             trial.set_user_attr(OWNER_ATTR, owners.owner_tags())
@@ -217,7 +228,6 @@ def best_params_yaml(study: optuna.Study) -> str:
         "# or copy these keys into params.yaml's sections.\n"
     )
     return header + yaml.safe_dump(sections, sort_keys=False)
-
 
 
 def _nest(node: dict[str, Any], path: list[str], value: Any) -> None:
@@ -334,7 +344,7 @@ def tune(params: Params, cfg: TuneConfig, root: Path = Path("."), show_progress:
     try:
         # Ctrl-C while the parent is claimed would leave it RUNNING: it waits, then ends the parent KILLED.
         with lock, signals.signals_deferred():
-            study, parent = _join(storage, cfg, exp_id, store_root, launcher)
+            study, parent = _join(storage, cfg, exp_id, store_root, fixed_params(params, cfg), launcher)
         ran = _run_trials(study, lock, TrialSetup(params, cfg, data, parent, store_root, show_progress), deadline)
         outcome = "FINISHED"
     except KeyboardInterrupt:

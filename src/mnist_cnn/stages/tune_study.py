@@ -1,4 +1,5 @@
-"""The tune stage's Optuna study: its storage, the lock its workers share, and its search space.
+"""The tune stage's Optuna study: its storage, the lock its workers share, the settings it was made with,
+and the trials its workers left.
 
 Several workers (the same command in several shells or on several machines) share one study through its
 storage, a journal file or a database URL. Joining the study and asking for a trial happen under a lock
@@ -9,19 +10,39 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
+import os
 import time
 from pathlib import Path
+from typing import Any
 
 import optuna
 from filelock import FileLock
+from optuna.trial import TrialState
 
 from mnist_cnn.core.errors import ProjectError, masked, one_line, without_driver_prefix
 from mnist_cnn.core.files import is_url
 from mnist_cnn.core.params import ConfigError
 from mnist_cnn.core.search import SearchParam, TuneConfig
 from mnist_cnn.ops.lock import NamedLock
+from mnist_cnn.tracking import owners, store
+
+log = logging.getLogger(__name__)
+
 
 SPACE_ATTR = "mnist_cnn.space"  # study user attr: the first worker's search space, {key: Optuna's JSON}
+
+
+FIXED_ATTR = "mnist_cnn.fixed_params"  # study user attr: the first worker's params that are not searched
+
+
+OWNER_ATTR = "mnist_cnn.owner"  # trial user attr: the owner tags (owners.owner_tags) of the worker running it
+
+
+FAILED_ATTR = "mnist_cnn.failed"  # trial user attr: why it failed, where that is its configuration's fault
+
+
+CONFIG_FAILURE = "configuration"  # diverged, out of memory: a verdict on the configuration, it counts
 
 
 LOCK_WAIT_S, LOCK_STALE_S = 300.0, 120.0
@@ -38,6 +59,7 @@ def open_storage(
     with a lock file beside it, or a database URL with a lock record in the database itself."""
     if not is_url(storage):
         path = _journal_path(storage, root)
+        _check_journal_place(storage, path)  # before any lock file is made beside it
         return _open_journal(storage, path), FileLock(str(path) + ".workers.lock", timeout=LOCK_WAIT_S)
     engine_kwargs = {"connect_args": {"connect_timeout": 5}} if storage.startswith("postgresql") else {}
     try:
@@ -54,6 +76,20 @@ def _journal_path(storage: str, root: Path) -> Path:
     except RuntimeError as exc:  # `~nosuchuser/...`, or no home folder
         raise TuneError(f"tune.storage = {storage!r}: cannot expand ~ ({exc})") from None
     return given if given.is_absolute() else root / given
+
+
+def _check_journal_place(storage: str, path: Path) -> None:
+    """A journal is a regular file, or a path where one can be made: its directory (or the nearest one
+    that exists, the rest is made) writable, for the journal and the lock files beside it. ``/dev/null``
+    or a directory would fail deep in Optuna, after a lock file was made beside it."""
+    if path.exists() and not path.is_file():
+        what = "a directory" if path.is_dir() else "not a regular file"
+        raise TuneError(f"tune.storage = {storage!r}: {path} is {what} (expected an Optuna journal file)")
+    directory = next(d for d in path.parents if d.exists())
+    if not directory.is_dir():
+        raise TuneError(f"tune.storage = {storage!r}: {directory} is not a directory")
+    if not os.access(directory, os.W_OK | os.X_OK):
+        raise TuneError(f"tune.storage = {storage!r}: the directory {directory} is not writable")
 
 
 def _open_journal(storage: str, path: Path) -> optuna.storages.JournalStorage:
@@ -157,30 +193,92 @@ def _described(dist: optuna.distributions.BaseDistribution) -> str:
     return f"{kind} [{dist.low}, {dist.high}]{' log' if dist.log else ''}"
 
 
-def check_space(study: optuna.Study, cfg: TuneConfig) -> None:
-    """``cfg.space`` against the distributions the study's trials recorded, before anything is touched:
-    Optuna refuses other choices, another kind or scale for a key only when a trial samples it, in the
-    middle of the study. Ranges may move (Optuna allows it). The space the study was made with counts
-    too: a second worker started at the same instant as the first finds no trial yet."""
-    made_with = study.user_attrs.get(SPACE_ATTR, {})
-    recorded = {key: optuna.distributions.json_to_distribution(text) for key, text in made_with.items()}
-    for trial in study.get_trials(deepcopy=False):
-        recorded.update(trial.distributions)
-    for param in cfg.space:
-        old, new = recorded.get(param.key), distribution(param)
-        if old is None:
-            continue
-        try:
-            optuna.distributions.check_distribution_compatibility(old, new)
-        except ValueError:
+def _remedy(cfg: TuneConfig) -> str:
+    if is_url(cfg.storage):
+        return f"use a new tune.study_name, or delete the study {cfg.study_name!r} from the database"
+    return f"use a new tune.study_name, or delete the journal {cfg.storage}"
+
+
+def _space_json(cfg: TuneConfig) -> dict[str, str]:
+    return {p.key: optuna.distributions.distribution_to_json(distribution(p)) for p in cfg.space}
+
+
+def check_study(study: optuna.Study, cfg: TuneConfig, fixed: dict[str, Any]) -> None:
+    """The study's search space and fixed params (``core.search.fixed_params``) against this worker's,
+    before anything is touched: its trials, its best params, are only worth going on with under the same
+    settings (else a DVC rerun after a change of ``train.optimizer`` would bless the old best again)."""
+    trials = len(study.get_trials(deepcopy=False))
+    if trials and (SPACE_ATTR not in study.user_attrs or FIXED_ATTR not in study.user_attrs):
+        raise ConfigError(
+            f"the study {cfg.study_name!r} has {trials} trial(s) but no record of the params they were trained"
+            f" with (made by an older version); {_remedy(cfg)}"
+        )
+    if SPACE_ATTR in study.user_attrs:
+        _check_space(study.user_attrs[SPACE_ATTR], cfg)
+    if FIXED_ATTR in study.user_attrs:
+        _check_fixed(study.user_attrs[FIXED_ATTR], fixed, cfg)
+
+
+def _check_space(made_with: dict[str, str], cfg: TuneConfig) -> None:
+    now = _space_json(cfg)
+    if sorted(made_with) != sorted(now):
+        raise ConfigError(
+            f"tune.space: the study {cfg.study_name!r} was made with another search space (it searched"
+            f" {', '.join(sorted(made_with))}; now {', '.join(sorted(now))}); {_remedy(cfg)}"
+        )
+    for key, text in now.items():
+        old, new = (optuna.distributions.json_to_distribution(t) for t in (made_with[key], text))
+        if old != new:  # a moved range too: the best so far may lie outside the new one
             raise ConfigError(
-                f"tune.space.{param.key}: the study {cfg.study_name!r} was made with another search space"
-                f" ({_described(old)}, now {_described(new)}); use a new tune.study_name"
-            ) from None
+                f"tune.space.{key}: the study {cfg.study_name!r} was made with another search space"
+                f" ({_described(old)}, now {_described(new)}); {_remedy(cfg)}"
+            )
 
 
-def record_space(study: optuna.Study, cfg: TuneConfig) -> None:
-    """Record ``cfg.space`` as the space the study was made with, unless one is recorded already."""
+def _shown(values: dict[str, Any], key: str) -> str:
+    return repr(values[key]) if key in values else "(unset)"
+
+
+def _check_fixed(made_with: dict[str, Any], fixed: dict[str, Any], cfg: TuneConfig) -> None:
+    keys = sorted({*made_with, *fixed})
+    changed = [k for k in keys if (k in made_with, made_with.get(k)) != (k in fixed, fixed.get(k))]
+    if changed:
+        shown = [f"{k} = {_shown(made_with, k)} (now {_shown(fixed, k)})" for k in changed[:3]]
+        more = f" and {len(changed) - 3} more" if len(changed) > 3 else ""
+        raise ConfigError(
+            f"the study {cfg.study_name!r} was made with other params: {', '.join(shown)}{more}; {_remedy(cfg)}"
+        )
+
+
+def record_study(study: optuna.Study, cfg: TuneConfig, fixed: dict[str, Any]) -> None:
+    """Record ``cfg.space`` and ``fixed`` as the settings the study was made with, unless recorded already."""
     if SPACE_ATTR not in study.user_attrs:
-        space = {p.key: optuna.distributions.distribution_to_json(distribution(p)) for p in cfg.space}
-        study.set_user_attr(SPACE_ATTR, space)
+        study.set_user_attr(SPACE_ATTR, _space_json(cfg))
+    if FIXED_ATTR not in study.user_attrs:
+        study.set_user_attr(FIXED_ATTR, fixed)
+
+
+def fail_trials_of_gone_workers(study: optuna.Study) -> None:
+    """A worker killed in a trial (``kill -9``, OOM) leaves it RUNNING for good: end it FAIL once its
+    worker is provably gone (``owners.run_is_stale``; a worker elsewhere is left alone)."""
+    local = store.is_local_store()
+    for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        owner = trial.user_attrs.get(OWNER_ATTR)
+        if owner is not None and owners.run_is_stale(owner, local) is True:
+            study.tell(trial.number, state=TrialState.FAIL, skip_if_finished=True)
+            log.warning(
+                "trial %d was left RUNNING (its worker, process %s, is gone): ended FAIL",
+                trial.number,
+                owner.get(owners.PID_TAG),
+            )
+
+
+def counted_trials(study: optuna.Study) -> int:
+    """The trials that count toward ``tune.n_trials``: finished (complete, pruned), running (in a live
+    worker, or one that cannot be proven gone), and failed by their configuration (diverged). One that
+    failed because its worker stopped (killed, interrupted, the tracking server lost) tried nothing."""
+    counted = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING)
+    return sum(
+        t.state in counted or (t.state == TrialState.FAIL and t.user_attrs.get(FAILED_ATTR) == CONFIG_FAILURE)
+        for t in study.get_trials(deepcopy=False)
+    )

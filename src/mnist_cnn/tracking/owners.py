@@ -1,7 +1,9 @@
 """``mnist-cnn runs [--clean]``: the experiment's RUNNING runs, and which of them are stale.
 
-A run is stale when the process that started it, on this host, is gone (``kill -9``, a crash, an OOM
-kill). Runs of other hosts on a shared server are listed but never touched.
+A run is stale when the process that started it, on this machine and in this PID namespace, is gone
+(``kill -9``, a crash, an OOM kill). A run whose owner cannot be proven to be this machine and namespace
+(another host, a container or VM with the same host name, a run older than the boot id and namespace
+tags) is listed as unknown and never touched.
 """
 
 from __future__ import annotations
@@ -9,6 +11,7 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import sys
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,7 +31,7 @@ class RunState:
     name: str
     host: str
     pid: str
-    state: str  # alive | stale | unknown (another host, or not started by this project)
+    state: str  # alive | stale | unknown (owner not provably this machine and PID namespace)
 
 
 def running(experiment: str, root: Path | None = None) -> list[RunState]:
@@ -51,15 +54,56 @@ def clean(experiment: str, root: Path | None = None) -> list[str]:
 
 # Who owns a RUNNING run: a run whose process is gone is stale (closed KILLED by close_stale_runs).
 HOST_TAG, PID_TAG, PID_START_TAG = "mnist_cnn.host", "mnist_cnn.pid", "mnist_cnn.pid_started"
+# A host name is not a machine (containers and VM images share one) and a pid is only a pid in its PID
+# namespace: the kernel's boot id tells machines (and boots) apart, the namespace tells containers of one
+# kernel apart (the first namespace has the same number on every Linux machine, hence both).
+BOOT_TAG, PID_NS_TAG = "mnist_cnn.boot_id", "mnist_cnn.pid_ns"
+MACHINE_TAGS = (HOST_TAG, BOOT_TAG, PID_NS_TAG)
 
 
 def _process_started(pid: int) -> str:
     return f"{psutil.Process(pid).create_time():.2f}"
 
 
+def _boot_id() -> str | None:
+    """This kernel's boot id; None where it cannot be read on Linux (no /proc): no run is then provably ours."""
+    try:
+        return Path("/proc/sys/kernel/random/boot_id").read_text().strip() or None
+    except OSError:
+        pass
+    if sys.platform.startswith("linux"):
+        return None
+    # macOS and the BSDs have no boot id: the boot time, to the second, is the best proof there is. It tells
+    # two boots apart (pids are reused after a reboot) and two machines unless they booted the same second.
+    return f"boot-time:{psutil.boot_time():.0f}"
+
+
+def _pid_namespace() -> str | None:
+    """This process's PID namespace, e.g. ``pid:[4026531836]``; ``none`` on a system without namespaces
+    (macOS), None where Linux's /proc cannot be read."""
+    try:
+        return os.readlink("/proc/self/ns/pid")
+    except OSError:
+        return None if sys.platform.startswith("linux") else "none"
+
+
+def machine() -> dict[str, str | None]:
+    """Where this process runs, as the owner tags name it: host, boot id, PID namespace."""
+    return {HOST_TAG: socket.gethostname(), BOOT_TAG: _boot_id(), PID_NS_TAG: _pid_namespace()}
+
+
 def owner_tags() -> dict[str, str]:
-    """This process as the owner of a run: host, pid and the pid's start time (pids are reused)."""
-    return {HOST_TAG: socket.gethostname(), PID_TAG: str(os.getpid()), PID_START_TAG: _process_started(os.getpid())}
+    """This process as the owner of a run: host, boot id, PID namespace, pid and the pid's start time
+    (pids are reused). A part that cannot be read is left out: such a run can never be proven stale."""
+    tags = {**machine(), PID_TAG: str(os.getpid()), PID_START_TAG: _process_started(os.getpid())}
+    return {key: value for key, value in tags.items() if value is not None}
+
+
+def is_this_machine(tags: Mapping[str, str]) -> bool:
+    """Whether ``tags`` name this machine and this PID namespace, so that their pid is a pid here.
+    Tags without the boot id or the namespace (runs of older versions) cannot be proven to."""
+    here = machine()
+    return None not in here.values() and all(tags.get(key) == here[key] for key in MACHINE_TAGS)
 
 
 def _local_path(source: str) -> Path | None:
@@ -89,8 +133,9 @@ def mlflow_run_alive(source: str | None = None) -> bool:
 
 
 def run_is_stale(tags: Mapping[str, str], local_store: bool = False) -> bool | None:
-    """True if the run's process on this host is gone; None if that cannot be told (another host, or a
-    run this project did not start): such runs are never touched.
+    """True if the run's process on this machine, in this PID namespace, is gone; None if that cannot be
+    told (another host, machine or namespace, a run without those tags, a run this project did not start):
+    such runs are never touched.
 
     ``mlflow run`` creates its run before building the environment; if that fails (no conda, no
     network) the project's code never ran and the run has no owner. On a local store (SQLite, this
@@ -98,7 +143,7 @@ def run_is_stale(tags: Mapping[str, str], local_store: bool = False) -> bool | N
     """
     if HOST_TAG not in tags and tags.get("mlflow.source.type") == "PROJECT" and local_store:
         return not mlflow_run_alive(tags.get("mlflow.source.name"))
-    if tags.get(HOST_TAG) != socket.gethostname() or PID_TAG not in tags:
+    if not is_this_machine(tags) or PID_TAG not in tags:
         return None
     try:
         started = _process_started(int(tags[PID_TAG]))
@@ -114,7 +159,7 @@ def running_runs(experiment_ids: list[str]) -> list:
 
 
 def close_stale_runs(experiment_ids: list[str], keep: str | None = None) -> list[str]:
-    """End as KILLED the RUNNING runs whose process on this host is gone; return their ids."""
+    """End as KILLED the RUNNING runs whose process on this machine and PID namespace is gone; their ids."""
     client, closed = MlflowClient(), []
     local = is_local_store()
     for stale in running_runs(experiment_ids):
