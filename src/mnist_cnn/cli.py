@@ -19,7 +19,7 @@ from pathlib import Path
 # Light imports only: --help, argument errors and the download stage answer without torch or MLflow;
 # every stage imports what it needs when it runs.
 from mnist_cnn.core import errors, files
-from mnist_cnn.core.errors import one_line
+from mnist_cnn.core.errors import masked, one_line
 from mnist_cnn.core.params import ConfigError, Params, load_params, load_section
 from mnist_cnn.ops import lock, signals
 
@@ -187,6 +187,7 @@ def show_runs(experiment: str, args: argparse.Namespace) -> None:
     from mnist_cnn.tracking import owners, store
 
     root = store.project_root(args.root.resolve())
+    print(f"MLflow store: {masked(store.configure(root))}")  # which one: a UI started elsewhere shows another
     if args.clean:
         closed = owners.clean(experiment, root)
         print(f"closed {len(closed)} stale run(s) as KILLED" + "".join(f"\n  {run_id}" for run_id in closed))

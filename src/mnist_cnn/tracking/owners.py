@@ -16,6 +16,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
+import mlflow
 import psutil
 from mlflow.tracking import MlflowClient
 
@@ -37,7 +38,7 @@ class RunState:
 def running(experiment: str, root: Path | None = None) -> list[RunState]:
     store.configure(root)
     states, local = [], store.is_local_store()
-    for run in running_runs([store.experiment_id(experiment, root)]):
+    for run in running_runs(_existing(experiment)):
         tags = run.data.tags
         stale = run_is_stale(tags, local)
         state = "unknown" if stale is None else ("stale" if stale else "alive")
@@ -49,7 +50,14 @@ def running(experiment: str, root: Path | None = None) -> list[RunState]:
 def clean(experiment: str, root: Path | None = None) -> list[str]:
     """End the stale runs as KILLED; return their ids."""
     store.configure(root)
-    return close_stale_runs([store.experiment_id(experiment, root)])
+    return close_stale_runs(_existing(experiment))
+
+
+def _existing(experiment: str) -> list[str]:
+    """The experiment's id, if it exists: listing runs never creates it (on a team server the first
+    user to create an experiment owns it, and a read-only command must not make that user)."""
+    found = mlflow.get_experiment_by_name(experiment)
+    return [found.experiment_id] if found is not None else []
 
 
 # Who owns a RUNNING run: a run whose process is gone is stale (closed KILLED by close_stale_runs).
@@ -155,6 +163,8 @@ def run_is_stale(tags: Mapping[str, str], local_store: bool = False) -> bool | N
 
 
 def running_runs(experiment_ids: list[str]) -> list:
+    if not experiment_ids:
+        return []
     return MlflowClient().search_runs(experiment_ids, filter_string="attributes.status = 'RUNNING'", max_results=1000)
 
 
