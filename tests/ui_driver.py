@@ -65,19 +65,19 @@ def model_url(base: str, name: str) -> str:
 
 @contextlib.contextmanager
 def mlflow_server(store_uri: str, log: Path, wait_s: float = 120.0) -> Iterator[str]:
-    """``mlflow server`` on ``store_uri`` at a free port of 127.0.0.1; yield its URL, stop it after.
+    """The UI of ``store_uri`` as users start it, ``python -m mnist_cnn ui``, at a free port of 127.0.0.1,
+    started in the log's directory (not the store's); yield its URL, stop it after.
 
     Runs keep their own artifact locations (``file://`` beside a SQLite store), which the server reads.
     """
     port = free_port()
-    args = [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port)]
-    args += ["--backend-store-uri", store_uri, "--workers", "1"]
+    args = [sys.executable, "-m", "mnist_cnn", "ui", "--host", "127.0.0.1", "--port", str(port)]
     url = f"http://127.0.0.1:{port}"
-    # MLflow's job runner (GenAI judges, trace roll-ups) would start eight more Python processes that
-    # this UI never uses.
-    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+    env = {**os.environ, "MLFLOW_TRACKING_URI": store_uri}
     with open(log, "ab") as out:
-        proc = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT, start_new_session=True, env=env)
+        proc = subprocess.Popen(
+            args, cwd=log.parent, stdout=out, stderr=subprocess.STDOUT, start_new_session=True, env=env
+        )
     try:
         deadline = time.monotonic() + wait_s
         while not is_healthy(url):

@@ -50,6 +50,26 @@ BEST_PARAMS = REPORTS_DIR / "best_params.yaml"  # the tune stage's best trial, i
 CONFIDENT_MISTAKES = REPORTS_DIR / "confident_mistakes.png"
 
 
+PIPELINE = Path("dvc.yaml")
+
+
+class NoProjectError(ProjectError, FileNotFoundError):
+    """No mnist-cnn project in or above a directory."""
+
+
+def find_project(start: Path) -> Path:
+    """The project ``start`` is in: the nearest directory at or above it holding params.yaml and dvc.yaml;
+    from anywhere else, the checkout this package runs from (an editable install's clone)."""
+    start = start.resolve()
+    checkout = Path(__file__).resolve().parents[3]  # src/mnist_cnn/core/files.py -> the clone
+    for folder in (start, *start.parents, checkout):
+        if (folder / PARAMS).is_file() and (folder / PIPELINE).is_file():
+            return folder
+    raise NoProjectError(
+        f"{start}: not in an mnist-cnn project (no {PARAMS} with a {PIPELINE} here or above); cd into your clone"
+    )
+
+
 def is_url(location: str) -> bool:
     """Whether a configured location (a mirror, a study's storage) is a URL rather than a path."""
     return "://" in location
