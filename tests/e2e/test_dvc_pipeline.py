@@ -113,3 +113,14 @@ def test_remote_push_then_fresh_clone_pulls_everything_and_needs_no_training(rep
     (run,) = runs_in(dvc_repo)
     assert run.data.tags["evaluate.status"] == "FINISHED" and run.info.status == "FINISHED"
     assert len(MlflowClient().search_model_versions("name = 'mnist-cnn'")) == 1
+
+    # With only the clone's own store, the pulled weights are no dead end: a new run says where they
+    # came from, and registers them there (champion, so they can be served).
+    alone = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")}
+    output = sh([sys.executable, "-m", "mnist_cnn", "evaluate"], clone, alone)
+    assert f"run {run.info.run_id} (models/train.json) is not in the store sqlite:///{clone / 'mlflow.db'}" in output
+    (own,) = runs_in(clone)
+    assert own.info.status == "FINISHED" and own.data.tags["mnist_cnn.trained_in_run"] == run.info.run_id
+    assert own.data.params["train.lr"] == run.data.params["train.lr"] and "test_acc" in own.data.metrics
+    champion = MlflowClient().get_model_version_by_alias("mnist-cnn", "champion")
+    assert champion.run_id == own.info.run_id

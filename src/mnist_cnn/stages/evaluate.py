@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -152,9 +153,23 @@ def run_evaluate(params: Params, paths: Paths) -> tuple[str, EvaluateResult]:
     """
     root = store.project_root(paths.root.resolve())
     run_id = _read_train_info(paths, params)
-    with runs.reopen(run_id, "evaluate", root=root, name=records.run_name("evaluate", params, paths)) as active:
+    with _evaluation_run(run_id, params, paths, root) as active:
         records.evaluation_started(params)
         _, result = evaluate(params, paths.data, paths.models, paths.reports)
         records.evaluation(params, paths, result.metrics, result.confusion, result.report, result.data_md5s)
         run_id = active.info.run_id
     return run_id, result
+
+
+def _evaluation_run(run_id: str, params: Params, paths: Paths, root: Path):
+    """The training's run, reopened; if this store does not hold it (weights pulled from a DVC remote
+    into a clone with its own store), a new run that records where the weights came from."""
+    name = records.run_name("evaluate", params, paths)
+    if runs.run_exists(run_id, root) or os.environ.get("MLFLOW_RUN_ID"):
+        return runs.reopen(run_id, "evaluate", root=root, name=name)
+    log.info(
+        "run %s (models/train.json) is not in the store %s: evaluating the weights in a new run",
+        run_id,
+        store.tracking_uri(root),
+    )
+    return records.pulled_weights_run(params, paths, root, run_id, name)

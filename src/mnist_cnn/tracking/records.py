@@ -3,9 +3,10 @@ figures and reports, and the registered model. The stages call these inside ``ru
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -93,6 +94,22 @@ def training_finished(result: TrainResult, world_size: int) -> None:
     mlflow.log_figure(fig, "learning_curves.png")
     figures.close(fig)
     runs.describe_active_run()
+
+
+TRAINED_IN_TAG = "mnist_cnn.trained_in_run"
+
+
+@contextlib.contextmanager
+def pulled_weights_run(params: Params, paths: Paths, root: Path, trained_in: str, name: str) -> Iterator:
+    """A new run for weights trained elsewhere (``trained_in``, a run of another store): the params they
+    were trained with (params.yaml, which DVC keeps in step with the weights) and where they came from."""
+    with runs.run(params.mlflow.experiment, root=root, name=name, tags={TRAINED_IN_TAG: trained_in}) as active:
+        mlflow.set_tags({"dataset": params.data.dataset, **runs.git_lineage(root)})
+        runs.log_params_once({**section_params(params, TRAIN_SECTIONS), "mlflow.experiment": params.mlflow.experiment})
+        info = paths.root / files.TRAIN_INFO
+        if info.is_file():
+            mlflow.log_artifact(str(info))
+        yield active
 
 
 def evaluation_started(params: Params) -> None:
