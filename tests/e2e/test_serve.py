@@ -1,5 +1,6 @@
 """The champion behind the real ``mlflow models serve`` (a subprocess on a loopback port): digits and
-probabilities for MLflow's three JSON input formats, 4xx answers for bad input, and nothing left running."""
+probabilities for MLflow's three JSON input formats, 4xx answers for bad input (0-1 pixels, booleans, an
+over-size batch among them), and nothing left running."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ import pytest
 import requests
 
 from mnist_cnn.ops.scoring import scoring_server
-from mnist_cnn.tracking.pyfunc import OUTPUT_COLUMNS, PROBABILITY_COLUMNS
+from mnist_cnn.tracking.pyfunc import MAX_IMAGES, OUTPUT_COLUMNS, PROBABILITY_COLUMNS
 
 CHAMPION = "models:/mnist-cnn@champion"
 
@@ -109,6 +110,18 @@ def test_bad_requests_get_a_4xx_naming_the_problem_and_the_server_keeps_serving(
             f"Error: pixels: image 0 has values from -1 to {pixels[0].max()}, expected raw pixels in 0-255",
         ),
         "NaN": (nan_body, "INVALID_PARAMETER_VALUE", "Error: pixels: image 0 holds NaN or infinity"),
+        # torchvision's habit: answered 200 with every digit an 8 before the model checked for it.
+        "0-1": (
+            {"inputs": (pixels[:2] / 255.0).tolist()},
+            "INVALID_PARAMETER_VALUE",
+            "pixels scaled to 0-1 or booleans; the model takes raw pixels in 0-255 (multiply by 255)",
+        ),
+        # JSON's true and false reach the model as 1.0 and 0.0 (MLflow's parser casts to the signature's float32).
+        "booleans": (
+            {"instances": (pixels[:1] > 127).tolist()},
+            "INVALID_PARAMETER_VALUE",
+            "Error: pixels: image 0 has values from 0 to 1, pixels scaled to 0-1 or booleans",
+        ),
     }
     for name, (body, code, message) in cases.items():
         response = post(server, body)
@@ -121,5 +134,43 @@ def test_bad_requests_get_a_4xx_naming_the_problem_and_the_server_keeps_serving(
     still = post(server, {"inputs": pixels[:5].tolist()})
     assert still.status_code == 200
     assert [row["digit"] for row in still.json()["predictions"]] == expected["digit"].tolist()[:5]
+    black = post(server, {"inputs": np.zeros((1, 28, 28), int).tolist()})  # all black: raw pixels, not 0-1 ones
+    assert black.status_code == 200, black.text[:300]
 
 
+def zero_images_body(count: int) -> str:
+    """``{"inputs": [...]}`` with ``count`` all-black 28x28 images, written directly (json.dumps of the
+    nested lists takes seconds at this size)."""
+    row = "[" + ",".join(["0"] * 28) + "]"
+    image = "[" + ",".join([row] * 28) + "]"
+    return '{"inputs": [' + ",".join([image] * count) + "]}"
+
+
+def test_an_over_size_batch_is_refused_before_the_model_runs_it(champion, server):
+    """MAX_IMAGES + 1 images (47 MB of JSON): refused with a 400 naming the limit as soon as MLflow has
+    parsed the body, instead of being run for minutes past a 504; the server goes on serving."""
+    response = post(server, zero_images_body(MAX_IMAGES + 1))
+    assert response.status_code == 400, (response.status_code, response.text[-300:])
+    assert response.json()["error_code"] == "INVALID_PARAMETER_VALUE"
+    assert last_line(response) == (
+        f"Error: pixels: {MAX_IMAGES + 1:,} images in one call, more than the {MAX_IMAGES:,} the model takes; "
+        f"send them in batches of at most {MAX_IMAGES:,}"
+    )
+    assert post(server, {"inputs": champion.pixels[:1].tolist()}).status_code == 200
+
+
+def test_what_mlflow_parses_before_the_model_sees_it(champion, server):
+    """Two inputs the model never sees as sent, pinned here as docs/serving.md describes them: numeric
+    strings, which MLflow's parser casts to the signature's float32 (so they answer like the numbers),
+    and an empty list, which MLflow's schema check refuses in its own words before the model can say
+    "empty"."""
+    pixels = champion.pixels[:2]
+    as_strings = post(server, {"inputs": pixels.astype(str).tolist()})
+    assert as_strings.status_code == 200, as_strings.text[:300]
+    digits = [row["digit"] for row in as_strings.json()["predictions"]]
+    assert digits == champion.expected["digit"].tolist()[:2]
+    words = post(server, {"inputs": [[["seven"] * 28] * 28]})
+    assert words.status_code == 400 and "could not convert string to float: 'seven'" in words.json()["message"]
+    empty = post(server, {"instances": []})
+    assert empty.status_code == 400
+    assert "an input of type <class 'list'> was found" in last_line(empty), last_line(empty)

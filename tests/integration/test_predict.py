@@ -4,6 +4,7 @@ ones are still predicted."""
 
 from __future__ import annotations
 
+import importlib.util
 import io
 import json
 import os
@@ -209,3 +210,67 @@ def test_a_model_of_another_kind_is_one_line(digits, tmp_path, monkeypatch, fore
         info = mlflow.pyfunc.log_model(name="other", python_model=foreign(), pip_requirements=[])
     with pytest.raises(RuntimeError, match=rf"^--model-uri {re.escape(info.model_uri)}: not an mnist-cnn model"):
         predict([root / "raw" / "000.png"], info.model_uri)
+
+
+def test_16_bit_12_bit_and_transparent_files_predict_like_the_digit(digits, champion_env, tmp_path):
+    """Through the real CLI: a digit as a 16-bit black-on-white PNG, a 12-bit scan in 16 bits and white
+    strokes on a transparent canvas predicts as the plain file does; a symlink loop is said as one."""
+    root, images = digits
+    digit = images[7]
+    plain = root / "raw" / "007.png"
+    Image.fromarray((255 - digit.astype(np.uint16)) * 257).save(tmp_path / "sixteen.png")
+    Image.fromarray(((digit.astype(np.uint32) * 4095 + 127) // 255).astype(np.uint16)).save(tmp_path / "twelve.png")
+    strokes = np.zeros((*digit.shape, 4), np.uint8)
+    strokes[..., :3], strokes[..., 3] = 255, digit  # white everywhere, the digit in the alpha
+    Image.fromarray(strokes, "RGBA").save(tmp_path / "white-on-clear.png")
+    os.symlink(tmp_path / "loop-b.png", tmp_path / "loop-a.png")
+    os.symlink(tmp_path / "loop-a.png", tmp_path / "loop-b.png")
+    files = [plain, tmp_path / "sixteen.png", tmp_path / "twelve.png", tmp_path / "white-on-clear.png"]
+
+    result = run_cli("--json", *files, tmp_path / "loop-a.png", env=champion_env)
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
+    *rows, loop = json.loads(result.stdout)
+    assert loop == {
+        "file": str(tmp_path / "loop-a.png"),
+        "error": f"{tmp_path / 'loop-a.png'}: a symlink loop, cannot be read (Too many levels of symbolic links)",
+    }
+    assert [row["file"] for row in rows] == [str(path) for path in files]
+    assert len({row["digit"] for row in rows}) == 1, rows
+    for row in rows[1:]:
+        assert row["probability"] == pytest.approx(rows[0]["probability"], abs=0.01), row
+
+
+def log_sklearn_model(tmp_path, store_template) -> tuple[str, dict]:
+    """A real scikit-learn model logged into a store of the test's own: its URI and the environment."""
+    from sklearn.linear_model import LogisticRegression
+
+    new_store(store_template, tmp_path / "other.db")
+    uri = f"sqlite:///{tmp_path / 'other.db'}"
+    mlflow.set_tracking_uri(uri)
+    classifier = LogisticRegression().fit(np.random.default_rng(0).random((20, 784)), np.arange(20) % 10)
+    with mlflow.start_run():
+        info = mlflow.sklearn.log_model(classifier, name="digits")
+    return info.model_uri, {**os.environ, "MLFLOW_TRACKING_URI": uri, "MLFLOW_REGISTRY_URI": uri}
+
+
+def test_a_sklearn_model_uri_is_one_line_naming_its_flavor(digits, tmp_path, monkeypatch, store_template):
+    root, _ = digits
+    monkeypatch.chdir(tmp_path)  # the new store's artifacts land here
+    model_uri, env = log_sklearn_model(tmp_path, store_template)
+    result = run_cli(root / "raw" / "000.png", "--model-uri", model_uri, env=env)
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
+    assert result.stderr.strip().splitlines()[-1] == (
+        f"error: --model-uri {model_uri}: not an mnist-cnn model: its flavor is sklearn"
+    )
+    assert not result.stdout
+
+
+@pytest.mark.skipif(importlib.util.find_spec("botocore") is not None, reason="boto3 is installed here")
+def test_an_s3_model_uri_without_boto3_is_one_line(digits, champion_env):
+    root, _ = digits
+    result = run_cli(root / "raw" / "000.png", "--model-uri", "s3://bucket/models/digits", env=champion_env)
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
+    assert result.stderr.strip().splitlines()[-1] == (
+        "error: --model-uri s3://bucket/models/digits: s3:// model URIs need boto3 (no module named botocore): "
+        "pip install boto3"
+    )

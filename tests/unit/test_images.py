@@ -3,6 +3,8 @@ files, the digit table's checks, an empty store file."""
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -86,3 +88,70 @@ def test_a_digit_table_has_whole_digits_and_real_probabilities():
     assert not _is_digit_table(table.assign(digit=[42, 1]), 2)  # not a digit
     assert not _is_digit_table(table.assign(p3=[0.1, float("inf")]), 2)
     assert not _is_digit_table(table.assign(probability=[True, False]), 2)
+
+
+def _on_white(image: np.ndarray) -> np.ndarray:
+    return (255 - image.astype(np.uint16)) * 257  # black ink on white paper, in 16 bits
+
+
+def test_16_and_12_bit_greys_are_scaled_not_clipped(digits, tmp_path):
+    """Pillow's own conversion of a 16-bit grey PNG to 8 bits clips at 255: a black-on-white digit becomes
+    all white (blank), and a 12-bit scan (0..4095) a blotch. Read from their full scale, each gives the
+    28x28 of the plain 8-bit digit."""
+    root, images = digits
+    digit = images[0]
+    reference = load_digit(root / "raw" / "000.png")
+    wide = {
+        "16-bit.png": (255 - digit.astype(np.uint16)) * 257,  # black ink on white paper
+        "12-bit.png": ((digit.astype(np.uint32) * 4095 + 127) // 255).astype(np.uint16),
+        "12-bit-on-white.png": (((255 - digit.astype(np.uint32)) * 4095 + 127) // 255).astype(np.uint16),
+        "8-bit-in-16.png": digit.astype(np.uint16),
+    }
+    for name, values in wide.items():
+        Image.fromarray(values).save(tmp_path / name)
+        with Image.open(tmp_path / name) as saved:
+            assert saved.mode == "I;16", name
+            clipped = np.asarray(saved.convert("L"), dtype=np.float32)
+        assert np.abs(load_digit(tmp_path / name) - reference).max() < 2.0, name
+        if name != "8-bit-in-16.png":  # the fault is real: Pillow's 8 bits are not the digit
+            try:
+                misread = np.abs(mnist_like(clipped) - reference).mean()
+            except ImageError as exc:
+                misread = str(exc)
+            assert misread == "image: blank image (contrast 0 of 255 grey levels), no digit found" or misread > 20, (
+                name,
+                misread,
+            )
+
+
+def test_strokes_on_a_transparent_background_read_like_the_plain_digit(digits, tmp_path):
+    """The ink is where the alpha is, whichever colour: white strokes on a transparent canvas (on white,
+    as Pillow composites, they vanish), black ones, whatever colour the transparent pixels hold."""
+    root, images = digits
+    digit = images[0]
+    reference = load_digit(root / "raw" / "000.png")
+    for stroke in (255, 0, 128):
+        for hidden in (0, 255):
+            rgba = np.zeros((*digit.shape, 4), np.uint8)
+            rgba[..., :3] = np.where(digit[..., None] > 0, stroke, hidden)
+            rgba[..., 3] = digit
+            path = tmp_path / f"stroke-{stroke}-under-{hidden}.png"
+            Image.fromarray(rgba, "RGBA").save(path)
+            assert np.abs(load_digit(path) - reference).max() < 2.0, path.name
+    grey_alpha = np.stack([np.full_like(digit, 255), digit], axis=-1)  # LA: white strokes
+    Image.fromarray(grey_alpha, "LA").save(tmp_path / "la.png")
+    assert np.abs(load_digit(tmp_path / "la.png") - reference).max() < 2.0
+    # Opaque ink on an opaque background is read as before: transparency plays no part.
+    opaque = np.stack([255 - digit] * 3 + [np.full_like(digit, 255)], axis=-1)
+    Image.fromarray(opaque, "RGBA").save(tmp_path / "opaque.png")
+    assert np.abs(load_digit(tmp_path / "opaque.png") - reference).max() < 2.0
+
+
+def test_a_symlink_loop_is_said_not_called_corrupt(tmp_path):
+    os.symlink(tmp_path / "b.png", tmp_path / "a.png")
+    os.symlink(tmp_path / "a.png", tmp_path / "b.png")
+    with pytest.raises(ImageError) as caught:
+        load_digit(tmp_path / "a.png")
+    assert (
+        str(caught.value) == f"{tmp_path / 'a.png'}: a symlink loop, cannot be read (Too many levels of symbolic links)"
+    )

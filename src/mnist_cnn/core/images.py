@@ -4,8 +4,11 @@ ratio (anti-aliased), centred by centre of mass in 28x28."""
 
 from __future__ import annotations
 
+import errno
+import os
 import warnings
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -44,32 +47,45 @@ class ImageError(ProjectError, ValueError):
 
 
 def read_grayscale(path: Path) -> np.ndarray:
-    """The image at ``path`` as float32 grey levels 0-255 (transparency composited onto white)."""
+    """The image at ``path`` as float32 grey levels 0-255 (16-bit and 12-bit greys scaled, transparency
+    composited: see ``grey_levels``)."""
     path = Path(path)
     if path.is_dir():
         raise ImageError(f"{path}: a directory without image files ({' '.join(SUFFIXES)})")
     try:
-        if path.stat().st_size == 0:
+        handle = path.open("rb")
+    except FileNotFoundError:
+        raise ImageError(f"{path}: no such file") from None
+    except OSError as exc:  # a symlink loop, no permission: the file system's answer, not the image's
+        raise ImageError(f"{path}: {_unopenable(exc)}") from None
+    with handle:
+        if os.fstat(handle.fileno()).st_size == 0:
             raise ImageError(f"{path}: empty file, expected a PNG or JPEG image")
+        return _decode(handle, path)
+
+
+def _unopenable(exc: OSError) -> str:
+    reason = exc.strerror or type(exc).__name__
+    if exc.errno == errno.ELOOP:
+        return f"a symlink loop, cannot be read ({reason})"
+    return f"cannot be read ({reason})"
+
+
+def _decode(handle: BinaryIO, path: Path) -> np.ndarray:
+    try:
         Image.MAX_IMAGE_PIXELS = MAX_PIXELS
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             # Pillow warns of damaged metadata ("Corrupt EXIF data") on its way to the error below, or
             # to a picture read without it: either way the warning says nothing the user can act on.
             warnings.filterwarnings("ignore", category=UserWarning, module=r"PIL\.")
-            with Image.open(path) as image:
-                if _is_animation(image):  # which frame holds the digit is anyone's guess
+            with Image.open(handle) as image:
+                if _is_animation(image, path):  # which frame holds the digit is anyone's guess
                     raise ImageError(f"{path}: {image.n_frames} frames (an animation), expected one image")
                 image.load()
-                image = ImageOps.exif_transpose(image)
-                if image.mode in ("RGBA", "LA", "PA") or "transparency" in image.info:
-                    rgba = image.convert("RGBA")
-                    image = Image.alpha_composite(Image.new("RGBA", rgba.size, "white"), rgba)
-                return np.asarray(image.convert("L"), dtype=np.float32)
+                return grey_levels(ImageOps.exif_transpose(image))
     except ImageError:
         raise
-    except FileNotFoundError:
-        raise ImageError(f"{path}: no such file") from None
     except UnidentifiedImageError:
         raise ImageError(f"{path}: not an image Pillow can read (expected PNG or JPEG)") from None
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
@@ -81,7 +97,57 @@ def read_grayscale(path: Path) -> np.ndarray:
         raise ImageError(f"{path}: truncated or corrupt image ({exc})") from None
 
 
-def _is_animation(image: Image.Image) -> bool:
+# Pillow's modes of more than 8 bits per grey level: 16-bit PNG and TIFF greys (I;16*), 32-bit integer
+# and float TIFFs. Pillow's own conversion to 8 bits clips them at 255 instead of scaling.
+WIDE_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I", "F")
+
+
+# The bit depths a grey image stored in 16 bits may really have: 8 (an 8-bit image saved as 16-bit),
+# 12 (a scanner's or camera's 12-bit values, 0..4095) and 16.
+GREY_DEPTHS = (8, 12, 16)
+
+
+def grey_levels(image: Image.Image) -> np.ndarray:
+    """``image`` as float32 grey levels 0-255: wide greys scaled from their full scale (``full_scale``),
+    transparency composited (``composite``)."""
+    alpha = None
+    if image.mode in WIDE_MODES:
+        values = np.nan_to_num(np.asarray(image, dtype=np.float64), nan=0.0, posinf=0.0, neginf=0.0)
+        grey = np.clip(values * (255.0 / full_scale(values, image.mode)), 0, 255).astype(np.float32)
+        if "transparency" in image.info:  # a 16-bit PNG's tRNS: the one grey value that is transparent
+            alpha = (values != image.info["transparency"]).astype(np.float32)
+    elif image.mode in ("RGBA", "LA", "PA") or "transparency" in image.info:
+        rgba = image.convert("RGBA")
+        alpha = np.asarray(rgba.getchannel("A"), dtype=np.float32) / 255.0
+        grey = np.asarray(rgba.convert("L"), dtype=np.float32)  # the colours alone, alpha dropped
+    else:
+        grey = np.asarray(image.convert("L"), dtype=np.float32)
+    return grey if alpha is None or alpha.min() == 1.0 else composite(grey, alpha)
+
+
+def full_scale(values: np.ndarray, mode: str) -> float:
+    """The value that is white in a wide grey image: 1.0 for a float image in 0..1; else the top of the
+    smallest of 8, 12 and 16 bits that holds its largest value (65535 for a 16-bit PNG, 4095 for a 12-bit
+    scan stored in 16 bits, 255 for an 8-bit one); above 16 bits, its largest value."""
+    top = float(values.max())
+    if mode == "F" and top <= 1.0:
+        return 1.0
+    for bits in GREY_DEPTHS:
+        if top <= 2**bits - 1:
+            return float(2**bits - 1)
+    return top
+
+
+def composite(grey: np.ndarray, alpha: np.ndarray) -> np.ndarray:
+    """Grey levels with opacity ``alpha`` (0-1) on white, or on black where that shows more ink: dark
+    strokes on a transparent background stand out on white, light ones (white strokes on a transparent
+    canvas) on black. Whichever colour they are, the ink is where the alpha is."""
+    on_white = grey * alpha + 255.0 * (1.0 - alpha)
+    on_black = grey * alpha
+    return on_black if _ink(on_black).max() > _ink(on_white).max() else on_white
+
+
+def _is_animation(image: Image.Image, path: Path) -> bool:
     """An animated GIF, PNG or WebP. A phone's JPEG with a gain map or preview (MPO) and a TIFF with a
     thumbnail page have more frames too, but their first one is the picture."""
     if image.format not in ("GIF", "PNG", "WEBP"):
@@ -89,7 +155,7 @@ def _is_animation(image: Image.Image) -> bool:
     try:
         return bool(getattr(image, "is_animated", False))  # counting frames walks the whole file
     except Exception as exc:  # noqa: BLE001 - Pillow's frame walkers raise many kinds on a damaged file
-        raise ImageError(f"{image.filename}: truncated or corrupt image ({type(exc).__name__})") from None
+        raise ImageError(f"{path}: truncated or corrupt image ({type(exc).__name__})") from None
 
 
 def _size(path: Path) -> str:
@@ -102,13 +168,17 @@ def _size(path: Path) -> str:
         Image.MAX_IMAGE_PIXELS = saved
 
 
-def mnist_like(gray: np.ndarray, name: str = "image") -> np.ndarray:
-    """Grey levels (H, W) in 0-255, either polarity -> float32 (28, 28) white-on-black, MNIST-style."""
-    gray = np.asarray(gray, dtype=np.float32)
+def _ink(gray: np.ndarray) -> np.ndarray:
+    """How far each pixel stands out from the background (the border's median grey), either polarity:
+    dark ink on light paper (the usual scan or photo) becomes MNIST's light ink on black."""
     border = np.concatenate([gray[0], gray[-1], gray[:, 0], gray[:, -1]])
     background = float(np.median(border))
-    # Dark ink on light paper (the usual scan or photo) becomes MNIST's light ink on black.
-    ink = np.clip(background - gray if background > 127.5 else gray - background, 0, None)
+    return np.clip(background - gray if background > 127.5 else gray - background, 0, None)
+
+
+def mnist_like(gray: np.ndarray, name: str = "image") -> np.ndarray:
+    """Grey levels (H, W) in 0-255, either polarity -> float32 (28, 28) white-on-black, MNIST-style."""
+    ink = _ink(np.asarray(gray, dtype=np.float32))
     contrast = float(ink.max())
     if contrast < MIN_CONTRAST:
         raise ImageError(f"{name}: blank image (contrast {contrast:.0f} of 255 grey levels), no digit found")

@@ -55,22 +55,53 @@ def _invalid(message: str) -> MlflowException:
     return MlflowException(message, error_code=INVALID_PARAMETER_VALUE)
 
 
+# Images one call takes: 20,000 run in seconds on two cores and hold 63 MB of pixels. Bigger batches are
+# refused at once rather than run for minutes after the scoring server has given up on them (504 at
+# MLFLOW_SCORING_SERVER_REQUEST_TIMEOUT, 60 s, while its worker thread goes on).
+MAX_IMAGES = 20_000
+
+
+# numpy's kinds of numbers a pixel may be: signed and unsigned integers, floats (not bool, complex,
+# strings or Python objects).
+NUMERIC_KINDS = "iuf"
+
+
+NON_NUMBERS = {"b": "booleans", "U": "strings", "S": "bytes", "O": "Python objects", "c": "complex numbers"}
+
+
 def check_pixels(model_input: Any) -> np.ndarray:
     """``model_input`` as float32 (N, 28, 28), or an ``MlflowException`` naming what is wrong with it."""
     try:
-        pixels = np.asarray(model_input, dtype=np.float32)
+        given = np.asarray(model_input)
     except (TypeError, ValueError):
+        given = None
+    if given is None:  # ragged nested lists
         raise _invalid(
             f"pixels: expected numbers in an array of shape (N, {IMAGE_SIZE}, {IMAGE_SIZE}), "
             f"got {type(model_input).__name__}"
-        ) from None
+        )
+    if given.ndim >= 1 and len(given) == 0:
+        raise _invalid(f"pixels: empty input: no images (expected an array of shape (N, {IMAGE_SIZE}, {IMAGE_SIZE}))")
+    if given.dtype.kind not in NUMERIC_KINDS:
+        what = NON_NUMBERS.get(given.dtype.kind, "not numbers")
+        raise _invalid(f"pixels: dtype {given.dtype} ({what}), expected numbers: raw pixels in 0-255")
+    pixels = given.astype(np.float32, copy=False)
     if pixels.ndim == 4 and pixels.shape[1] == 1:
         pixels = pixels[:, 0]
-    if pixels.ndim != 3 or pixels.shape[1:] != (IMAGE_SIZE, IMAGE_SIZE) or len(pixels) == 0:
+    if pixels.ndim != 3 or pixels.shape[1:] != (IMAGE_SIZE, IMAGE_SIZE):
         raise _invalid(
-            f"pixels: shape {tuple(pixels.shape)}, expected (N, {IMAGE_SIZE}, {IMAGE_SIZE}) with N >= 1 "
-            "(raw grayscale images)"
+            f"pixels: shape {tuple(pixels.shape)}, expected (N, {IMAGE_SIZE}, {IMAGE_SIZE}) (raw grayscale images)"
         )
+    if len(pixels) > MAX_IMAGES:
+        raise _invalid(
+            f"pixels: {len(pixels):,} images in one call, more than the {MAX_IMAGES:,} the model takes; "
+            f"send them in batches of at most {MAX_IMAGES:,}"
+        )
+    _check_range(pixels)
+    return pixels
+
+
+def _check_range(pixels: np.ndarray) -> None:
     finite = np.isfinite(pixels)
     if not finite.all():
         image = int(np.argwhere(~finite)[0][0])
@@ -82,7 +113,16 @@ def check_pixels(model_input: Any) -> np.ndarray:
         raise _invalid(
             f"pixels: image {image} has values from {low[image]:g} to {high[image]:g}, expected raw pixels in 0-255"
         )
-    return pixels
+    # An image whose brightest pixel is at most 1 (an all-black one aside) is 0-1 scaled pixels, the
+    # torchvision habit, or booleans (JSON's true arrives as 1.0): as raw pixels it is black, and the
+    # model would answer it with confident garbage.
+    scaled = np.flatnonzero((high > 0) & (high <= 1))
+    if len(scaled):
+        image = int(scaled[0])
+        raise _invalid(
+            f"pixels: image {image} has values from {low[image]:g} to {high[image]:g}, pixels scaled to 0-1 or "
+            "booleans; the model takes raw pixels in 0-255 (multiply by 255)"
+        )
 
 
 def answer(probabilities: np.ndarray) -> pd.DataFrame:
@@ -171,6 +211,43 @@ def load_model(model_uri: str) -> mlflow.pyfunc.PyFuncModel:
         configure()
         where = f" (store {masked(uri)})"
     try:
-        return mlflow.pyfunc.load_model(model_uri)
+        model = mlflow.pyfunc.load_model(model_uri)
+    except ImportError as exc:  # s3://, gs://, wasbs:// need their cloud's client library
+        raise ModelError(f"--model-uri {model_uri}{where}: {_missing_client(model_uri, exc)}") from None
     except (MlflowException, ValueError, OSError) as exc:
         raise ModelError(f"--model-uri {model_uri}{where}: {one_line(exc)}") from exc
+    kind = _foreign_kind(model)
+    if kind:
+        raise ModelError(f"--model-uri {model_uri}: not an mnist-cnn model: {kind}")
+    return model
+
+
+# The package to install for a module MLflow's artifact repositories import (botocore: s3://, ...).
+CLIENT_PACKAGES = {
+    "botocore": "boto3",
+    "boto3": "boto3",
+    "google": "google-cloud-storage",
+    "azure": "azure-storage-blob",
+}
+
+
+def _missing_client(model_uri: str, exc: ImportError) -> str:
+    if not exc.name:
+        return f"a library it needs is missing ({one_line(exc)})"
+    module = exc.name
+    package = CLIENT_PACKAGES.get(module.split(".")[0], module.split(".")[0])
+    scheme = model_uri.split("://", 1)[0] + "://" if "://" in model_uri else "these"
+    return f"{scheme} model URIs need {package} (no module named {module}): pip install {package}"
+
+
+def _foreign_kind(model: mlflow.pyfunc.PyFuncModel) -> str | None:
+    """What the model is when it is not the mnist-cnn pyfunc (``DigitClassifier``), or None."""
+    flavors = model.metadata.flavors
+    others = [name for name in flavors if name != mlflow.pyfunc.FLAVOR_NAME]
+    if others:
+        return f"its flavor is {others[0]}"
+    loader = flavors.get(mlflow.pyfunc.FLAVOR_NAME, {}).get("loader_module")
+    if loader != "mlflow.pyfunc.model":
+        return f"its flavor is python_function with loader module {loader}"
+    name = type(model.unwrap_python_model()).__name__
+    return None if name == DigitClassifier.__name__ else f"its python model is a {name}, not a DigitClassifier"
