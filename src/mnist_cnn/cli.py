@@ -269,7 +269,8 @@ def predict_main(argv: list[str]) -> int:
     parser.add_argument("--model-uri", default="", help=f"An MLflow model URI (default: {DEFAULT_MODEL_URI}).")
     parser.add_argument("--json", action="store_true", help="Print one JSON list on stdout instead of a table.")
     args = parser.parse_args(argv)
-    return shown_errors(lambda: print_predictions(predict(args.paths, args.model_uri or DEFAULT_MODEL_URI), args.json))
+    model_uri = args.model_uri or DEFAULT_MODEL_URI
+    return shown_errors(lambda: print_predictions(predict_and_record(args.paths, model_uri), args.json))
 
 
 def print_predictions(results: list, as_json: bool) -> int:
@@ -282,14 +283,7 @@ def print_predictions(results: list, as_json: bool) -> int:
             print(f"error: {_printable(result.error)}", file=sys.stderr)
     if as_json:
         # One entry per file, in order; a file that failed has its error and no digit.
-        rows = [
-            {"file": str(r.path), "error": r.error}
-            if r.error is not None
-            else {"file": str(r.path), "digit": r.digit, "probability": round(r.probability, 6)}
-            | {f"p{k}": round(p, 6) for k, p in enumerate(r.probabilities)}
-            for r in results
-        ]
-        print("[" + ",\n ".join(json.dumps(row) for row in rows) + "]")
+        print("[" + ",\n ".join(json.dumps(r.row()) for r in results) + "]")
     elif good:
         names = [_printable(str(r.path)) for r in good]
         width = max(map(len, names))

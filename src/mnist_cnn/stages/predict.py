@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -9,6 +10,7 @@ import numpy as np
 import pandas as pd
 
 from mnist_cnn.core.images import ImageError, image_files, load_digit
+from mnist_cnn.tracking import records
 from mnist_cnn.tracking.pyfunc import ModelError, load_model
 
 DEFAULT_MODEL_URI = "models:/mnist-cnn@champion"
@@ -21,6 +23,13 @@ class Prediction:
     probability: float | None = None
     probabilities: tuple[float, ...] = ()
     error: str | None = None  # one line naming the file and the problem; the other fields are then empty
+
+    def row(self) -> dict:
+        """The file and its digit, probability and p0..p9; or the file and its error."""
+        if self.error is not None:
+            return {"file": str(self.path), "error": self.error}
+        probabilities = {f"p{k}": round(p, 6) for k, p in enumerate(self.probabilities)}
+        return {"file": str(self.path), "digit": self.digit, "probability": round(self.probability, 6), **probabilities}
 
 
 def _is_digit_table(answer: object, rows: int) -> bool:
@@ -38,6 +47,14 @@ def _is_digit_table(answer: object, rows: int) -> bool:
     if not (types.is_integer_dtype(answer["digit"]) and kinds) or answer[["digit", *numbers]].isna().any().any():
         return False
     return bool(answer["digit"].between(0, 9).all() and np.isfinite(answer[numbers].to_numpy(dtype=float)).all())
+
+
+def predict_and_record(paths: list[Path], model_uri: str = DEFAULT_MODEL_URI) -> list[Prediction]:
+    """``predict``; under ``mlflow run . -e predict``, which made a run for this call, the run records it."""
+    results = predict(paths, model_uri)
+    if os.environ.get("MLFLOW_RUN_ID"):
+        records.prediction_run(os.environ["MLFLOW_RUN_ID"], model_uri, [r.row() for r in results])
+    return results
 
 
 def predict(paths: list[Path], model_uri: str = DEFAULT_MODEL_URI) -> list[Prediction]:

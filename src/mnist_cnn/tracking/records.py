@@ -19,7 +19,7 @@ from mnist_cnn.core.data import load_split, md5sum, split_digests
 from mnist_cnn.core.files import Paths
 from mnist_cnn.core.loop import TrainResult
 from mnist_cnn.core.params import ConfigError, Params, flatten, load_params
-from mnist_cnn.tracking import pyfunc, registry, runmeta, runs
+from mnist_cnn.tracking import pyfunc, registry, runmeta, runs, store
 
 log = logging.getLogger(__name__)
 
@@ -170,3 +170,22 @@ def register_weights(params: Params, paths: Paths, test_acc: float) -> str:
     MlflowClient().set_model_version_tag(params.mlflow.registered_model, version, WEIGHTS_TAG, weights_md5)
     registry.promote_if_better(params.mlflow.registered_model, version, test_acc)
     return version
+
+
+STAGE_TAG, MODEL_URI_TAG = "mnist_cnn.stage", "mnist_cnn.model_uri"
+
+
+def prediction_run(run_id: str, model_uri: str, rows: list[Mapping[str, Any]]) -> None:
+    """The run ``mlflow run . -e predict`` made for this call: named ``predict``, with the model URI,
+    how many files were predicted or refused, and every file's answer (``predictions.json``), so that
+    it is never an empty run with a random name."""
+    store.configure()
+    runs.name_project_run(run_id, "predict")
+    client = MlflowClient()
+    # A tag, not a param: MLflow logged the entry point's own model_uri parameter, "" for the default.
+    client.set_tag(run_id, STAGE_TAG, "predict")
+    client.set_tag(run_id, MODEL_URI_TAG, model_uri)
+    refused = sum("error" in row for row in rows)
+    client.log_metric(run_id, "predicted_files", len(rows) - refused)
+    client.log_metric(run_id, "refused_files", refused)
+    client.log_dict(run_id, list(rows), "predictions.json")

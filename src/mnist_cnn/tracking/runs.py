@@ -74,7 +74,7 @@ def _end(status: str) -> None:
             mlflow.end_run(status)
 
 
-def _name_project_run(run_id: str, name: str | None) -> None:
+def name_project_run(run_id: str, name: str | None) -> None:
     """Name a run that ``mlflow run`` created (MLflow gave it a random name) and tag how it was
     launched, once: the first stage to reach it names it, later stages and resumed runs keep that."""
     client = MlflowClient()
@@ -134,7 +134,7 @@ def run(
             if run_id:  # a reopened run changes owner; a new one got its owner at creation
                 mlflow.set_tags(owner_tags())
             if project_run:
-                _name_project_run(project_run, name)
+                name_project_run(project_run, name)
             yield active
             status = "FINISHED"
         except KeyboardInterrupt:
@@ -170,7 +170,7 @@ def reopen(run_id: str, stage: str, root: Path | None = None, name: str | None =
         try:
             mlflow.set_tag(f"{stage}.status", "RUNNING")
             if project_run:
-                _name_project_run(project_run, name)
+                name_project_run(project_run, name)
             yield active
             outcome = "FINISHED"
         except KeyboardInterrupt:
