@@ -33,9 +33,12 @@ def latest_run(store: str, experiment: str):
     found = client.get_experiment_by_name(experiment)
     if found is None:
         raise SystemExit(f"error: no experiment {experiment!r} in {store}")
-    runs = client.search_runs([found.experiment_id], order_by=["attributes.start_time DESC"], max_results=1)
+    # The latest evaluated training: not a predict run, nor one still training.
+    runs = client.search_runs(
+        [found.experiment_id], "metrics.test_acc >= 0", order_by=["attributes.start_time DESC"], max_results=1
+    )
     if not runs:
-        raise SystemExit(f"error: experiment {experiment!r} has no runs in {store}")
+        raise SystemExit(f"error: experiment {experiment!r} has no evaluated run in {store}")
     return runs[0]
 
 
