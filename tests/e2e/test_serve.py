@@ -14,7 +14,7 @@ import pytest
 import requests
 
 from mnist_cnn.ops.scoring import scoring_server
-from mnist_cnn.tracking.pyfunc import MAX_IMAGES, OUTPUT_COLUMNS, PROBABILITY_COLUMNS
+from mnist_cnn.tracking.pyfunc import OUTPUT_COLUMNS, PROBABILITY_COLUMNS
 
 CHAMPION = "models:/mnist-cnn@champion"
 
@@ -136,27 +136,6 @@ def test_bad_requests_get_a_4xx_naming_the_problem_and_the_server_keeps_serving(
     assert [row["digit"] for row in still.json()["predictions"]] == expected["digit"].tolist()[:5]
     black = post(server, {"inputs": np.zeros((1, 28, 28), int).tolist()})  # all black: raw pixels, not 0-1 ones
     assert black.status_code == 200, black.text[:300]
-
-
-def zero_images_body(count: int) -> str:
-    """``{"inputs": [...]}`` with ``count`` all-black 28x28 images, written directly (json.dumps of the
-    nested lists takes seconds at this size)."""
-    row = "[" + ",".join(["0"] * 28) + "]"
-    image = "[" + ",".join([row] * 28) + "]"
-    return '{"inputs": [' + ",".join([image] * count) + "]}"
-
-
-def test_an_over_size_batch_is_refused_before_the_model_runs_it(champion, server):
-    """MAX_IMAGES + 1 images (47 MB of JSON): refused with a 400 naming the limit as soon as MLflow has
-    parsed the body, instead of being run for minutes past a 504; the server goes on serving."""
-    response = post(server, zero_images_body(MAX_IMAGES + 1))
-    assert response.status_code == 400, (response.status_code, response.text[-300:])
-    assert response.json()["error_code"] == "INVALID_PARAMETER_VALUE"
-    assert last_line(response) == (
-        f"Error: pixels: {MAX_IMAGES + 1:,} images in one call, more than the {MAX_IMAGES:,} the model takes; "
-        f"send them in batches of at most {MAX_IMAGES:,}"
-    )
-    assert post(server, {"inputs": champion.pixels[:1].tolist()}).status_code == 200
 
 
 def test_what_mlflow_parses_before_the_model_sees_it(champion, server):
