@@ -200,6 +200,7 @@ def show_runs(experiment: str, args: argparse.Namespace) -> None:
 def server_main(argv: list[str]) -> int:
     """``mnist-cnn server start|stop|status|add-user NAME``: the team's tracking server."""
     from mnist_cnn.ops import server
+    from mnist_cnn.ops.server_state import SETTINGS, recorded_config
 
     description = " ".join(server.__doc__.split("\n\n")[0].split())  # the docstring's first paragraph, whole
     parser = argparse.ArgumentParser(prog="mnist-cnn server", description=description)
@@ -212,13 +213,17 @@ def server_main(argv: list[str]) -> int:
         "--home",
         type=Path,
         default=defaults.home,
-        help="The directory holding PostgreSQL's data, the artifacts and the logs.",
+        help="The directory holding PostgreSQL's data, the artifacts, the logs and server.json (what start started).",
     )
+    # No defaults below: an option left out means "as start recorded it in --home" (else the default
+    # shown), and an option given to stop, status or add-user must agree with the running server's.
     parser.add_argument(
-        "--host", default=defaults.host, help="The address the MLflow server listens on (default: 127.0.0.1)."
+        "--host", default=None, help=f"The address the MLflow server listens on (default: {defaults.host})."
     )
-    parser.add_argument("--port", type=int, default=defaults.port, help="The MLflow server's port (default: 5000).")
-    parser.add_argument("--db-port", type=int, default=defaults.db_port, help="PostgreSQL's port, on 127.0.0.1 only.")
+    parser.add_argument("--port", type=int, default=None, help=f"The MLflow server's port (default: {defaults.port}).")
+    parser.add_argument(
+        "--db-port", type=int, default=None, help=f"PostgreSQL's port, on 127.0.0.1 only (default: {defaults.db_port})."
+    )
     parser.add_argument(
         "--artifacts-destination",
         default=None,
@@ -228,31 +233,24 @@ def server_main(argv: list[str]) -> int:
         "--allowed-hosts", default=None, help="The host names clients use to reach the server, when not an IP address."
     )
     args = parser.parse_args(argv)
-    cfg = server.ServerConfig(
-        home=args.home,
-        host=args.host,
-        port=args.port,
-        db_port=args.db_port,
-        artifacts_destination=args.artifacts_destination,
-        allowed_hosts=args.allowed_hosts,
-    )
+    if args.action == "add-user" and not args.username:
+        parser.error("add-user needs a USERNAME")
+    given = {key: getattr(args, key) for key in SETTINGS if getattr(args, key) is not None}
 
     def act() -> None:
+        cfg = recorded_config(args.home, given, starting=args.action == "start")
         if args.action == "start":
             print(f"MLflow server at {server.start(cfg)} (PostgreSQL on 127.0.0.1:{cfg.db_port}, home {cfg.home})")
         elif args.action == "stop":
-            server.stop(cfg)
-            print("stopped")
+            print(server.stop(cfg))
         elif args.action == "status":
             for name, state in server.status(cfg).items():
                 print(f"{name}: {state}")
         else:
-            if not args.username:
-                parser.error("add-user needs a USERNAME")
             password = sys.stdin.readline().rstrip("\n")
             if not password:
                 raise server.ServerError("add-user: give the new user's password on stdin")
-            server.add_user(cfg.url, args.username, password)
+            server.add_user(cfg.admin_url, args.username, password)
             print(f"user {args.username!r} created")
 
     return shown_errors(act)
@@ -260,7 +258,7 @@ def server_main(argv: list[str]) -> int:
 
 def predict_main(argv: list[str]) -> int:
     """``mnist-cnn predict PATH... [--model-uri URI] [--json]``: the digit in each image file."""
-    from mnist_cnn.stages.predict import DEFAULT_MODEL_URI, predict
+    from mnist_cnn.stages.predict import DEFAULT_MODEL_URI, predict_and_record
 
     parser = argparse.ArgumentParser(prog="mnist-cnn predict", description=predict_main.__doc__.split(": ", 1)[1])
     parser.add_argument(

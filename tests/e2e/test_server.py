@@ -126,7 +126,7 @@ def test_pipeline_against_the_team_server_then_it_stops_cleanly(
 
     # The server (after all that) stops cleanly and leaves nothing running.
     pids = [
-        int((cfg.home / "mlflow-server.pid").read_text()),
+        server.read_state(cfg.home)["pid"],
         int((cfg.pgdata / "postmaster.pid").read_text().split()[0]),
     ]
     status = server.status(cfg)

@@ -10,6 +10,8 @@ MLFLOW_TRACKING_PASSWORD=... dvc repro``. PostgreSQL listens on 127.0.0.1 only; 
 the ``postgres`` user (``initdb`` and ``postgres`` refuse root). The admin password comes from the
 environment only; the database password and Flask's secret key are generated into ``--home``
 (mode 0600).
+
+``start`` records what it started in ``--home`` (``server_state``): the other commands need only ``--home``.
 """
 
 from __future__ import annotations
@@ -19,46 +21,35 @@ import glob
 import os
 import secrets
 import shutil
-import signal
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
-from mnist_cnn.core.errors import ProjectError
-from mnist_cnn.ops.net import is_healthy
+from mnist_cnn.core.errors import one_line
+from mnist_cnn.ops.net import LOOPBACK, describe_process, is_healthy, listening_pids, listens_on, port_taken
+from mnist_cnn.ops.server_state import (
+    SETTINGS,
+    ServerConfig,
+    ServerError,
+    forget_server,
+    read_state,
+    recorded_server,
+    save_state,
+    terminate,
+)
+
+__all__ = ["ServerConfig", "ServerError", "add_user", "read_state", "start", "status", "stop"]
 
 ADMIN = "admin"
 
-
 DB_USER = "mlflow"
-
 
 DATABASES = ("mlflow", "mlflow_auth")  # runs and registry; users and permissions
 
+MIN_PASSWORD = 12  # MLflow 3's password policy (mlflow.utils.validation._validate_password), the admin's too
 
-class ServerError(ProjectError, RuntimeError):
-    """The server could not be started, reached or changed."""
-
-
-@dataclass(frozen=True)
-class ServerConfig:
-    home: Path = Path(".mlflow-server")
-    host: str = "127.0.0.1"
-    port: int = 5000
-    db_port: int = 5433
-    artifacts_destination: str | None = None  # default <home>/artifacts; s3://bucket/prefix with boto3
-    allowed_hosts: str | None = None  # e.g. "mlflow.example.org,mlflow.example.org:5000"
-    workers: int = 2
-
-    @property
-    def url(self) -> str:
-        return f"http://{self.host}:{self.port}"
-
-    @property
-    def pgdata(self) -> Path:
-        return self.home.resolve() / "pgdata"
+MAX_USERNAME = 255  # the auth database's users.username is VARCHAR(255)
 
 
 def _pg_bin(name: str) -> str:
@@ -86,6 +77,10 @@ def _admin_password() -> str:
     password = os.environ.get("MLFLOW_AUTH_ADMIN_PASSWORD", "")
     if not password:
         raise ServerError("MLFLOW_AUTH_ADMIN_PASSWORD is not set: the admin password comes from the environment only")
+    if len(password) < MIN_PASSWORD:
+        raise ServerError(
+            f"MLFLOW_AUTH_ADMIN_PASSWORD has {len(password)} characters; MLflow requires at least {MIN_PASSWORD}"
+        )
     return password
 
 
@@ -154,47 +149,88 @@ def _write_auth_config(cfg: ServerConfig) -> Path:
     return path
 
 
-def _pid_file(cfg: ServerConfig) -> Path:
-    return cfg.home.resolve() / "mlflow-server.pid"
+def _log(cfg: ServerConfig) -> Path:
+    return cfg.home.resolve() / "mlflow-server.log"
 
 
-def _server_pid(cfg: ServerConfig) -> int | None:
+def _pg_ctl(cfg: ServerConfig, *args: str) -> subprocess.CompletedProcess:
+    return _as_postgres([_pg_bin("pg_ctl"), "-D", str(cfg.pgdata), *args])
+
+
+def _postgres_running(cfg: ServerConfig) -> bool:
+    return cfg.pgdata.is_dir() and _pg_ctl(cfg, "status").returncode == 0
+
+
+def _postgres_port(cfg: ServerConfig) -> int:
+    """The port the running PostgreSQL listens on (line 4 of its postmaster.pid), else ``cfg.db_port``."""
+    with contextlib.suppress(OSError, ValueError, IndexError):
+        return int((cfg.pgdata / "postmaster.pid").read_text().splitlines()[3])
+    return cfg.db_port
+
+
+def _stop_postgres(cfg: ServerConfig) -> str:
+    """Stop this home's PostgreSQL, once postmaster.pid names a postgres serving this pgdata; say what was done."""
     import psutil
 
     try:
-        pid = int(_pid_file(cfg).read_text())
-        with contextlib.suppress(ChildProcessError):
-            os.waitpid(pid, os.WNOHANG)  # reap it if this process started it
-        if psutil.Process(pid).status() == psutil.STATUS_ZOMBIE:
-            return None
-    except (OSError, ValueError, psutil.NoSuchProcess):
-        return None
-    return pid
+        pid = int((cfg.pgdata / "postmaster.pid").read_text().split()[0])
+        ours = str(cfg.pgdata) in psutil.Process(pid).cmdline()
+    except (OSError, ValueError, IndexError, psutil.Error):
+        return ""  # not running (a postmaster.pid of a dead process is PostgreSQL's own to clean up)
+    if not ours:
+        return f"PostgreSQL not signalled: its postmaster.pid names {describe_process(pid)}"
+    _pg_ctl(cfg, "-m", "fast", "-w", "stop")
+    return "PostgreSQL stopped"
 
 
-def start(cfg: ServerConfig, wait_s: float = 180.0) -> str:
-    """Start PostgreSQL and the MLflow server (each only if not running); return the server's URL."""
-    admin_password = _admin_password()
+def _is_up(cfg: ServerConfig, process) -> bool:
+    """Our server, not merely someone's: ``process`` (or a worker it forked) holds the LISTEN socket on the
+    port, and /health answers."""
+    return listens_on(process, cfg.port) and is_healthy(cfg.admin_url)
+
+
+def _refuse_taken_ports(cfg: ServerConfig, postgres_running: bool) -> None:
+    wanted = [(cfg.host, cfg.port, "--port")] + ([] if postgres_running else [(LOOPBACK, cfg.db_port, "--db-port")])
+    for host, port, flag in wanted:
+        if port_taken(host, port):
+            holders = ", ".join(describe_process(pid) for pid in listening_pids(port))
+            raise ServerError(
+                f"{host}:{port} is already taken{' by ' + holders if holders else ''}: nothing started; "
+                f"choose another {flag}"
+            )
+
+
+def _already_running(cfg: ServerConfig, process) -> str:
+    """The running server's URL, when ``cfg`` asks for the same one; its database started again if down."""
+    state = read_state(cfg.home)
+    running = ServerConfig(home=cfg.home, **{key: state[key] for key in SETTINGS})
+    differing = [
+        f"--{key.replace('_', '-')} {getattr(cfg, key)}" for key in SETTINGS if getattr(cfg, key) != state[key]
+    ]
+    if differing:
+        raise ServerError(
+            f"the server of {cfg.home} already runs at {running.url} (pid {process.pid}); "
+            f"`server stop` first to start it with {', '.join(differing)}"
+        )
+    if not _postgres_running(cfg):
+        _start_postgres(running)
+    return running.url
+
+
+def _launch(cfg: ServerConfig, admin_password: str, db_password: str) -> subprocess.Popen:
+    import psutil
+
     home = cfg.home.resolve()
-    home.mkdir(parents=True, exist_ok=True)
-    db_password = _secret(home / "db-password")
-    _init_postgres(cfg, db_password)
-    if _as_postgres([_pg_bin("pg_ctl"), "-D", str(cfg.pgdata), "status"]).returncode != 0:
-        _start_postgres(cfg)
-    _create_databases(cfg, db_password)
-    if _server_pid(cfg) is not None:
-        return cfg.url
-    destination = cfg.artifacts_destination or str(home / "artifacts")
     command = [
         sys.executable, "-m", "mlflow", "server",
         "--backend-store-uri", _db_uri(cfg, "mlflow"),
-        "--artifacts-destination", destination,
+        "--artifacts-destination", cfg.artifacts_destination or str(home / "artifacts"),
         "--host", cfg.host, "--port", str(cfg.port),
         "--app-name", "basic-auth",
         "--workers", str(cfg.workers),
     ]  # fmt: skip
-    if cfg.allowed_hosts:
-        command += ["--allowed-hosts", cfg.allowed_hosts]
+    if cfg.server_allowed_hosts:
+        command += ["--allowed-hosts", cfg.server_allowed_hosts]
     env = {
         **os.environ,
         "PGPASSWORD": db_password,
@@ -202,53 +238,135 @@ def start(cfg: ServerConfig, wait_s: float = 180.0) -> str:
         "MLFLOW_AUTH_ADMIN_PASSWORD": admin_password,
         "MLFLOW_FLASK_SERVER_SECRET_KEY": os.environ.get("MLFLOW_FLASK_SERVER_SECRET_KEY")
         or _secret(home / "flask-secret"),
+        # Off unless asked for: MLflow's job runner (GenAI evaluation jobs, trace roll-ups; nothing this
+        # project uses) is 8 more processes, and on a small machine it doubles the time to start.
+        "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": os.environ.get("MLFLOW_SERVER_ENABLE_JOB_EXECUTION", "false"),
     }
-    log = home / "mlflow-server.log"
-    with open(log, "ab") as out:
-        proc = subprocess.Popen(command, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
-    _pid_file(cfg).write_text(str(proc.pid))
+    with open(_log(cfg), "ab") as out:
+        launched = subprocess.Popen(command, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    recorded = {"pid": launched.pid, "create_time": psutil.Process(launched.pid).create_time()}
+    save_state(cfg.home, {key: getattr(cfg, key) for key in SETTINGS} | recorded | {"backend_store_uri": command[5]})
+    return launched
+
+
+def _wait_until_up(cfg: ServerConfig, launched: subprocess.Popen, wait_s: float) -> None:
+    import psutil
+
+    process = psutil.Process(launched.pid)
+    log = _log(cfg)
     deadline = time.time() + wait_s
     while time.time() < deadline:
-        if proc.poll() is not None:
-            tail = " | ".join(log.read_text(errors="replace").strip().splitlines()[-3:])
-            raise ServerError(f"mlflow server exited with {proc.returncode} ({log}): {tail}")
-        if is_healthy(cfg.url):
-            return cfg.url
+        if launched.poll() is not None:
+            raise ServerError(f"mlflow server exited with {launched.returncode} ({log}): {_last_error(log)}")
+        if _is_up(cfg, process):
+            return
         time.sleep(0.5)
-    stop(cfg)
-    raise ServerError(f"mlflow server did not answer on {cfg.url}/health within {wait_s:.0f} s ({log})")
+    raise ServerError(f"mlflow server did not answer on {cfg.admin_url}/health within {wait_s:.0f} s ({log})")
 
 
-def stop(cfg: ServerConfig) -> None:
-    """Stop the MLflow server (its whole process group) and PostgreSQL; harmless when neither runs."""
-    pid = _server_pid(cfg)
-    if pid is not None:
-        os.killpg(pid, signal.SIGTERM)
-        deadline = time.time() + 20
-        while time.time() < deadline and _server_pid(cfg) is not None:
-            time.sleep(0.2)
-        if _server_pid(cfg) is not None:
-            os.killpg(pid, signal.SIGKILL)
-    _pid_file(cfg).unlink(missing_ok=True)
-    if (cfg.pgdata / "postmaster.pid").exists():
-        _as_postgres([_pg_bin("pg_ctl"), "-D", str(cfg.pgdata), "-m", "fast", "-w", "stop"])
+def _last_error(log: Path) -> str:
+    """The log's last line that names an error (a traceback's last line, uvicorn's "ERROR: ..."), else its last."""
+    lines = [line.strip() for line in log.read_text(errors="replace").splitlines() if line.strip()] or ["(empty)"]
+    return next((line for line in reversed(lines) if "error" in line.lower() or "exception" in line.lower()), lines[-1])
+
+
+def start(cfg: ServerConfig, wait_s: float = 180.0) -> str:
+    """Start PostgreSQL and the MLflow server (each only if not running); return the server's URL.
+    Refused with nothing started when a port is taken; a start that fails stops what it started."""
+    import psutil
+
+    admin_password = _admin_password()
+    home = cfg.home.resolve()
+    home.mkdir(parents=True, exist_ok=True)
+    process, _ = recorded_server(cfg)
+    if process is not None:
+        return _already_running(cfg, process)
+    postgres_running = _postgres_running(cfg)
+    if postgres_running and _postgres_port(cfg) != cfg.db_port:
+        raise ServerError(
+            f"PostgreSQL of {cfg.home} already runs on {LOOPBACK}:{_postgres_port(cfg)}; "
+            f"give --db-port {_postgres_port(cfg)} or `server stop` first"
+        )
+    _refuse_taken_ports(cfg, postgres_running)
+    launched = None
+    try:
+        db_password = _secret(home / "db-password")
+        _init_postgres(cfg, db_password)
+        if not postgres_running:
+            _start_postgres(cfg)
+        _create_databases(cfg, db_password)
+        launched = _launch(cfg, admin_password, db_password)
+        _wait_until_up(cfg, launched, wait_s)
+    except BaseException:  # Ctrl-C too: a start that did not finish leaves nothing running
+        if launched is not None:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                terminate(psutil.Process(launched.pid))
+            forget_server(cfg)
+        if not postgres_running:
+            _stop_postgres(cfg)
+        raise
+    return cfg.url
+
+
+def stop(cfg: ServerConfig) -> str:
+    """Stop the recorded MLflow server (its process group, once verified) and PostgreSQL; say what was done.
+    A recorded pid that is now another process is left alone."""
+    process, why = recorded_server(cfg)
+    done = []
+    if process is not None:
+        terminate(process)
+        done.append(f"MLflow server (pid {process.pid}) stopped")
+    elif why.startswith("stale"):
+        done.append(f"MLflow server not signalled ({why})")
+    if read_state(cfg.home) is not None:
+        forget_server(cfg)
+    done.append(_stop_postgres(cfg))
+    return "; ".join(line for line in done if line) or "nothing was running"
 
 
 def status(cfg: ServerConfig) -> dict[str, str]:
-    pg = _as_postgres([_pg_bin("pg_ctl"), "-D", str(cfg.pgdata), "status"]).returncode == 0
-    pid = _server_pid(cfg)
+    """One line each for PostgreSQL and the MLflow server; the server is "degraded" while its database is down."""
+    postgres_running = _postgres_running(cfg)
     return {
-        "postgresql": f"running on 127.0.0.1:{cfg.db_port}" if pg else "stopped",
-        "mlflow server": (f"running (pid {pid}) at {cfg.url}" if is_healthy(cfg.url) else f"pid {pid}, not answering")
-        if pid
-        else "stopped",
+        "postgresql": f"running on {LOOPBACK}:{_postgres_port(cfg)}" if postgres_running else "stopped",
+        "mlflow server": _server_status(cfg, postgres_running),
     }
+
+
+def _server_status(cfg: ServerConfig, postgres_running: bool) -> str:
+    process, why = recorded_server(cfg)
+    if process is None:
+        return why if why.startswith("stale") else f"stopped (it exited: see {_log(cfg)})" if why else "stopped"
+    if not _is_up(cfg, process):
+        return f"pid {process.pid}, not answering at {cfg.url}"
+    if not postgres_running:
+        return (
+            f"degraded: pid {process.pid} at {cfg.url} has no database (PostgreSQL is stopped); "
+            "`server start` starts it again"
+        )
+    return f"running (pid {process.pid}) at {cfg.url}"
+
+
+def _check_new_login(username: str, password: str) -> None:
+    """Refuse, before calling the server, what it would store as a login nobody can use or cannot store."""
+    shown = repr(username if len(username) <= 40 else username[:40] + "…")
+    if len(username) > MAX_USERNAME:
+        raise ServerError(f"user name {shown} has {len(username)} characters; at most {MAX_USERNAME}")
+    if ":" in username:  # HTTP basic auth sends "name:password" and splits at the first ':'
+        raise ServerError(f"user name {shown} contains ':': HTTP basic auth could never log it in")
+    if not username.isprintable():
+        raise ServerError(f"user name {shown} contains control characters")
+    if len(password) < MIN_PASSWORD:
+        raise ServerError(
+            f"the password for {shown} has {len(password)} characters; MLflow requires at least {MIN_PASSWORD}"
+        )
 
 
 def add_user(url: str, username: str, password: str) -> None:
     """Create a login through the server's own API, as the admin."""
     import requests
 
+    _check_new_login(username, password)
     try:
         response = requests.post(
             f"{url}/api/2.0/mlflow/users/create",
@@ -258,7 +376,19 @@ def add_user(url: str, username: str, password: str) -> None:
         )
     except requests.RequestException as exc:
         raise ServerError(f"{url}: unreachable ({type(exc).__name__}); is the server started?") from None
-    if response.status_code != 200:
+    if response.status_code == 200:
+        return
+    try:
+        error = response.json()
+    except ValueError:
+        error = None
+    if not isinstance(error, dict):
+        error = {"message": response.text}
+    if error.get("error_code") == "RESOURCE_ALREADY_EXISTS":
+        raise ServerError(f"user {username!r} already exists")
+    if response.status_code == 401:
         raise ServerError(
-            f"{url}: could not create user {username!r} (HTTP {response.status_code}: {response.text[:200]})"
+            f"{url}: refused the admin login (HTTP 401); MLFLOW_AUTH_ADMIN_PASSWORD must be the admin's password"
         )
+    reason = one_line(Exception(error.get("message") or response.reason))[:200]
+    raise ServerError(f"{url}: could not create user {username!r} (HTTP {response.status_code}: {reason})")
