@@ -18,6 +18,9 @@ from mnist_cnn.tracking.pyfunc import OUTPUT_COLUMNS, PROBABILITY_COLUMNS
 
 CHAMPION = "models:/mnist-cnn@champion"
 
+# One worker (pytest-xdist) for the whole module: its tests share a module-scoped fixture.
+pytestmark = pytest.mark.xdist_group("scoring-server")
+
 
 @pytest.fixture(scope="module")
 def server(champion, tmp_path_factory):

@@ -28,6 +28,7 @@ from mnist_cnn.ops.net import answers_ok, port_taken
 from mnist_cnn.ops.server_state import STATE
 
 pytestmark = [
+    pytest.mark.xdist_group("team-server-faults"),  # one worker: its tests share a module-scoped fixture
     pytest.mark.skipif(not have_postgres(), reason="PostgreSQL is not installed"),
     pytest.mark.skipif(
         os.geteuid() == 0 and shutil.which("runuser") is None, reason="as root, PostgreSQL needs runuser"

@@ -23,6 +23,9 @@ from mnist_cnn.stages import evaluate, train
 from mnist_cnn.tracking import owners
 from mnist_cnn.tracking.store import configure, experiment_id
 
+# One worker (pytest-xdist) for the whole module: its tests share a module-scoped fixture.
+pytestmark = pytest.mark.xdist_group("robustness")
+
 
 def test_next_training_closes_stale_runs_of_this_machine_only(project, tiny_params):
     """A dead process's run is closed only when its owner tags prove it ran here: the same host, boot id

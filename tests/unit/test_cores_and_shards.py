@@ -11,17 +11,18 @@ import torch
 
 from mnist_cnn.core import distributed, runtime
 from mnist_cnn.core.inference import predict_log_probs
+from mnist_cnn.core.world import SINGLE, World
 from mnist_cnn.ops import signals
 
 
 def test_shards_are_disjoint_equal_and_cover_the_permutation():
     order = torch.randperm(101, generator=torch.Generator().manual_seed(0))
-    shards = [distributed.shard(order, distributed.World(rank, 2)) for rank in range(2)]
+    shards = [distributed.shard(order, World(rank, 2)) for rank in range(2)]
     assert len(shards[0]) == len(shards[1]) == 50  # equal steps on every rank; one sample left for the next epoch
-    assert distributed.shard_size(101, distributed.World(1, 2)) == 50  # what fit counts its steps by
-    assert distributed.shard_size(101, distributed.SINGLE) == 101
+    assert distributed.shard_size(101, World(1, 2)) == 50  # what fit counts its steps by
+    assert distributed.shard_size(101, SINGLE) == 101
     assert not set(shards[0].tolist()) & set(shards[1].tolist())
-    assert torch.equal(distributed.shard(order, distributed.SINGLE), order)
+    assert torch.equal(distributed.shard(order, SINGLE), order)
 
 
 def test_an_empty_share_of_the_validation_set_scores_as_nothing():

@@ -22,6 +22,9 @@ from mnist_cnn.core.runtime import select_device, select_precision
 from mnist_cnn.stages.evaluate import evaluate
 from mnist_cnn.stages.train import train
 
+# One worker (pytest-xdist) for the whole module: its tests share a module-scoped fixture.
+pytestmark = pytest.mark.xdist_group("train-evaluated")
+
 
 def test_seed_architecture_and_shapes(seed_params):
     net = Net(seed_params.model)
