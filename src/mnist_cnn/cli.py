@@ -117,12 +117,21 @@ def _launch_training(stage: str, params: Params, args: argparse.Namespace, overr
     argv += ["--no-progress"] * args.no_progress + [f"{key}={value}" for key, value in overrides.items()]
     code = torchrun.launch(params.train.processes, argv)
     if code != 0:
+        _close_runs_of_dead_workers(params, args.root)
         raise torchrun.TrainingFailed(
             f"training with train.processes = {params.train.processes} failed (torchrun exit {code})"
         )
     if stage == "all":
         with lock.stage_lock(args.root / files.MODEL_DIR):
             _train_and_evaluate("evaluate", params, args)
+
+
+def _close_runs_of_dead_workers(params: Params, root: Path) -> None:
+    """Rank 0 killed outright (kill -9, the OOM killer) could not end its run: its process is gone now,
+    so the run is closed here (KILLED) rather than left RUNNING until the next training."""
+    from mnist_cnn.tracking import owners, store
+
+    owners.clean(params.mlflow.experiment, store.project_root(root.resolve()))
 
 
 def _check_processes(processes: int, device_name: str) -> None:
@@ -198,15 +207,18 @@ def show_runs(experiment: str, args: argparse.Namespace) -> None:
 
 
 def server_main(argv: list[str]) -> int:
-    """``mnist-cnn server start|stop|status|add-user NAME``: the team's tracking server."""
-    from mnist_cnn.ops import server
+    """``mnist-cnn server start|stop|status|add-user NAME|grant NAME``: the team's tracking server."""
+    from mnist_cnn.ops import server, server_users
     from mnist_cnn.ops.server_state import SETTINGS, recorded_config
 
     description = " ".join(server.__doc__.split("\n\n")[0].split())  # the docstring's first paragraph, whole
     parser = argparse.ArgumentParser(prog="mnist-cnn server", description=description)
-    parser.add_argument("action", choices=("start", "stop", "status", "add-user"))
+    parser.add_argument("action", choices=("start", "stop", "status", "add-user", "grant"))
     parser.add_argument(
-        "username", nargs="?", help="With add-user: the login to create; its password is read from stdin."
+        "username",
+        nargs="?",
+        help="With add-user: the login to create (its password is read from stdin). With grant: the user who may "
+        "then log runs into the experiment mnist-cnn and add versions to the registered model mnist-cnn.",
     )
     defaults = server.ServerConfig()
     parser.add_argument(
@@ -233,8 +245,8 @@ def server_main(argv: list[str]) -> int:
         "--allowed-hosts", default=None, help="The host names clients use to reach the server, when not an IP address."
     )
     args = parser.parse_args(argv)
-    if args.action == "add-user" and not args.username:
-        parser.error("add-user needs a USERNAME")
+    if args.action in ("add-user", "grant") and not args.username:
+        parser.error(f"{args.action} needs a USERNAME")
     given = {key: getattr(args, key) for key in SETTINGS if getattr(args, key) is not None}
 
     def act() -> None:
@@ -246,11 +258,13 @@ def server_main(argv: list[str]) -> int:
         elif args.action == "status":
             for name, state in server.status(cfg).items():
                 print(f"{name}: {state}")
+        elif args.action == "grant":
+            print("\n".join(server_users.grant(cfg.admin_url, args.username)))
         else:
             password = sys.stdin.readline().rstrip("\n")
             if not password:
                 raise server.ServerError("add-user: give the new user's password on stdin")
-            server.add_user(cfg.admin_url, args.username, password)
+            server_users.add_user(cfg.admin_url, args.username, password)
             print(f"user {args.username!r} created")
 
     return shown_errors(act)

@@ -43,19 +43,22 @@ def test_two_processes_make_one_finished_run_and_a_model_as_good(project, champi
     assert abs(two - one) < 6.0, (two, one)
 
 
-def test_a_rank_that_dies_ends_the_others_and_the_run_failed(project):
+@pytest.mark.parametrize("rank, status", [("1", "FAILED"), ("0", "KILLED")])
+def test_a_rank_that_dies_ends_the_others_and_the_run(project, rank, status):
+    """Rank 1 killed: torchrun stops rank 0, whose run ends FAILED. Rank 0 (the one that logs) killed:
+    nobody could end its run, so the stage closes it KILLED once torchrun has exited."""
     write_tiny_params(project.params_file, **{"train.processes": 2, "train.epochs": 500, "train.patience": 500})
     proc = stage(project, "train")
     wait_for_line(proc, "epoch   1/")
-    (rank_1,) = [p for p in processes_in(project.root) if p.environ().get("RANK") == "1"]
-    rank_1.send_signal(signal.SIGKILL)
+    (victim,) = [p for p in processes_in(project.root) if p.environ().get("RANK") == rank]
+    victim.send_signal(signal.SIGKILL)
     started = time.time()
     output, _ = proc.communicate(timeout=120)
     assert proc.returncode == 1, output
     assert time.time() - started < 60
     assert output.rstrip().splitlines()[-1] == "error: training with train.processes = 2 failed (torchrun exit 1)"
     (run,) = the_runs()
-    assert run.info.status == "FAILED"
+    assert run.info.status == status
     assert not (project.models / WEIGHTS.name).exists()
     time.sleep(1)
     assert not processes_in(project.root)

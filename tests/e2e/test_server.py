@@ -14,8 +14,8 @@ import pytest
 import requests
 
 from conftest import free_port, make_project, stage
-from mnist_cnn.cli import main
-from mnist_cnn.ops import server
+from mnist_cnn.cli import main, server_main
+from mnist_cnn.ops import server, server_users
 from mnist_cnn.stages import evaluate, train
 
 ADMIN_PASSWORD = "admin-password-for-tests"
@@ -46,7 +46,7 @@ def team_server(monkeypatch):
     try:
         server.start(cfg)
         for name, password in USERS.items():
-            server.add_user(cfg.url, name, password)
+            server_users.add_user(cfg.url, name, password)
         yield cfg
     finally:
         server.stop(cfg)
@@ -69,6 +69,13 @@ def test_pipeline_against_the_team_server_then_it_stops_cleanly(
 ):
     cfg = team_server
     assert api(cfg, "GET", "experiments/search", None, params={"max_results": 1}).status_code == 401
+
+    # Listing runs (bob, first) never creates the experiment: the first to create it owns it.
+    as_user(monkeypatch, cfg, "bob")
+    assert main(["runs", "--clean", "--params", str(project.params_file), "--root", str(project.root)]) == 0
+    assert capsys.readouterr().out.splitlines()[0] == f"MLflow store: {cfg.url}"
+    found = api(cfg, "GET", "experiments/get-by-name", "bob", params={"experiment_name": "mnist-cnn"})
+    assert found.status_code == 404, found.text
 
     # A wrong password: one line naming the server and the refusal, before any training.
     as_user(monkeypatch, cfg, "alice", "not-her-password")
@@ -105,6 +112,25 @@ def test_pipeline_against_the_team_server_then_it_stops_cleanly(
     tag = {"experiment_id": experiment_id, "key": "k", "value": "v"}
     assert api(cfg, "POST", "experiments/set-experiment-tag", "bob", json=tag).status_code == 403
     assert api(cfg, "POST", "experiments/set-experiment-tag", "alice", json=tag).status_code == 200
+
+    # Bob's training is refused in one line naming the experiment, its creator and the command that
+    # grants it; once the admin has granted it, bob may edit the experiment and the registered model.
+    as_user(monkeypatch, cfg, "bob")
+    assert main(["train", "--params", str(project.params_file), "--root", str(project.root)]) == 1
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        f"error: tracking server {cfg.url}: bob may not log runs in experiment 'mnist-cnn' (created by alice)"
+        " (HTTP 403); the server's admin can grant it: python -m mnist_cnn server grant bob"
+    )
+    model_tag = {"name": "mnist-cnn", "key": "k", "value": "v"}
+    assert api(cfg, "POST", "registered-models/set-tag", "bob", json=model_tag).status_code == 403
+    assert server_main(["grant", "bob", "--home", str(cfg.home)]) == 0
+    assert capsys.readouterr().out.splitlines() == [
+        "bob may now edit experiment 'mnist-cnn'",
+        "bob may now edit registered model 'mnist-cnn'",
+    ]
+    assert api(cfg, "POST", "experiments/set-experiment-tag", "bob", json=tag).status_code == 200
+    assert api(cfg, "POST", "registered-models/set-tag", "bob", json=model_tag).status_code == 200
+    as_user(monkeypatch, cfg, "alice")
 
     # Three more at once, each in a clone of its own (as three teammates would), against the server:
     # three more versions, and champion on the best of all four (it moves under the server-wide

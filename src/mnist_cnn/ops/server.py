@@ -26,7 +26,6 @@ import sys
 import time
 from pathlib import Path
 
-from mnist_cnn.core.errors import one_line
 from mnist_cnn.ops.net import LOOPBACK, describe_process, is_healthy, listening_pids, listens_on, port_taken
 from mnist_cnn.ops.server_state import (
     SETTINGS,
@@ -39,7 +38,7 @@ from mnist_cnn.ops.server_state import (
     terminate,
 )
 
-__all__ = ["ServerConfig", "ServerError", "add_user", "read_state", "start", "status", "stop"]
+__all__ = ["ServerConfig", "ServerError", "admin_password", "read_state", "start", "status", "stop"]
 
 ADMIN = "admin"
 
@@ -73,7 +72,7 @@ def _secret(path: Path) -> str:
     return path.read_text().strip()
 
 
-def _admin_password() -> str:
+def admin_password() -> str:
     password = os.environ.get("MLFLOW_AUTH_ADMIN_PASSWORD", "")
     if not password:
         raise ServerError("MLFLOW_AUTH_ADMIN_PASSWORD is not set: the admin password comes from the environment only")
@@ -217,7 +216,7 @@ def _already_running(cfg: ServerConfig, process) -> str:
     return running.url
 
 
-def _launch(cfg: ServerConfig, admin_password: str, db_password: str) -> subprocess.Popen:
+def _launch(cfg: ServerConfig, admin_secret: str, db_password: str) -> subprocess.Popen:
     import psutil
 
     home = cfg.home.resolve()
@@ -235,7 +234,7 @@ def _launch(cfg: ServerConfig, admin_password: str, db_password: str) -> subproc
         **os.environ,
         "PGPASSWORD": db_password,
         "MLFLOW_AUTH_CONFIG_PATH": str(_write_auth_config(cfg)),
-        "MLFLOW_AUTH_ADMIN_PASSWORD": admin_password,
+        "MLFLOW_AUTH_ADMIN_PASSWORD": admin_secret,
         "MLFLOW_FLASK_SERVER_SECRET_KEY": os.environ.get("MLFLOW_FLASK_SERVER_SECRET_KEY")
         or _secret(home / "flask-secret"),
         # Off unless asked for: MLflow's job runner (GenAI evaluation jobs, trace roll-ups; nothing this
@@ -275,7 +274,7 @@ def start(cfg: ServerConfig, wait_s: float = 180.0) -> str:
     Refused with nothing started when a port is taken; a start that fails stops what it started."""
     import psutil
 
-    admin_password = _admin_password()
+    admin_secret = admin_password()
     home = cfg.home.resolve()
     home.mkdir(parents=True, exist_ok=True)
     process, _ = recorded_server(cfg)
@@ -295,7 +294,7 @@ def start(cfg: ServerConfig, wait_s: float = 180.0) -> str:
         if not postgres_running:
             _start_postgres(cfg)
         _create_databases(cfg, db_password)
-        launched = _launch(cfg, admin_password, db_password)
+        launched = _launch(cfg, admin_secret, db_password)
         _wait_until_up(cfg, launched, wait_s)
     except BaseException:  # Ctrl-C too: a start that did not finish leaves nothing running
         if launched is not None:
@@ -345,50 +344,3 @@ def _server_status(cfg: ServerConfig, postgres_running: bool) -> str:
             "`server start` starts it again"
         )
     return f"running (pid {process.pid}) at {cfg.url}"
-
-
-def _check_new_login(username: str, password: str) -> None:
-    """Refuse, before calling the server, what it would store as a login nobody can use or cannot store."""
-    shown = repr(username if len(username) <= 40 else username[:40] + "…")
-    if len(username) > MAX_USERNAME:
-        raise ServerError(f"user name {shown} has {len(username)} characters; at most {MAX_USERNAME}")
-    if ":" in username:  # HTTP basic auth sends "name:password" and splits at the first ':'
-        raise ServerError(f"user name {shown} contains ':': HTTP basic auth could never log it in")
-    if not username.isprintable():
-        raise ServerError(f"user name {shown} contains control characters")
-    if len(password) < MIN_PASSWORD:
-        raise ServerError(
-            f"the password for {shown} has {len(password)} characters; MLflow requires at least {MIN_PASSWORD}"
-        )
-
-
-def add_user(url: str, username: str, password: str) -> None:
-    """Create a login through the server's own API, as the admin."""
-    import requests
-
-    _check_new_login(username, password)
-    try:
-        response = requests.post(
-            f"{url}/api/2.0/mlflow/users/create",
-            json={"username": username, "password": password},
-            auth=(ADMIN, _admin_password()),
-            timeout=30,
-        )
-    except requests.RequestException as exc:
-        raise ServerError(f"{url}: unreachable ({type(exc).__name__}); is the server started?") from None
-    if response.status_code == 200:
-        return
-    try:
-        error = response.json()
-    except ValueError:
-        error = None
-    if not isinstance(error, dict):
-        error = {"message": response.text}
-    if error.get("error_code") == "RESOURCE_ALREADY_EXISTS":
-        raise ServerError(f"user {username!r} already exists")
-    if response.status_code == 401:
-        raise ServerError(
-            f"{url}: refused the admin login (HTTP 401); MLFLOW_AUTH_ADMIN_PASSWORD must be the admin's password"
-        )
-    reason = one_line(Exception(error.get("message") or response.reason))[:200]
-    raise ServerError(f"{url}: could not create user {username!r} (HTTP {response.status_code}: {reason})")

@@ -38,7 +38,7 @@ class RunState:
 def running(experiment: str, root: Path | None = None) -> list[RunState]:
     store.configure(root)
     states, local = [], store.is_local_store()
-    for run in running_runs(_existing(experiment)):
+    for run in running_runs(_existing(experiment, root)):
         tags = run.data.tags
         stale = run_is_stale(tags, local)
         state = "unknown" if stale is None else ("stale" if stale else "alive")
@@ -50,12 +50,16 @@ def running(experiment: str, root: Path | None = None) -> list[RunState]:
 def clean(experiment: str, root: Path | None = None) -> list[str]:
     """End the stale runs as KILLED; return their ids."""
     store.configure(root)
-    return close_stale_runs(_existing(experiment))
+    return close_stale_runs(_existing(experiment, root))
 
 
-def _existing(experiment: str) -> list[str]:
-    """The experiment's id, if it exists: listing runs never creates it (on a team server the first
-    user to create an experiment owns it, and a read-only command must not make that user)."""
+def _existing(experiment: str, root: Path | None = None) -> list[str]:
+    """The experiment's id. On a tracking server, only if it exists: the first user to create an
+    experiment owns it, and a read-only command must not make that user. A local SQLite store has no
+    owners: there it is created (with its artifacts beside the store), so that several ``mlflow run``
+    started at once on a new store do not race in MLflow's own experiment creation."""
+    if store.is_local_store():
+        return [store.experiment_id(experiment, root)]
     found = mlflow.get_experiment_by_name(experiment)
     return [found.experiment_id] if found is not None else []
 

@@ -23,7 +23,7 @@ from mnist_cnn.ops import signals
 from mnist_cnn.ops.signals import signals_deferred
 from mnist_cnn.tracking import runmeta
 from mnist_cnn.tracking.owners import close_stale_runs, owner_tags
-from mnist_cnn.tracking.store import TrackingError, configure, experiment_id
+from mnist_cnn.tracking.store import TrackingError, configure, experiment_id, permission_refused
 
 log = logging.getLogger(__name__)
 
@@ -130,7 +130,7 @@ def run(
         status = "FAILED"
         try:
             with signals_deferred():
-                active = mlflow.start_run(**kwargs, log_system_metrics=True if system_metrics else None)
+                active = _start_run(experiment, kwargs, system_metrics)
             if run_id:  # a reopened run changes owner; a new one got its owner at creation
                 mlflow.set_tags(owner_tags())
             if project_run:
@@ -145,6 +145,15 @@ def run(
             raise
         finally:
             _end(status)
+
+
+def _start_run(experiment: str, kwargs: dict, system_metrics: bool) -> mlflow.ActiveRun:
+    try:
+        return mlflow.start_run(**kwargs, log_system_metrics=True if system_metrics else None)
+    except MlflowException as exc:
+        if exc.error_code != "PERMISSION_DENIED":
+            raise
+        raise permission_refused(experiment) from None
 
 
 @contextlib.contextmanager

@@ -61,22 +61,28 @@ def tracking_uri(root: Path | None = None) -> str:
     return uri
 
 
-_checked: set[str] = set()
+_checked: set[tuple] = set()
+
+
+def _identity(uri: str) -> tuple:
+    """The store and who logs in to it: a login checked once is not taken for another one's."""
+    login = (os.environ.get("MLFLOW_TRACKING_USERNAME"), os.environ.get("MLFLOW_TRACKING_PASSWORD"))
+    return (uri, hash(login))
 
 
 def configure(root: Path | None = None) -> str:
-    """Point MLflow at the store; check it once per process, so a dead server fails in seconds."""
+    """Point MLflow at the store; check it once per process (and login), so a dead server fails in seconds."""
     uri = tracking_uri(root)
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)
-    if uri not in _checked:
+    if _identity(uri) not in _checked:
         if uri.startswith(("http://", "https://")):
             for name, value in HTTP_DEFAULTS.items():
                 os.environ.setdefault(name, value)
             check_server(uri)
         elif uri.startswith("sqlite:"):
             create_store(uri)
-        _checked.add(uri)
+        _checked.add(_identity(uri))
     return uri
 
 
@@ -216,8 +222,19 @@ def check_server(uri: str, timeout: float = PREFLIGHT_TIMEOUT_S) -> None:
         )
 
 
+CREATED_BY_TAG = "mnist_cnn.created_by"  # on a team server the creator manages the experiment
+
+
+def _user() -> str:
+    """Who this client is: its tracking server login, else the local user."""
+    import getpass
+
+    return os.environ.get("MLFLOW_TRACKING_USERNAME") or getpass.getuser()
+
+
 def experiment_id(name: str, root: Path | None = None) -> str:
-    """The id of experiment ``name``, created with artifacts beside the store if it is new."""
+    """The id of experiment ``name``, created with artifacts beside the store if it is new (and the
+    creator's name in a tag: on a team server, whom to ask for access)."""
     experiment = mlflow.get_experiment_by_name(name)
     if experiment is not None:
         return experiment.experiment_id
@@ -225,7 +242,7 @@ def experiment_id(name: str, root: Path | None = None) -> str:
     if mlflow.get_tracking_uri().startswith("sqlite:"):
         artifacts = ((root or project_root()) / ARTIFACTS_DIR).as_uri()
     try:
-        return mlflow.create_experiment(name, artifact_location=artifacts)
+        return mlflow.create_experiment(name, artifact_location=artifacts, tags={CREATED_BY_TAG: _user()})
     except MlflowException:  # created meanwhile by a parallel run
         return mlflow.get_experiment_by_name(name).experiment_id
 
@@ -233,3 +250,15 @@ def experiment_id(name: str, root: Path | None = None) -> str:
 def is_local_store() -> bool:
     """A SQLite file: only processes of this machine write to it."""
     return sqlite_path(mlflow.get_tracking_uri()) is not None
+
+
+def permission_refused(experiment: str) -> TrackingError:
+    """A team server's 403 for a run in ``experiment``: who may not, who created it, who can grant it."""
+    found = mlflow.get_experiment_by_name(experiment)
+    creator = found.tags.get(CREATED_BY_TAG) if found is not None else None
+    user = _user()
+    return TrackingError(
+        f"tracking server {masked(mlflow.get_tracking_uri())}: {user} may not log runs in experiment {experiment!r}"
+        + (f" (created by {creator})" if creator else "")
+        + f" (HTTP 403); the server's admin can grant it: python -m mnist_cnn server grant {user}"
+    )
