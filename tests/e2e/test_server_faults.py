@@ -45,6 +45,14 @@ def new_home() -> Path:
     return home
 
 
+@pytest.fixture
+def home():
+    """A server home of the test's own (``new_home``), removed after it."""
+    made = new_home()
+    yield made
+    shutil.rmtree(made, ignore_errors=True)
+
+
 def server_cli(monkeypatch, capsys, *argv: str, stdin: str = "") -> tuple[int, list[str], str]:
     """``python -m mnist_cnn server ARGV`` in this process: exit code, stdout lines, last stderr line."""
     capsys.readouterr()
@@ -225,19 +233,16 @@ def test_status_calls_a_server_without_its_database_degraded_and_start_brings_it
     assert requests.get(users, params={"username": "admin"}, auth=("admin", ADMIN_PASSWORD)).status_code == 200
 
 
-def test_start_refuses_a_port_another_web_server_holds_and_starts_nothing(strangers, monkeypatch, capsys):
+def test_start_refuses_a_port_another_web_server_holds_and_starts_nothing(strangers, home, monkeypatch, capsys):
     monkeypatch.setenv("MLFLOW_AUTH_ADMIN_PASSWORD", ADMIN_PASSWORD)
-    port, home = free_port(), new_home()
+    port = free_port()
     other = strangers(sys.executable, "-m", "http.server", str(port), "--bind", "127.0.0.1")
     assert wait_for(lambda: port_taken("127.0.0.1", port), 30)
-    try:
-        code, out, err = server_cli(monkeypatch, capsys, "start", "--home", str(home), "--port", str(port))
-        assert (code, out) == (1, [])
-        assert err.startswith(f"error: 127.0.0.1:{port} is already taken by pid {other.pid} ({sys.executable} -m")
-        assert err.endswith(": nothing started; choose another --port")
-        assert not (home / "pgdata").exists() and not (home / STATE).exists()
-    finally:
-        shutil.rmtree(home, ignore_errors=True)
+    code, out, err = server_cli(monkeypatch, capsys, "start", "--home", str(home), "--port", str(port))
+    assert (code, out) == (1, [])
+    assert err.startswith(f"error: 127.0.0.1:{port} is already taken by pid {other.pid} ({sys.executable} -m")
+    assert err.endswith(": nothing started; choose another --port")
+    assert not (home / "pgdata").exists() and not (home / STATE).exists()
 
 
 def test_a_server_that_answers_health_is_not_ours_unless_our_process_listens(strangers, tmp_path):
@@ -253,68 +258,57 @@ def test_a_server_that_answers_health_is_not_ours_unless_our_process_listens(str
         server._wait_until_up(cfg, never_binds, wait_s=3)
 
 
-def test_stop_and_status_spare_processes_that_took_the_recorded_pid(strangers, monkeypatch, capsys):
-    home, port, db_port = new_home(), free_port(), free_port()
+def test_stop_and_status_spare_processes_that_took_the_recorded_pid(strangers, home, monkeypatch, capsys):
+    port, db_port = free_port(), free_port()
     uri = f"postgresql://mlflow@127.0.0.1:{db_port}/mlflow"
-    try:
-        # The very process a crash left recorded is gone, and its pid now a `sleep` (same start time:
-        # only the command line tells); then one that looks like our server but started at another time.
-        sleeper = strangers("sleep", "300")
-        lookalike = strangers(
-            sys.executable, "-c", "import time; time.sleep(300)",
-            "-m", "mlflow", "server", "--backend-store-uri", uri, "--port", str(port),
-        )  # fmt: skip
-        for stranger, time_shift in ((sleeper, 0.0), (lookalike, -1000.0)):
-            create_time = psutil.Process(stranger.pid).create_time() + time_shift
-            record_state(home, stranger.pid, create_time, port, db_port)
-            stale = f"stale: the recorded pid is now another process, pid {stranger.pid} ("
-            code, out, _ = server_cli(monkeypatch, capsys, "status", "--home", str(home))
-            assert code == 0 and out[0] == "postgresql: stopped" and out[1].startswith(f"mlflow server: {stale}")
-            code, out, _ = server_cli(monkeypatch, capsys, "stop", "--home", str(home))
-            assert code == 0 and out[0].startswith(f"MLflow server not signalled ({stale}")
-            time.sleep(0.5)
-            assert stranger.poll() is None, "stop signalled a process it did not start"
-            assert "pid" not in server.read_state(home)  # forgotten: the next stop signals nothing either
-        record_state(home, 0, 0.0, port, db_port)  # 0 would be "my process group" to kill()
-        assert server_cli(monkeypatch, capsys, "stop", "--home", str(home)) == (
-            1,
-            [],
-            f"error: {home}/server.json: pid = 0: expected a process id (an integer > 0)",
-        )
-    finally:
-        shutil.rmtree(home, ignore_errors=True)
+    # The very process a crash left recorded is gone, and its pid now a `sleep` (same start time:
+    # only the command line tells); then one that looks like our server but started at another time.
+    sleeper = strangers("sleep", "300")
+    lookalike = strangers(
+        sys.executable, "-c", "import time; time.sleep(300)",
+        "-m", "mlflow", "server", "--backend-store-uri", uri, "--port", str(port),
+    )  # fmt: skip
+    for stranger, time_shift in ((sleeper, 0.0), (lookalike, -1000.0)):
+        create_time = psutil.Process(stranger.pid).create_time() + time_shift
+        record_state(home, stranger.pid, create_time, port, db_port)
+        stale = f"stale: the recorded pid is now another process, pid {stranger.pid} ("
+        code, out, _ = server_cli(monkeypatch, capsys, "status", "--home", str(home))
+        assert code == 0 and out[0] == "postgresql: stopped" and out[1].startswith(f"mlflow server: {stale}")
+        code, out, _ = server_cli(monkeypatch, capsys, "stop", "--home", str(home))
+        assert code == 0 and out[0].startswith(f"MLflow server not signalled ({stale}")
+        time.sleep(0.5)
+        assert stranger.poll() is None, "stop signalled a process it did not start"
+        assert "pid" not in server.read_state(home)  # forgotten: the next stop signals nothing either
+    record_state(home, 0, 0.0, port, db_port)  # 0 would be "my process group" to kill()
+    assert server_cli(monkeypatch, capsys, "stop", "--home", str(home)) == (
+        1,
+        [],
+        f"error: {home}/server.json: pid = 0: expected a process id (an integer > 0)",
+    )
 
 
-def test_a_short_admin_password_is_refused_before_anything_starts(monkeypatch, capsys):
+def test_a_short_admin_password_is_refused_before_anything_starts(home, monkeypatch, capsys):
     monkeypatch.setenv("MLFLOW_AUTH_ADMIN_PASSWORD", "short")
-    home = new_home()
-    try:
-        assert server_cli(monkeypatch, capsys, "start", "--home", str(home), "--port", str(free_port())) == (
-            1,
-            [],
-            "error: MLFLOW_AUTH_ADMIN_PASSWORD has 5 characters; MLflow requires at least 12",
-        )
-        assert list(home.iterdir()) == []
-    finally:
-        shutil.rmtree(home, ignore_errors=True)
+    assert server_cli(monkeypatch, capsys, "start", "--home", str(home), "--port", str(free_port())) == (
+        1,
+        [],
+        "error: MLFLOW_AUTH_ADMIN_PASSWORD has 5 characters; MLflow requires at least 12",
+    )
+    assert list(home.iterdir()) == []
 
 
-def test_a_start_that_fails_stops_the_postgresql_it_started(monkeypatch, capsys):
+def test_a_start_that_fails_stops_the_postgresql_it_started(home, monkeypatch, capsys):
     # MLflow itself refuses the admin password older versions shipped (and exits at once).
     monkeypatch.setenv("MLFLOW_AUTH_ADMIN_PASSWORD", "password1234")
-    home = new_home()
-    try:
-        argv = ["--home", str(home), "--port", str(free_port()), "--db-port", str(free_port())]
-        code, out, err = server_cli(monkeypatch, capsys, "start", *argv)
-        assert (code, out) == (1, [])
-        assert err.startswith("error: mlflow server exited with ") and "insecure default password" in err, err
-        assert (home / "pgdata" / "PG_VERSION").exists()  # it got that far
-        assert postgres_ctl(home, "status").returncode != 0
-        assert processes_of(home) == []
-        assert "pid" not in server.read_state(home)
-        assert server_cli(monkeypatch, capsys, "status", "--home", str(home))[1] == [
-            "postgresql: stopped",
-            "mlflow server: stopped",
-        ]
-    finally:
-        shutil.rmtree(home, ignore_errors=True)
+    argv = ["--home", str(home), "--port", str(free_port()), "--db-port", str(free_port())]
+    code, out, err = server_cli(monkeypatch, capsys, "start", *argv)
+    assert (code, out) == (1, [])
+    assert err.startswith("error: mlflow server exited with ") and "insecure default password" in err, err
+    assert (home / "pgdata" / "PG_VERSION").exists()  # it got that far
+    assert postgres_ctl(home, "status").returncode != 0
+    assert processes_of(home) == []
+    assert "pid" not in server.read_state(home)
+    assert server_cli(monkeypatch, capsys, "status", "--home", str(home))[1] == [
+        "postgresql: stopped",
+        "mlflow server: stopped",
+    ]
