@@ -1,6 +1,7 @@
 """``predict`` on image files with the shared champion: every variant of a digit predicted alike, and bad
-files, names and models reported one line each through the real CLI (a child process) while the good
-ones are still predicted."""
+files, names and models reported one line each through the real CLI while the good ones are still
+predicted. Two tests run it as a child process, as a user does (its exit code, what reaches its stderr,
+a store it must not create); the rest call the same entry point, ``cli.main``, in process."""
 
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ import pytest
 from PIL import Image
 
 from conftest import new_store
+from mnist_cnn.cli import main
 from mnist_cnn.core.images import MAX_PIXELS, load_digit, mnist_like
 from mnist_cnn.stages.predict import predict
 
@@ -63,6 +65,7 @@ def bomb_png(path: Path, side: int = 20_000) -> Path:
 
 
 def run_cli(*args, env) -> subprocess.CompletedProcess:
+    """``python -m mnist_cnn predict ARGS`` as a child process."""
     return subprocess.run(
         [sys.executable, "-m", "mnist_cnn", "predict", *map(str, args)],
         capture_output=True,
@@ -70,6 +73,14 @@ def run_cli(*args, env) -> subprocess.CompletedProcess:
         timeout=300,
         env=env,
     )
+
+
+def predict_cli(capsys, *args) -> subprocess.CompletedProcess:
+    """The same command in process (``cli.main``), against this process's store: its exit code and output."""
+    capsys.readouterr()
+    code = main(["predict", *map(str, args)])
+    out, err = capsys.readouterr()
+    return subprocess.CompletedProcess(args, code, out, err)
 
 
 def test_bad_files_get_one_line_each_and_the_good_ones_are_still_predicted(digits, champion_env, tmp_path):
@@ -116,9 +127,9 @@ def test_bad_files_get_one_line_each_and_the_good_ones_are_still_predicted(digit
         assert float(probability) == pytest.approx(in_process[path].probability, abs=1e-4)
 
 
-def test_a_directory_predicts_every_image_in_it_as_json(digits, champion_env):
+def test_a_directory_predicts_every_image_in_it_as_json(digits, champion_env, capsys):
     root, _ = digits
-    result = run_cli("--json", root / "big", env=champion_env)
+    result = predict_cli(capsys, "--json", root / "big")
     assert result.returncode == 0, result.stderr
     rows = json.loads(result.stdout)
     files = sorted((root / "big").iterdir())
@@ -128,28 +139,28 @@ def test_a_directory_predicts_every_image_in_it_as_json(digits, champion_env):
     assert all(row["probability"] == max(row[f"p{k}"] for k in range(10)) for row in rows)
 
 
-def test_an_unknown_model_is_one_line_and_exit_1(digits, champion_env):
+def test_an_unknown_model_is_one_line_and_exit_1(digits, champion_env, capsys):
     root, _ = digits
-    result = run_cli(root / "raw" / "000.png", "--model-uri", "models:/no-such-model@champion", env=champion_env)
+    result = predict_cli(capsys, root / "raw" / "000.png", "--model-uri", "models:/no-such-model@champion")
     assert result.returncode == 1
     assert "Traceback" not in result.stderr
     (line,) = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
     assert "no-such-model" in line
 
 
-def test_json_lists_every_file_and_odd_names_cannot_break_the_table(digits, champion_env, tmp_path):
+def test_json_lists_every_file_and_odd_names_cannot_break_the_table(digits, champion_env, tmp_path, capsys):
     root, _ = digits
     odd = tmp_path / "seven\n\x1b[31mred.png"  # a newline and an ANSI escape in the name
     odd.write_bytes((root / "raw" / "000.png").read_bytes())
     empty = tmp_path / "empty.png"
     empty.write_bytes(b"")
 
-    table = run_cli(odd, empty, env=champion_env)
+    table = predict_cli(capsys, odd, empty)
     assert table.returncode == 1 and "\x1b" not in table.stdout + table.stderr
     header, row = table.stdout.splitlines()  # the name stays on its row
     assert row.startswith(str(tmp_path / "seven\\n\\x1b[31mred.png"))
 
-    listed = run_cli("--json", odd, empty, env=champion_env)
+    listed = predict_cli(capsys, "--json", odd, empty)
     assert listed.returncode == 1
     rows = json.loads(listed.stdout)
     assert [row["file"] for row in rows] == [str(odd), str(empty)]
@@ -178,9 +189,9 @@ def test_no_store_here_is_said_without_creating_one(digits, tmp_path):
     assert not list(tmp_path.iterdir())
 
 
-def test_a_model_uri_that_is_no_model_is_one_line(digits, champion_env):
+def test_a_model_uri_that_is_no_model_is_one_line(digits, champion_env, capsys):
     root, _ = digits
-    result = run_cli(root / "raw" / "000.png", "--model-uri", "http://127.0.0.1:1/x", env=champion_env)
+    result = predict_cli(capsys, root / "raw" / "000.png", "--model-uri", "http://127.0.0.1:1/x")
     assert result.returncode == 1 and "Traceback" not in result.stderr
     (line,) = result.stderr.strip().splitlines()
     assert line.startswith("error: --model-uri http://127.0.0.1:1/x: ")
@@ -212,8 +223,8 @@ def test_a_model_of_another_kind_is_one_line(digits, tmp_path, monkeypatch, fore
         predict([root / "raw" / "000.png"], info.model_uri)
 
 
-def test_16_bit_12_bit_and_transparent_files_predict_like_the_digit(digits, champion_env, tmp_path):
-    """Through the real CLI: a digit as a 16-bit black-on-white PNG, a 12-bit scan in 16 bits and white
+def test_16_bit_12_bit_and_transparent_files_predict_like_the_digit(digits, champion_env, tmp_path, capsys):
+    """Through the CLI: a digit as a 16-bit black-on-white PNG, a 12-bit scan in 16 bits and white
     strokes on a transparent canvas predicts as the plain file does; a symlink loop is said as one."""
     root, images = digits
     digit = images[7]
@@ -227,7 +238,7 @@ def test_16_bit_12_bit_and_transparent_files_predict_like_the_digit(digits, cham
     os.symlink(tmp_path / "loop-a.png", tmp_path / "loop-b.png")
     files = [plain, tmp_path / "sixteen.png", tmp_path / "twelve.png", tmp_path / "white-on-clear.png"]
 
-    result = run_cli("--json", *files, tmp_path / "loop-a.png", env=champion_env)
+    result = predict_cli(capsys, "--json", *files, tmp_path / "loop-a.png")
     assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
     *rows, loop = json.loads(result.stdout)
     assert loop == {
@@ -240,24 +251,28 @@ def test_16_bit_12_bit_and_transparent_files_predict_like_the_digit(digits, cham
         assert row["probability"] == pytest.approx(rows[0]["probability"], abs=0.01), row
 
 
-def log_sklearn_model(tmp_path, store_template) -> tuple[str, dict]:
-    """A real scikit-learn model logged into a store of the test's own: its URI and the environment."""
+def log_sklearn_model(tmp_path, store_template, monkeypatch) -> str:
+    """A real scikit-learn model logged into a store of the test's own, now this process's store: its URI.
+    (Its pip requirements are given: inferring them costs MLflow a child process, and no test reads them.)"""
     from sklearn.linear_model import LogisticRegression
 
     new_store(store_template, tmp_path / "other.db")
     uri = f"sqlite:///{tmp_path / 'other.db'}"
+    for name in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI"):
+        monkeypatch.setenv(name, uri)
     mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
     classifier = LogisticRegression().fit(np.random.default_rng(0).random((20, 784)), np.arange(20) % 10)
     with mlflow.start_run():
-        info = mlflow.sklearn.log_model(classifier, name="digits")
-    return info.model_uri, {**os.environ, "MLFLOW_TRACKING_URI": uri, "MLFLOW_REGISTRY_URI": uri}
+        info = mlflow.sklearn.log_model(classifier, name="digits", pip_requirements=["scikit-learn"])
+    return info.model_uri
 
 
-def test_a_sklearn_model_uri_is_one_line_naming_its_flavor(digits, tmp_path, monkeypatch, store_template):
+def test_a_sklearn_model_uri_is_one_line_naming_its_flavor(digits, tmp_path, monkeypatch, store_template, capsys):
     root, _ = digits
     monkeypatch.chdir(tmp_path)  # the new store's artifacts land here
-    model_uri, env = log_sklearn_model(tmp_path, store_template)
-    result = run_cli(root / "raw" / "000.png", "--model-uri", model_uri, env=env)
+    model_uri = log_sklearn_model(tmp_path, store_template, monkeypatch)
+    result = predict_cli(capsys, root / "raw" / "000.png", "--model-uri", model_uri)
     assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
     assert result.stderr.strip().splitlines()[-1] == (
         f"error: --model-uri {model_uri}: not an mnist-cnn model: its flavor is sklearn"
@@ -266,9 +281,9 @@ def test_a_sklearn_model_uri_is_one_line_naming_its_flavor(digits, tmp_path, mon
 
 
 @pytest.mark.skipif(importlib.util.find_spec("botocore") is not None, reason="boto3 is installed here")
-def test_an_s3_model_uri_without_boto3_is_one_line(digits, champion_env):
+def test_an_s3_model_uri_without_boto3_is_one_line(digits, champion_env, capsys):
     root, _ = digits
-    result = run_cli(root / "raw" / "000.png", "--model-uri", "s3://bucket/models/digits", env=champion_env)
+    result = predict_cli(capsys, root / "raw" / "000.png", "--model-uri", "s3://bucket/models/digits")
     assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
     assert result.stderr.strip().splitlines()[-1] == (
         "error: --model-uri s3://bucket/models/digits: s3:// model URIs need boto3 (no module named botocore): "
