@@ -15,17 +15,20 @@ import os
 # networks here are tiny, and on 2 shared cores OpenMP's threads spin against each other and against
 # whatever else runs (2-epoch trainings measured 8x slower with 2 threads on a busy 2-core machine).
 os.environ.setdefault("OMP_NUM_THREADS", "1")
+import pickle
 import shutil
 import signal
 import sqlite3
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 import yaml
+from filelock import FileLock
 
 from mnist_cnn.core.files import Paths
 from mnist_cnn.core.params import Params, parse_params
@@ -168,6 +171,25 @@ def project(request, tmp_path, tiny_mirror) -> Paths:
     return paths
 
 
+def built_once(tmp_path_factory, name: str, build: Callable[[Path], object]):
+    """A session template built once for the whole run, however many pytest-xdist workers share it: the
+    first worker to ask runs ``build(folder)`` under a file lock in the run's shared temp directory and
+    pickles what it returns; the others wait for it and load that. (Each worker building its own cost the
+    reproduced DVC repo 37 s and the champion 22 s twice.) Templates are read only or copied per test."""
+    if "PYTEST_XDIST_WORKER" not in os.environ:
+        return build(tmp_path_factory.mktemp(name))
+    folder = tmp_path_factory.getbasetemp().parent / f"shared-{name}"
+    built = folder / "built.pickle"
+    with FileLock(f"{folder}.lock"):
+        if built.exists():
+            return pickle.loads(built.read_bytes())
+        shutil.rmtree(folder, ignore_errors=True)  # a build that failed in another worker
+        folder.mkdir()
+        result = build(folder)
+        built.write_bytes(pickle.dumps(result))
+        return result
+
+
 # The MLflow store. Creating a SQLite store's tables takes MLflow several seconds (its migrations);
 # opening a copy of a created one, a fraction of a second.
 
@@ -178,11 +200,13 @@ def store_template(tmp_path_factory) -> Path:
     artifacts in ./mlruns of the directory the store was created from: the template's own folder."""
     from mnist_cnn.tracking import store
 
-    path = tmp_path_factory.mktemp("store-template") / "mlflow.db"
-    with pytest.MonkeyPatch.context() as mp:
-        mp.chdir(path.parent)
-        store.create_store(f"sqlite:///{path}")
-    return path
+    def build(folder: Path) -> Path:
+        with pytest.MonkeyPatch.context() as mp:
+            mp.chdir(folder)
+            store.create_store(f"sqlite:///{folder / 'mlflow.db'}")
+        return folder / "mlflow.db"
+
+    return built_once(tmp_path_factory, "store-template", build)
 
 
 def new_store(store_template: Path, path: Path) -> Path:
@@ -275,18 +299,20 @@ def champion_store(tmp_path_factory, tiny_mirror, store_template):
     tracking URI, project directory, the run and results, and a local copy of the champion."""
     import mlflow
 
-    root = tmp_path_factory.mktemp("champion")
-    new_store(store_template, root / "mlflow.db")
-    built = tracked_training(root, tiny_mirror, SEED_WIDTHS, {}, {})
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("MLFLOW_TRACKING_URI", built.uri)
-        mp.setenv("MLFLOW_REGISTRY_URI", built.uri)
-        mlflow.set_tracking_uri(built.uri)
-        mlflow.set_registry_uri(built.uri)
-        built.local = Path(
-            mlflow.artifacts.download_artifacts("models:/mnist-cnn@champion", dst_path=str(root / "champion"))
-        )
-    return built
+    def build(root: Path) -> SimpleNamespace:
+        new_store(store_template, root / "mlflow.db")
+        built = tracked_training(root, tiny_mirror, SEED_WIDTHS, {}, {})
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setenv("MLFLOW_TRACKING_URI", built.uri)
+            mp.setenv("MLFLOW_REGISTRY_URI", built.uri)
+            mlflow.set_tracking_uri(built.uri)
+            mlflow.set_registry_uri(built.uri)
+            built.local = Path(
+                mlflow.artifacts.download_artifacts("models:/mnist-cnn@champion", dst_path=str(root / "champion"))
+            )
+        return built
+
+    return built_once(tmp_path_factory, "champion", build)
 
 
 @pytest.fixture
@@ -310,9 +336,13 @@ def named_run(tmp_path_factory, tiny_mirror, store_template):
     """``train --lr 0.2`` then ``evaluate`` as a user runs them, system metrics sampled every 0.2 s (a tiny
     training lasts a few seconds; MLflow's default is 10 s): the run as it was after training
     (``trained_run``) and the store after evaluating. Read only: the UI test serves it."""
-    root = tmp_path_factory.mktemp("named-run")
-    new_store(store_template, root / "mlflow.db")
-    return tracked_training(root, tiny_mirror, {}, {"lr": "0.2"}, {"MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL": "0.2"})
+
+    def build(root: Path) -> SimpleNamespace:
+        new_store(store_template, root / "mlflow.db")
+        sampled = {"MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL": "0.2"}
+        return tracked_training(root, tiny_mirror, {}, {"lr": "0.2"}, sampled)
+
+    return built_once(tmp_path_factory, "named-run", build)
 
 
 # Digits as image files, and the champion loaded in process
@@ -448,7 +478,15 @@ def reproduced_template(dvc_template, tmp_path_factory, tiny_mirror, store_templ
     """The initialised repo with the seed's 48/48/112 network (the test of the first repro checks its
     accuracy) after one ``dvc repro`` (its output kept) and a commit of the result; its store
     (<repo>/mlflow.db) holds the baseline's run."""
-    repo = tmp_path_factory.mktemp("reproduced") / "repo"
+    return built_once(
+        tmp_path_factory,
+        "reproduced",
+        lambda folder: reproduce(folder / "repo", dvc_template, tiny_mirror, store_template),
+    )
+
+
+def reproduce(repo: Path, dvc_template: Path, tiny_mirror: Path, store_template: Path) -> SimpleNamespace:
+    """``dvc_template`` copied to ``repo`` with the seed's network, reproduced and committed; the output kept."""
     shutil.copytree(dvc_template, repo, symlinks=True)
     new_store(store_template, repo / "mlflow.db")
     write_tiny_params(repo / "params.yaml", **SEED_WIDTHS)
