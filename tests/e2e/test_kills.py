@@ -13,7 +13,6 @@ import sys
 import time
 
 import mlflow
-import pytest
 import torch
 from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
@@ -49,25 +48,25 @@ def start_long_training(project, sighup) -> subprocess.Popen:
     return proc
 
 
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP], ids=["SIGTERM", "SIGHUP"])
-def test_sigterm_or_sighup_during_training_ends_the_run_killed(project, sig):
+def test_sighup_during_training_ends_the_run_killed(project):
     proc = start_long_training(project, signal.SIG_DFL)
-    proc.send_signal(sig)  # SIGHUP: the terminal closed; its default action would leave the run RUNNING
+    proc.send_signal(signal.SIGHUP)  # the terminal closed; its default action would leave the run RUNNING
     output, _ = proc.communicate(timeout=60)
     assert proc.returncode == 130, output
     assert only_run().info.status == "KILLED"
     assert not (project.models / "model.pt").exists()
 
 
-def test_under_nohup_sighup_stays_ignored(project):
+def test_under_nohup_sighup_stays_ignored_and_sigterm_ends_the_run_killed(project):
     proc = start_long_training(project, signal.SIG_IGN)
     proc.send_signal(signal.SIGHUP)
     time.sleep(2)
     assert proc.poll() is None and only_run().info.status == "RUNNING"  # still training
-    proc.send_signal(signal.SIGTERM)
+    proc.send_signal(signal.SIGTERM)  # as kill or a scheduler sends it
     output, _ = proc.communicate(timeout=60)
     assert proc.returncode == 130, output
     assert only_run().info.status == "KILLED"
+    assert not (project.models / "model.pt").exists()
 
 
 # 1. Parallel runs on a new store
@@ -121,7 +120,11 @@ def test_repeated_interrupts_while_ending_still_end_the_run_killed(project):
     assert [run.info.status for run in the_runs()] == ["KILLED"], output
 
 
-def test_sigkill_leaves_a_stale_run_that_runs_clean_closes(project, capsys):
+def test_sigkill_leaves_a_stale_run_that_runs_clean_closes_and_a_checkpoint_of_other_params(
+    project, tiny_params, capsys, caplog
+):
+    """kill -9 mid-training: the run stays RUNNING until ``runs --clean`` closes it (a run of another
+    host is never touched), and the checkpoint it left, of other params, is not resumed."""
     write_tiny_params(project.params_file, **{"train.epochs": 500, "train.patience": 500})
     proc = stage(project, "train")
     wait_for_line(proc, EPOCH_LINE.format(epoch=1))
@@ -140,6 +143,16 @@ def test_sigkill_leaves_a_stale_run_that_runs_clean_closes(project, capsys):
     assert "closed 1 stale run(s) as KILLED" in out and killed.info.run_id in out
     assert client.get_run(killed.info.run_id).info.status == "KILLED"
     assert client.get_run(other.info.run_id).info.status == "RUNNING"
+
+    assert (project.models / "checkpoint.pt").exists()
+    caplog.set_level("INFO")
+    run_id, result = train.run_train(tiny_params, project, show_progress=False)  # other epochs/patience
+    assert (
+        f"from a training with train.epochs = 500 (now {tiny_params.train.epochs}), train.patience = 500" in caplog.text
+    )
+    assert [h.epoch for h in result.history] == [1, 2]
+    assert run_id not in (killed.info.run_id, other.info.run_id)  # the killed run was not reused
+    assert client.get_run(run_id).info.status == "FINISHED"
 
 
 def test_a_tune_worker_killed_mid_trial_leaves_no_trial_running_and_the_next_worker_completes_the_study(project):
@@ -223,23 +236,6 @@ def test_sigkill_after_epoch_2_of_4_resumes_in_the_same_run_to_identical_weights
     assert [(i["best_epoch"], i["best_val_loss"]) for i in infos] == [
         (infos[1]["best_epoch"], infos[1]["best_val_loss"])
     ] * 2
-
-
-def test_a_checkpoint_of_other_params_is_not_resumed(project, tiny_params, caplog):
-    write_tiny_params(project.params_file, **{"train.epochs": 500, "train.patience": 500})
-    proc = stage(project, "train")
-    wait_for_line(proc, EPOCH_LINE.format(epoch=1))
-    proc.kill()
-    proc.wait(timeout=30)
-    assert (project.models / "checkpoint.pt").exists()
-    caplog.set_level("INFO")
-    run_id, result = train.run_train(tiny_params, project, show_progress=False)  # other epochs/patience
-    assert (
-        f"from a training with train.epochs = 500 (now {tiny_params.train.epochs}), train.patience = 500" in caplog.text
-    )
-    assert [h.epoch for h in result.history] == [1, 2]
-    assert MlflowClient().get_run(run_id).info.status == "FINISHED"
-    assert len(the_runs()) == 2  # the killed run was closed, not reused
 
 
 def test_second_training_in_the_same_directory_waits_for_the_first(project):
