@@ -8,6 +8,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -26,6 +27,7 @@ from mnist_cnn.cli import main
 from mnist_cnn.ops import server
 from mnist_cnn.ops.net import answers_ok, port_taken
 from mnist_cnn.ops.server_state import STATE
+from mnist_cnn.tracking.store import TrackingError, check_server
 
 pytestmark = [
     pytest.mark.xdist_group("team-server-faults"),  # one worker: its tests share a module-scoped fixture
@@ -225,6 +227,16 @@ def test_status_calls_a_server_without_its_database_degraded_and_start_brings_it
         )
         users = f"{shared.url}/api/2.0/mlflow/users/get"
         assert requests.get(users, params={"username": "admin"}, auth=("admin", ADMIN_PASSWORD)).status_code != 200
+        monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", "admin")
+        monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", ADMIN_PASSWORD)
+        with pytest.raises(TrackingError) as caught:  # what a training's first request hears
+            check_server(shared.url)
+        assert re.fullmatch(
+            re.escape(f"tracking server {shared.url}: answers, but with HTTP ")
+            + r"5\d\d"
+            + re.escape(" (an error inside the server, e.g. its database is down); check the server's log"),
+            str(caught.value),
+        ), caught.value
     finally:
         assert server_cli(monkeypatch, capsys, "start", "--home", home)[0] == 0
     assert server_cli(monkeypatch, capsys, "status", "--home", home)[1][1] == (

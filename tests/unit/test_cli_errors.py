@@ -65,6 +65,24 @@ def test_unreachable_tracking_server_fails_in_seconds_with_one_line(project, mon
     assert not (project.models / "model.pt").exists()
 
 
+def test_a_server_that_accepts_but_never_answers_is_called_slow_not_unreachable(monkeypatch):
+    import socket
+
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "1")
+    with socket.socket() as listener:  # the port is open, nothing ever answers: a server busy starting
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        url = f"http://127.0.0.1:{listener.getsockname()[1]}"
+        started = time.perf_counter()
+        with pytest.raises(TrackingError) as caught:
+            check_server(url)
+    assert time.perf_counter() - started < 5
+    assert str(caught.value) == (
+        f"tracking server {url}: accepted the connection but sent no answer in 1 s (starting, overloaded,"
+        " or waiting for its database); check the server's log, or wait longer with MLFLOW_HTTP_REQUEST_TIMEOUT"
+    )
+
+
 def test_a_password_in_the_tracking_uri_stays_out_of_every_reason():
     with pytest.raises(TrackingError) as caught:  # an invalid port: MLflow's text quotes the URL
         check_server("http://bob:s3cret@127.0.0.1:99999")

@@ -123,7 +123,6 @@ def write_reports(result: EvaluateResult, reports_dir: Path, test_images: np.nda
         figures.close(mistakes)
 
 
-
 def _read_train_info(paths: Paths, params: Params) -> str:
     """The training's MLflow run id, after checking that evaluate uses the split the weights trained on."""
     info_path = paths.models / files.TRAIN_INFO.name

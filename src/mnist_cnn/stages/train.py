@@ -55,24 +55,29 @@ def run_train(
     state = load_checkpoint(checkpoint_path, fingerprint) if params.train.resume == "auto" else None
     resumed_run = state["run_id"] if state is not None and runs.run_exists(state["run_id"], root) else None
     name = records.run_name(stage, params, paths)
-    with runs.run(
-        params.mlflow.experiment, run_id=resumed_run, root=root, name=name, system_metrics=True
-    ) as active:
-        run_id = active.info.run_id
-        records.training_started(params, paths, root, md5s, resumed=resumed_run is not None)
-        if state is not None:
-            records.training_resumed(state["history"], state["epoch"])
-        checkpointing = Checkpointing(checkpoint_path, fingerprint, run_id, state)
-        # The old train.json names the run of the weights about to be replaced: a kill after the new
-        # weights are written must not let evaluate file them under that run.
-        (paths.models / files.TRAIN_INFO.name).unlink(missing_ok=True)
-        result = train(
-            params, paths.data, paths.models, paths.reports, runs.EpochLogger(), show_progress, checkpointing, world
-        )
-        records.training_finished(result, world.size)
-        write_train_info(result, paths.models, run_id, params.train)
-        # Last: a kill before this line leaves the checkpoint, and the rerun records what is missing.
-        checkpoint_path.unlink(missing_ok=True)
+    try:
+        with runs.run(
+            params.mlflow.experiment, run_id=resumed_run, root=root, name=name, system_metrics=True
+        ) as active:
+            run_id = active.info.run_id
+            records.training_started(params, paths, root, md5s, resumed=resumed_run is not None)
+            if state is not None:
+                records.training_resumed(state["history"], state["epoch"])
+            checkpointing = Checkpointing(checkpoint_path, fingerprint, run_id, state)
+            # The old train.json names the run of the weights about to be replaced: a kill after the new
+            # weights are written must not let evaluate file them under that run.
+            (paths.models / files.TRAIN_INFO.name).unlink(missing_ok=True)
+            epochs = runs.EpochLogger()
+            result = train(params, paths.data, paths.models, paths.reports, epochs, show_progress, checkpointing, world)
+            epochs.wait()  # the last epoch's metrics are in the run before the run is called done
+            records.training_finished(result, world.size)
+            write_train_info(result, paths.models, run_id, params.train)
+            # Last: a kill before this line leaves the checkpoint, and the rerun records what is missing.
+            checkpoint_path.unlink(missing_ok=True)
+    except runs.ServerLost as lost:
+        if params.train.resume != "auto" or not checkpoint_path.is_file():
+            raise
+        raise runs.ServerLost(f"{lost}; rerun then: the training resumes from {checkpoint_path}") from None
     return run_id, result
 
 

@@ -17,13 +17,20 @@ from mlflow.entities import RunStatus
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
-from mnist_cnn.core.errors import one_line
+from mnist_cnn.core.errors import masked, one_line
 from mnist_cnn.core.params import parse_value
 from mnist_cnn.ops import signals
 from mnist_cnn.ops.signals import signals_deferred
-from mnist_cnn.tracking import runmeta
+from mnist_cnn.tracking import runmeta, store
 from mnist_cnn.tracking.owners import close_stale_runs, owner_tags
-from mnist_cnn.tracking.store import TrackingError, configure, experiment_id, permission_refused
+from mnist_cnn.tracking.store import (
+    ServerUnreachable,
+    TrackingError,
+    check_server,
+    configure,
+    experiment_id,
+    permission_refused,
+)
 
 log = logging.getLogger(__name__)
 
@@ -72,6 +79,56 @@ def _end(status: str) -> None:
             mlflow.flush_async_logging()
         finally:
             mlflow.end_run(status)
+
+
+class ServerLost(TrackingError):
+    """The tracking server stopped answering while a run was open: the run could not be ended."""
+
+
+def lost_server(exc: BaseException) -> str | None:
+    """Why the tracking server no longer answers, if it does not and ``exc`` is a failed request to it
+    (a bug of ours, or a refusal from a live server, is not a lost server)."""
+    import requests
+
+    uri = mlflow.get_tracking_uri()
+    if not uri.startswith(("http://", "https://")):
+        return None
+    if not isinstance(exc, (MlflowException, requests.RequestException, ConnectionError)):
+        return None
+    try:
+        check_server(uri)
+    except ServerUnreachable as gone:
+        return gone.reason
+    except TrackingError:  # it answers, if only to refuse
+        return None
+    return None
+
+
+def server_lost(reason: str, active: mlflow.ActiveRun | None) -> ServerLost:
+    server = f"tracking server {masked(mlflow.get_tracking_uri())}"
+    if active is None:
+        return ServerLost(f"{server} stopped answering before the run started ({reason})")
+    return ServerLost(
+        f"{server} stopped answering during run {active.info.run_id} ({reason}); the run stays RUNNING"
+        " until the next training or `python -m mnist_cnn runs --clean` closes it"
+    )
+
+
+def _end_without_server(status: str) -> None:
+    """Leave the run locally, one quick try to end it on the server: with the server gone, MLflow's
+    retries would only add minutes and a second error over the first."""
+    quick = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "5"}
+    saved = {name: os.environ.get(name) for name in quick}
+    os.environ.update(quick)
+    try:
+        with contextlib.suppress(Exception):
+            _end(status)
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
 
 
 def name_project_run(run_id: str, name: str | None) -> None:
@@ -127,7 +184,7 @@ def run(
         # Started with SIGINT/SIGTERM held, so that a run is never left half-started (its system-metrics
         # thread running): an interrupt held meanwhile is raised on leaving that block, inside the try,
         # so the run ends KILLED.
-        status = "FAILED"
+        status, ended, active = "FAILED", False, None
         try:
             with signals_deferred():
                 active = _start_run(experiment, kwargs, system_metrics)
@@ -142,9 +199,15 @@ def run(
             raise
         except BaseException as exc:
             status = next((s for kind, s in (ended_as or {}).items() if isinstance(exc, kind)), "FAILED")
-            raise
+            reason = lost_server(exc)
+            if reason is None:
+                raise
+            _end_without_server(status)
+            ended = True
+            raise server_lost(reason, active) from None
         finally:
-            _end(status)
+            if not ended:
+                _end(status)
 
 
 def _start_run(experiment: str, kwargs: dict, system_metrics: bool) -> mlflow.ActiveRun:
@@ -241,13 +304,51 @@ def log_missing_epochs(history: list[Mapping[str, Any]]) -> None:
     for epoch in history:
         if epoch["epoch"] not in logged:
             logger.log_epoch(SimpleNamespace(**epoch))
+    logger.wait()
+
+
+# Each failed batch is logged there at ERROR with MLflow's whole request error; EpochLogger raises
+# the same failure itself, once, where the stage reports it.
+logging.getLogger("mlflow.utils.async_logging.async_logging_queue").setLevel(logging.CRITICAL)
+
+
+class ShortRequestErrors(logging.Filter):
+    """The system-metrics thread stops at its first failed request with a 300-character warning that
+    repeats the URL; keep what happened and why."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        text = record.getMessage()
+        if record.levelno >= logging.WARNING and "API request to" in text:
+            reason = store.unreachable_reason(text, float(os.environ.get("MLFLOW_HTTP_REQUEST_TIMEOUT") or 0))
+            record.msg, record.args = (
+                "system metrics: sampling stopped, the tracking server did not answer (%s)",
+                (reason,),
+            )
+        return True
+
+
+logging.getLogger("mlflow.system_metrics.system_metrics_monitor").addFilter(ShortRequestErrors())
 
 
 class EpochLogger:
-    """The train loop's reporter: per-epoch metrics with ``step=epoch``, logged asynchronously."""
+    """The train loop's reporter: per-epoch metrics with ``step=epoch``, logged asynchronously.
+
+    Each epoch first waits for the previous epoch's batch: a failed one (the server went away) stops
+    the training one epoch later instead of at its end, and the queue never holds more than an epoch.
+    """
+
+    def __init__(self) -> None:
+        self._pending = None
+
+    def wait(self) -> None:
+        """Raise if the last batch failed (``MlflowException``); call it before the run ends."""
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            pending.wait()
 
     def log_epoch(self, stats) -> None:
-        mlflow.log_metrics(
+        self.wait()
+        self._pending = mlflow.log_metrics(
             {
                 "train_loss": stats.train_loss,
                 "train_acc": stats.train_acc,

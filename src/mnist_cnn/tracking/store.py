@@ -6,7 +6,9 @@ Every stage reaches MLflow through this module, so the store, the run and the na
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
+import re
 import time
 from pathlib import Path
 
@@ -33,11 +35,21 @@ HTTP_DEFAULTS = {
 }
 
 
-PREFLIGHT_TIMEOUT_S = 5.0
+# A dead server refuses at once; a live one can be slow on its first request after a start (it opens its
+# database and loads its routes), so the check waits as long as any other request would.
+PREFLIGHT_TIMEOUT_S = float(HTTP_DEFAULTS["MLFLOW_HTTP_REQUEST_TIMEOUT"])
 
 
 class TrackingError(ProjectError, RuntimeError):
     """The tracking server cannot be reached or refuses this client."""
+
+
+class ServerUnreachable(TrackingError):
+    """Nothing answered at the server's address; ``reason`` says how (refused, no answer in time)."""
+
+    def __init__(self, message: str, reason: str) -> None:
+        super().__init__(message)
+        self.reason = reason
 
 
 def project_root(cwd: Path | None = None) -> Path:
@@ -79,6 +91,9 @@ def configure(root: Path | None = None) -> str:
         if uri.startswith(("http://", "https://")):
             for name, value in HTTP_DEFAULTS.items():
                 os.environ.setdefault(name, value)
+            # urllib3 warns at each retry, 250 characters a line; a request that fails for good is
+            # reported once, by the stage (runs.ServerLost).
+            logging.getLogger("urllib3.connectionpool").setLevel(logging.ERROR)
             check_server(uri)
         elif uri.startswith("sqlite:"):
             create_store(uri)
@@ -174,13 +189,15 @@ def create_store(uri: str) -> None:
 MLFLOW_FORBIDDEN = "Permission denied"
 
 
-def check_server(uri: str, timeout: float = PREFLIGHT_TIMEOUT_S) -> None:
-    """One request, no retries: raise a one-line ``TrackingError`` if the server is down or refuses us."""
+def check_server(uri: str, timeout: float | None = None) -> None:
+    """One request, no retries: raise a one-line ``TrackingError`` if the server is down or refuses us
+    (``ServerUnreachable`` if nothing answered at all)."""
     import requests
     from mlflow.tracking._tracking_service.utils import get_default_host_creds
     from mlflow.utils.rest_utils import http_request
 
     server = f"tracking server {masked(uri)}"  # never print a password from the URI
+    timeout = timeout or float(os.environ.get("MLFLOW_HTTP_REQUEST_TIMEOUT") or PREFLIGHT_TIMEOUT_S)
     try:
         response = http_request(
             get_default_host_creds(uri),
@@ -191,12 +208,17 @@ def check_server(uri: str, timeout: float = PREFLIGHT_TIMEOUT_S) -> None:
             params={"experiment_name": "Default"},
         )
     except (requests.exceptions.RequestException, MlflowException, OSError) as exc:
-        reason = masked(one_line(exc))  # MLflow's text repeats the URL, password included
-        if "Connection refused" in reason:
-            reason = "connection refused"
-        elif "timed out" in reason.lower() or "timeout" in reason.lower():
-            reason = f"no answer in {timeout:.0f} s"
-        raise TrackingError(f"{server}: unreachable ({reason}); check MLFLOW_TRACKING_URI") from None
+        said = re.search(r"too many (\d{3}) error responses", str(exc))
+        if said:  # urllib3 gives up on a retryable status (500, 503, ...) without the response
+            raise server_error(server, int(said.group(1))) from None
+        reason = unreachable_reason(exc, timeout)
+        if reason.startswith("no answer"):  # something holds the port: not a wrong address
+            raise ServerUnreachable(
+                f"{server}: accepted the connection but sent {reason} (starting, overloaded, or waiting"
+                " for its database); check the server's log, or wait longer with MLFLOW_HTTP_REQUEST_TIMEOUT",
+                reason,
+            ) from None
+        raise ServerUnreachable(f"{server}: unreachable ({reason}); check MLFLOW_TRACKING_URI", reason) from None
     if response.status_code == 401:
         raise TrackingError(
             f"{server}: refused the login (HTTP 401); set MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD"
@@ -214,12 +236,32 @@ def check_server(uri: str, timeout: float = PREFLIGHT_TIMEOUT_S) -> None:
             " check; check MLFLOW_TRACKING_URI, the server's --allowed-hosts and any proxy in front of it"
         )
     if response.status_code >= 500:
-        raise TrackingError(f"{server}: answered HTTP {response.status_code}; check the server's log")
+        raise server_error(server, response.status_code)
     if kind != "application/json":  # MLflow answers JSON, errors included; this is some other web server
         raise TrackingError(
             f"{server}: not an MLflow tracking server (HTTP {response.status_code},"
             f" {kind or 'no content type'}); check MLFLOW_TRACKING_URI"
         )
+
+
+def server_error(server: str, status: int) -> TrackingError:
+    return TrackingError(
+        f"{server}: answers, but with HTTP {status} (an error inside the server, e.g. its database is down);"
+        " check the server's log"
+    )
+
+
+def unreachable_reason(exc: BaseException | str, timeout: float) -> str:
+    """How a request failed, short: MLflow's and urllib3's text runs to 300 characters and repeats
+    the URL (a password included)."""
+    text = masked(exc if isinstance(exc, str) else one_line(exc))
+    if "Connection refused" in text:
+        return "connection refused"
+    if "timed out" in text.lower() or "timeout" in text.lower():
+        return f"no answer in {timeout:.0f} s"
+    if "Name or service not known" in text or "nodename nor servname" in text:
+        return "unknown host name"
+    return text[:200]
 
 
 CREATED_BY_TAG = "mnist_cnn.created_by"  # on a team server the creator manages the experiment
