@@ -115,11 +115,12 @@ def _launch_training(stage: str, params: Params, args: argparse.Namespace, overr
         download(params.data, args.root / files.DATA_DIR, args.mirror or None)
     argv = ["train", "--params", str(args.params), "--root", str(args.root)]
     argv += ["--no-progress"] * args.no_progress + [f"{key}={value}" for key, value in overrides.items()]
-    code = torchrun.launch(params.train.processes, argv)
-    if code != 0:
+    ended = torchrun.launch(params.train.processes, argv)
+    if ended.code != 0:
         _close_runs_of_dead_workers(params, args.root)
         raise torchrun.TrainingFailed(
-            f"training with train.processes = {params.train.processes} failed (torchrun exit {code})"
+            f"training with train.processes = {params.train.processes} failed (torchrun exit {ended.code}"
+            + (f": {ended.cause})" if ended.cause else ")")
         )
     if stage == "all":
         with lock.stage_lock(args.root / files.MODEL_DIR):

@@ -7,17 +7,26 @@ this module only reads them, joins the process group and sums (or shares) values
 from __future__ import annotations
 
 import contextlib
+import re
 from collections.abc import Iterator
 from typing import Any
 
 import torch
 import torch.distributed as dist
 
-from mnist_cnn.core.errors import register_user_facing
+from mnist_cnn.core.errors import ProjectError, register_user_facing
 from mnist_cnn.core.world import World
 
 # A peer that died or a rendezvous that failed is a message for the user, not a bug of ours.
 register_user_facing(dist.DistError)
+
+# What Gloo raises (a plain RuntimeError, with a 300-character text and a traceback) in a collective
+# when another rank died: torchrun reports which one; this rank says only that it lost it.
+PEER_LOST = re.compile(r"Connection (?:reset|closed) by peer|Broken pipe|Connection refused")
+
+
+class PeerLost(ProjectError, RuntimeError):
+    """Another process of the training died mid-collective."""
 
 
 def device_for(world: World, device: torch.device) -> torch.device:
@@ -37,6 +46,11 @@ def process_group(world: World, device: torch.device) -> Iterator[None]:
     dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
     try:
         yield
+    except RuntimeError as exc:
+        lost = PEER_LOST.search(str(exc))
+        if lost is None:
+            raise
+        raise PeerLost(f"rank {world.rank}: another rank of this training is gone (Gloo: {lost.group(0)})") from None
     finally:
         dist.destroy_process_group()
 
