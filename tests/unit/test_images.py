@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 from scipy import ndimage
 
-from mnist_cnn.core.images import BOX, ImageError, load_digit, mnist_like
+from mnist_cnn.core.images import BOX, ImageError, image_files, load_digit, mnist_like
 from mnist_cnn.stages.predict import _is_digit_table
 from mnist_cnn.tracking.pyfunc import load_model
 
@@ -155,3 +155,16 @@ def test_a_symlink_loop_is_said_not_called_corrupt(tmp_path):
     assert (
         str(caught.value) == f"{tmp_path / 'a.png'}: a symlink loop, cannot be read (Too many levels of symbolic links)"
     )
+
+
+def test_a_directory_argument_keeps_its_dead_links_so_they_are_reported(tmp_path):
+    (tmp_path / "digit.png").write_bytes(b"")
+    (tmp_path / "notes.txt").write_text("not an image")
+    (tmp_path / "folder.png").mkdir()  # a directory with an image suffix is no image file
+    os.symlink(tmp_path / "loop-b.png", tmp_path / "loop-a.png")
+    os.symlink(tmp_path / "loop-a.png", tmp_path / "loop-b.png")
+    os.symlink(tmp_path / "gone.png", tmp_path / "broken.png")
+    names = [path.name for path in image_files([tmp_path])]
+    assert names == ["broken.png", "digit.png", "loop-a.png", "loop-b.png"]
+    with pytest.raises(ImageError, match="a symlink loop"):
+        load_digit(tmp_path / "loop-a.png")

@@ -212,12 +212,17 @@ def load_digit(path: Path) -> np.ndarray:
 
 
 def image_files(paths: list[Path]) -> list[Path]:
-    """Files as given; a directory stands for the image files directly in it (by suffix, sorted)."""
+    """Files as given; a directory stands for the image files directly in it (by suffix, sorted).
+    A link among them that leads nowhere (broken, or a loop) is kept, so that it is reported."""
     files: list[Path] = []
     for path in map(Path, paths):
         if path.is_dir():
-            found = sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in SUFFIXES)
+            found = sorted(p for p in path.iterdir() if p.suffix.lower() in SUFFIXES and _file_or_dead_link(p))
             files += found or [path]  # an empty directory is reported as such, not skipped in silence
         else:
             files.append(path)
     return files
+
+
+def _file_or_dead_link(path: Path) -> bool:
+    return path.is_file() or (path.is_symlink() and not path.exists())
