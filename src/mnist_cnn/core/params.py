@@ -64,9 +64,11 @@ ALIASES = {
 @dataclass(frozen=True)
 class DataConfig:
     dataset: str
+    split_seed: int
 
     def __post_init__(self) -> None:
         _require(self.dataset in DATASETS, "data.dataset", self.dataset, " | ".join(DATASETS))
+        _require(self.split_seed >= 0, "data.split_seed", self.split_seed, "an integer >= 0")
 
 
 @dataclass(frozen=True)
@@ -259,6 +261,10 @@ def _merge(raw: Any, overrides: Mapping[str, Any] | None, source: str = "params"
     for section, cls in get_type_hints(Params).items():
         if choices(cls) and isinstance(merged.get(section), dict) and only in (None, section):
             merged[section] = converted(section, merged[section], choices(cls), source)
+    data, train = merged.get("data"), merged.get("train")
+    if isinstance(data, dict) and "split_seed" not in data:
+        # A file older than data.split_seed cut its split with the training's seed: it keeps its split.
+        data["split_seed"] = train.get("seed", 1) if isinstance(train, dict) else 1
     changes: dict[str, dict[str, dict[str, Any]]] = {}
     for key, value in (overrides or {}).items():
         section, name, *key_in_choice = resolve_key(key).split(".")

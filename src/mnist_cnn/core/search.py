@@ -57,6 +57,7 @@ NOT_SEARCHABLE = {
     "train.resume": "trials never resume from a checkpoint",
     "train.val_split": "every trial is scored on the same validation split, made once per worker",
     "train.seed": "a seed that happens to score well is luck, not a better configuration",
+    "data.split_seed": "trials scored on other validation images would not compare",
 }
 
 

@@ -55,7 +55,7 @@ def evaluate(
     net = load_weights(params.model, Path(model_dir) / files.WEIGHTS.name, device)
     model = prepare_model(net, device)
     train_data, val_data = load_train_val(
-        data_dir, params.data.dataset, params.train.val_split, params.train.seed, device
+        data_dir, params.data.dataset, params.train.val_split, params.data.split_seed, device
     )
     test = load_split(data_dir, train=False)
     splits = {
@@ -135,11 +135,16 @@ def _read_train_info(paths: Paths, params: Params) -> str:
         raise DataError(f"{info_path}: not found (run the train stage first)") from None
     except (json.JSONDecodeError, KeyError, TypeError, UnicodeDecodeError):
         raise DataError(f"{info_path}: expected JSON with a run_id (rerun the train stage)") from None
-    for key in ("val_split", "seed"):
-        trained, now = info.get(key), getattr(params.train, key)
-        if trained is not None and trained != now:
+    # Before data.split_seed, train.json said "seed": then the training's seed cut the split.
+    trained_split = {
+        "train.val_split": info.get("val_split"),
+        "data.split_seed": info.get("split_seed", info.get("seed")),
+    }
+    now_split = {"train.val_split": params.train.val_split, "data.split_seed": params.data.split_seed}
+    for key, trained in trained_split.items():
+        if trained is not None and trained != now_split[key]:
             raise DataError(
-                f"train.{key} = {now!r}, but the weights were trained with {trained!r} ({info_path}): the "
+                f"{key} = {now_split[key]!r}, but the weights were trained with {trained!r} ({info_path}): the "
                 "validation set would overlap the training data; rerun the train stage or restore the value"
             )
     return run_id

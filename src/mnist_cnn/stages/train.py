@@ -21,7 +21,7 @@ from mnist_cnn.core.data import (
 from mnist_cnn.core.distributed import device_for, process_group
 from mnist_cnn.core.files import Paths
 from mnist_cnn.core.loop import EpochStats, Reporter, TrainResult, fit
-from mnist_cnn.core.params import Params, TrainConfig
+from mnist_cnn.core.params import Params
 from mnist_cnn.core.runtime import select_device, select_precision
 from mnist_cnn.core.world import SINGLE, World, from_env
 from mnist_cnn.tracking import records, runs, store
@@ -71,7 +71,7 @@ def run_train(
             result = train(params, paths.data, paths.models, paths.reports, epochs, show_progress, checkpointing, world)
             epochs.wait()  # the last epoch's metrics are in the run before the run is called done
             records.training_finished(result, world.size)
-            write_train_info(result, paths.models, run_id, params.train)
+            write_train_info(result, paths.models, run_id, params)
             # Last: a kill before this line leaves the checkpoint, and the rerun records what is missing.
             checkpoint_path.unlink(missing_ok=True)
     except runs.ServerLost as lost:
@@ -112,7 +112,7 @@ def train(
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
     train_data, val_data = load_train_val(
-        data_dir, params.data.dataset, params.train.val_split, params.train.seed, device
+        data_dir, params.data.dataset, params.train.val_split, params.data.split_seed, device
     )
     log.info(
         "training on %s (%s): %d train / %d validation samples%s",
@@ -134,9 +134,14 @@ def train(
     return result
 
 
-def write_train_info(result: TrainResult, model_dir: Path, run_id: str | None, cfg: TrainConfig) -> None:
+def write_train_info(result: TrainResult, model_dir: Path, run_id: str | None, params: Params) -> None:
     """``train.json``: the result, the MLflow run, and the split the weights were trained on (evaluate
     refuses another split: its "validation" set would overlap the training data)."""
     info = {k: v for k, v in asdict(result).items() if k != "history"}
-    info.update(run_id=run_id, val_split=cfg.val_split, seed=cfg.seed, monitor=cfg.monitor)
+    info.update(
+        run_id=run_id,
+        val_split=params.train.val_split,
+        split_seed=params.data.split_seed,
+        monitor=params.train.monitor,
+    )
     files.write_text_atomic(Path(model_dir) / files.TRAIN_INFO.name, json.dumps(info, indent=2) + "\n")

@@ -322,7 +322,7 @@ def _load_data(params: Params, data_dir: Path) -> tuple[Tensors, Tensors, torch.
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
     train_data, val_data = load_train_val(
-        data_dir, params.data.dataset, params.train.val_split, params.train.seed, device
+        data_dir, params.data.dataset, params.train.val_split, params.data.split_seed, device
     )
     return train_data, val_data, device, precision
 

@@ -45,7 +45,7 @@ def run_name(stage: str, params: Params, paths: Paths) -> str:
 def log_datasets(params: Params, paths: Paths, md5s: Mapping[str, str], contexts: tuple[str, ...]) -> None:
     # The source is where the files came from when a mirror is named, else the directory read.
     source = os.environ.get(DATASET_SOURCE_ENV) or str(paths.data.resolve())
-    digests = split_digests(md5s, params.train.val_split, params.train.seed)
+    digests = split_digests(md5s, params.train.val_split, params.data.split_seed)
     runs.log_datasets(params.data.dataset, source, {context: digests[context] for context in contexts})
 
 
