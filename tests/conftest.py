@@ -573,6 +573,31 @@ def only_run(experiment="mnist-cnn"):
 EPOCH_LINE = "epoch {epoch:>3}/"
 
 
+def assert_one_chain_of_champions(tags: dict[str, dict[str, str]], champion: str, alpha: float = 0.05) -> None:
+    """Versions evaluated at once decided one after the other (the registry lock): the promoted ones form
+    one chain, each over the champion before it, ending at ``champion``; and every decision follows the
+    rule from the validation answers the versions recorded. ``tags``: {version: its tags}."""
+    from mnist_cnn.core.selection import Scored, decide, decode
+
+    promoted = {v: t["promotion.champion_before"] for v, t in tags.items() if t["promotion.decision"] == "promoted"}
+    assert list(promoted.values()).count("") == 1, tags  # one first champion
+    assert len(set(promoted.values())) == len(promoted), tags  # no two promotions over one champion
+    chain = [next(v for v, before in promoted.items() if before == "")]
+    while following := [v for v, before in promoted.items() if before == chain[-1]]:
+        chain += following
+    assert sorted(chain) == sorted(promoted) and chain[-1] == champion, (chain, champion)
+
+    def scored(version: str) -> Scored:
+        return Scored(version, tags[version]["selection.split"], decode(tags[version]["selection.correct"]))
+
+    for version, tag in tags.items():
+        before = tag["promotion.champion_before"]
+        if before:
+            assert before in promoted, tags  # compared with a version that held the alias
+            decision = decide(scored(version), scored(before), alpha)
+            assert decision.promote == (tag["promotion.decision"] == "promoted"), (version, tag)
+
+
 def error_line(stderr: str) -> str:
     """The one ``error:`` line of a stage's stderr (MLflow's own INFO lines may come before it)."""
     assert "Traceback" not in stderr, stderr

@@ -23,7 +23,7 @@ from mnist_cnn.core.errors import masked, one_line
 from mnist_cnn.core.params import ConfigError, Params, load_params, load_section
 from mnist_cnn.ops import lock, signals
 
-STAGES = ("download", "train", "evaluate", "all", "tune", "runs", "server", "predict", "ui")
+STAGES = ("download", "train", "evaluate", "all", "tune", "runs", "server", "predict", "ui", "promote")
 
 
 def parse_overrides(tokens: list[str]) -> dict[str, str]:
@@ -312,6 +312,38 @@ def _printable(text: str) -> str:
     return "".join(c if c.isprintable() else c.encode("unicode_escape", "backslashreplace").decode() for c in text)
 
 
+def promote_main(argv: list[str]) -> int:
+    """``mnist-cnn promote VERSION --force [--reason TEXT]``: move the champion alias by hand."""
+    parser = argparse.ArgumentParser(
+        prog="mnist-cnn promote",
+        description="Move the registered model's champion alias to VERSION by hand. The evaluate stage moves it "
+        "only when a new version beats the champion on the validation images (McNemar's exact test, "
+        "mlflow.promote_alpha); this overrides that rule and records who did it and why in the version's tags.",
+    )
+    parser.add_argument("version", help="The model version that becomes @champion.")
+    parser.add_argument("--force", action="store_true", required=True, help="Required: this overrides the rule.")
+    parser.add_argument("--reason", default="", help="Why, for the version's promotion.reason tag.")
+    parser.add_argument("--params", type=Path, default=files.PARAMS, help="The params file (default: params.yaml).")
+    args = parser.parse_args(argv)
+    return shown_errors(lambda: _force_champion(args.version, args.reason, args.params))
+
+
+def _force_champion(version: str, reason: str, params_file: Path) -> None:
+    from mlflow.exceptions import MlflowException
+
+    from mnist_cnn.tracking import registry, store
+
+    model = load_section(params_file, "mlflow").registered_model
+    if not version.isdigit():
+        raise ConfigError(f"version {version!r}: expected a version number of {model!r}, e.g. 3")
+    store.configure(store.project_root())
+    try:
+        before = registry.force_champion(model, version, store.current_user(), reason)
+    except MlflowException:
+        raise store.TrackingError(f"{model!r} has no version {version} in {masked(store.tracking_uri())}") from None
+    print(f"{model} v{version} is now @champion" + (f" (was v{before})" if before else ""))
+
+
 def ui_main(argv: list[str]) -> int:
     """``mnist-cnn ui``: MLflow's UI on the project's store, from wherever it is started."""
     parser = argparse.ArgumentParser(
@@ -358,6 +390,8 @@ def main(argv: list[str] | None = None) -> int:
         return predict_main(argv[1:])
     if argv[:1] == ["ui"]:
         return ui_main(argv[1:])
+    if argv[:1] == ["promote"]:
+        return promote_main(argv[1:])
     if argv[:1] == ["tune"] and {"-h", "--help"} & set(argv[1:]):
         tune_parser().print_help()
         return 0

@@ -95,5 +95,3 @@ def test_sigterm_to_the_launcher_stops_every_worker_and_a_rerun_resumes_to_the_s
     weights = torch.load(project.models / WEIGHTS.name, weights_only=True)
     # Each rank's own dropout and augmentation streams came back: the same bits as never stopped.
     assert weights.keys() == expected.keys() and all(torch.equal(weights[k], expected[k]) for k in weights)
-
-

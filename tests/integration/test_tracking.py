@@ -7,8 +7,10 @@ import numpy as np
 import pytest
 from mlflow.tracking import MlflowClient
 
-from conftest import only_run
+from conftest import only_run, write_tiny_params
+from mnist_cnn.cli import main
 from mnist_cnn.core.data import load_split
+from mnist_cnn.core.selection import Scored
 from mnist_cnn.stages import train
 from mnist_cnn.tracking import registry, store
 
@@ -86,21 +88,66 @@ def test_registered_champion_predicts_digits_from_raw_pixels(trained_project):
     assert signature.outputs.input_names() == list(answer.columns)
 
 
-def test_champion_moves_only_to_a_better_version(mlflow_store):
+def answers(right: int, total: int = 300, flip: tuple[int, int] = (0, 0)) -> np.ndarray:
+    """``right`` of ``total`` validation images right (the first ones); then ``flip`` = (newly right,
+    newly wrong): the next images turned right and the first ones turned wrong."""
+    correct = np.arange(total) < right
+    gained, lost = flip
+    correct[right : right + gained] = True
+    correct[:lost] = False
+    return correct
+
+
+def test_the_champion_moves_only_on_a_significant_win_on_the_same_validation_images(mlflow_store, tmp_path, capsys):
     store.configure()
     client = MlflowClient()
     client.create_registered_model("m")
     with mlflow.start_run() as run:
         mlflow.log_text("x", "model/MLmodel")
-    for _ in range(3):
+    for _ in range(5):
         client.create_model_version("m", f"runs:/{run.info.run_id}/model", run.info.run_id)
-    assert registry.promote_if_better("m", "1", 90.0) is True
-    assert registry.promote_if_better("m", "2", 85.0) is False
-    assert str(client.get_model_version_by_alias("m", "champion").version) == "1"
-    assert registry.promote_if_better("m", "3", 90.0) is False  # a tie is not a win
-    assert registry.promote_if_better("m", "3", 95.5) is True
-    assert str(client.get_model_version_by_alias("m", "champion").version) == "3"
-    assert client.get_model_version("m", "2").tags["test_acc"] == "85.0000"
+
+    def challenge(version: str, correct: np.ndarray, split: str = "split-a", test_acc: float = 99.0):
+        return registry.promote_on_validation("m", Scored(version, split, correct), test_acc, alpha=0.05)
+
+    first = challenge("1", answers(270))
+    assert first.promote and first.reason == "no champion yet"
+    # One more image right (and a higher test accuracy): a lead of one digit is not evidence.
+    lead = challenge("2", answers(270, flip=(1, 0)), test_acc=99.9)
+    assert not lead.promote and (lead.only_challenger, lead.only_champion, lead.p_value) == (1, 0, 0.5)
+    assert lead.reason == (
+        "validation 90.33% vs champion v1 90.00% on the same 300 images; right where v1 was wrong: 1, wrong where"
+        " it was right: 0; McNemar p = 0.5 >= 0.05: alias unchanged"
+    )
+    other_split = challenge("3", answers(299), split="split-b")
+    assert not other_split.promote and "scored on other validation images" in other_split.reason
+    win = challenge("4", answers(270, flip=(20, 2)))
+    assert win.promote and (win.only_challenger, win.only_champion) == (20, 2) and win.p_value < 1e-4
+    assert str(client.get_model_version_by_alias("m", "champion").version) == "4"
+
+    tags = client.get_model_version("m", "4").tags
+    assert tags["promotion.decision"] == "promoted" and tags["promotion.champion_before"] == "1"
+    assert float(tags["promotion.p_value"]) == pytest.approx(win.p_value, rel=1e-5)
+    assert tags["selection.val_acc"] == "96.0000" and tags["test_acc"] == "99.0000"
+    assert np.array_equal(registry.scored_version(client, "m", "4").correct, answers(270, flip=(20, 2)))
+    assert client.get_model_version("m", "2").tags["promotion.decision"] == "kept"
+
+    # By hand, with who and why; the rule's record stays on the other versions.
+    params_file = write_tiny_params(tmp_path / "params.yaml", **{"mlflow.registered_model": "m"})
+    assert main(["promote", "2", "--force", "--reason", "a hand pick", "--params", str(params_file)]) == 0
+    assert capsys.readouterr().out == "m v2 is now @champion (was v4)\n"
+    tags = client.get_model_version("m", "2").tags
+    assert tags["promotion.decision"] == "promoted" and tags["promotion.champion_before"] == "4"
+    assert tags["promotion.reason"].startswith("forced by ") and tags["promotion.reason"].endswith(": a hand pick")
+    assert main(["promote", "9", "--force", "--params", str(params_file)]) == 1
+    assert capsys.readouterr().err.startswith("error: 'm' has no version 9 in ")
+
+    # A champion registered before versions kept their validation answers is never compared with.
+    client.delete_model_version_tag("m", "2", "selection.correct")
+    legacy = challenge("5", answers(300))
+    assert not legacy.promote and legacy.reason == (
+        "champion v2 has no validation record (registered before selection on validation): not compared"
+    )
 
 
 def test_crash_ends_the_run_failed(project, tiny_params, monkeypatch):

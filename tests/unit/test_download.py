@@ -239,5 +239,3 @@ def test_downloaded_files_get_the_umasks_mode(tiny_mirror, tmp_path):
         os.umask(old)
     for name in FILES.values():
         assert stat.S_IMODE((tmp_path / "raw" / name).stat().st_mode) == 0o664, name
-
-

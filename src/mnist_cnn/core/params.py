@@ -200,12 +200,17 @@ class MlflowConfig:
     experiment: str
     registered_model: str
     preset: str  # the tag `preset` on training runs (e.g. augmented); "" for none
+    promote_alpha: float  # a new version takes the champion alias only if McNemar's p-value is below it
 
     def __post_init__(self) -> None:
         for name in ("experiment", "registered_model"):
             value = getattr(self, name)
             _require(bool(value.strip()), f"mlflow.{name}", value, "a non-empty name")
+        _require(0 < self.promote_alpha <= 1, "mlflow.promote_alpha", self.promote_alpha, "a number in (0, 1]")
         _require(len(self.preset) <= 250, "mlflow.preset", self.preset, "a name of at most 250 characters")
+
+
+PROMOTE_ALPHA = 0.05  # params.yaml's, for files written before the key existed
 
 
 @dataclass(frozen=True)
@@ -265,6 +270,8 @@ def _merge(raw: Any, overrides: Mapping[str, Any] | None, source: str = "params"
     if isinstance(data, dict) and "split_seed" not in data:
         # A file older than data.split_seed cut its split with the training's seed: it keeps its split.
         data["split_seed"] = train.get("seed", 1) if isinstance(train, dict) else 1
+    if isinstance(merged.get("mlflow"), dict):  # older files promoted on any lead: now a tested one
+        merged["mlflow"].setdefault("promote_alpha", PROMOTE_ALPHA)
     changes: dict[str, dict[str, dict[str, Any]]] = {}
     for key, value in (overrides or {}).items():
         section, name, *key_in_choice = resolve_key(key).split(".")

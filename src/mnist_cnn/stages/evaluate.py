@@ -39,6 +39,7 @@ class EvaluateResult:
     actual: np.ndarray
     predicted: np.ndarray
     confidence: np.ndarray  # the probability each test prediction was given
+    val_correct: np.ndarray  # which validation images it got right: the champion is chosen on them
     data_md5s: dict[str, str] = field(default_factory=dict)  # {data file: MD5}, as verified
 
 
@@ -64,12 +65,13 @@ def evaluate(
         "test": (normalise(test.images, params.data.dataset).to(device), test.labels.to(device)),
     }
     background = train_data.x.amin().item()  # the normalised value of a blank pixel
-    metrics, test_log_probs = {}, None
+    metrics, answers = {}, {}
     for name, (x, y) in splits.items():
-        log_probs = score(model, x, params.evaluate, precision, background)
-        loss, accuracy = loss_and_accuracy(log_probs, y)
+        answers[name] = score(model, x, params.evaluate, precision, background)
+        loss, accuracy = loss_and_accuracy(answers[name], y)
         metrics[name] = {"loss": round(loss, 6), "accuracy": round(accuracy, 4)}
-        test_log_probs = log_probs
+    test_log_probs = answers["test"]
+    val_correct = (answers["val"].argmax(dim=1) == val_data.y).cpu().numpy()
     # Imported here: scikit-learn costs seconds to import, and the train stage loads this module too.
     from sklearn.metrics import classification_report, confusion_matrix
 
@@ -85,6 +87,7 @@ def evaluate(
         actual=actual,
         predicted=predicted,
         confidence=confidence,
+        val_correct=val_correct,
         data_md5s=md5s,
     )
     write_reports(result, Path(reports_dir), test.images.numpy())
@@ -160,7 +163,9 @@ def run_evaluate(params: Params, paths: Paths) -> tuple[str, EvaluateResult]:
     with _evaluation_run(run_id, params, paths, root) as active:
         records.evaluation_started(params)
         _, result = evaluate(params, paths.data, paths.models, paths.reports)
-        records.evaluation(params, paths, result.metrics, result.confusion, result.report, result.data_md5s)
+        records.evaluation(
+            params, paths, result.metrics, result.confusion, result.report, result.data_md5s, result.val_correct
+        )
         run_id = active.info.run_id
     return run_id, result
 

@@ -19,6 +19,7 @@ from mnist_cnn.core.data import load_split, md5sum, split_digests
 from mnist_cnn.core.files import Paths
 from mnist_cnn.core.loop import TrainResult
 from mnist_cnn.core.params import ConfigError, Params, flatten, load_params
+from mnist_cnn.core.selection import Scored
 from mnist_cnn.tracking import pyfunc, registry, runmeta, runs, store
 
 log = logging.getLogger(__name__)
@@ -125,6 +126,7 @@ def evaluation(
     confusion: np.ndarray,
     report: str,
     md5s: Mapping[str, str],
+    val_correct: np.ndarray,
 ) -> str:
     """The final metrics, the test dataset, figures and reports; then the model, registered once per
     weights. Returns the registered version."""
@@ -152,12 +154,15 @@ def evaluation(
     dvc_lock = paths.root / "dvc.lock"
     if dvc_lock.is_file():
         mlflow.log_artifact(str(dvc_lock))
-    return register_weights(params, paths, final["test_acc"])
+    return register_weights(params, paths, final["test_acc"], val_correct, md5s)
 
 
-def register_weights(params: Params, paths: Paths, test_acc: float) -> str:
+def register_weights(
+    params: Params, paths: Paths, test_acc: float, val_correct: np.ndarray, md5s: Mapping[str, str]
+) -> str:
     """Log the pyfunc serving ``models/model.pt`` and register it, once per trained weights: evaluating the
-    same weights again returns the version they already have."""
+    same weights again returns the version they already have. A new version is compared with the champion
+    on the validation images (``val_correct``: which it got right), never on the test set."""
     weights = paths.models / files.WEIGHTS.name
     weights_md5 = md5sum(weights)
     existing = registry.version_with_tag(params.mlflow.registered_model, WEIGHTS_TAG, weights_md5)
@@ -168,7 +173,9 @@ def register_weights(params: Params, paths: Paths, test_acc: float) -> str:
     info = pyfunc.log_model(weights, params.model, params.data.dataset, example, params.mlflow.registered_model)
     version = str(info.registered_model_version)
     MlflowClient().set_model_version_tag(params.mlflow.registered_model, version, WEIGHTS_TAG, weights_md5)
-    registry.promote_if_better(params.mlflow.registered_model, version, test_acc)
+    split = split_digests(md5s, params.train.val_split, params.data.split_seed)["validation"]
+    challenger = Scored(version, split, val_correct)
+    registry.promote_on_validation(params.mlflow.registered_model, challenger, test_acc, params.mlflow.promote_alpha)
     return version
 
 

@@ -7,6 +7,7 @@ import logging
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
+from mnist_cnn.core.selection import Decision, Scored, decide, decode, encode
 from mnist_cnn.tracking.store import store_lock
 
 log = logging.getLogger(__name__)
@@ -24,41 +25,79 @@ def version_with_tag(model_name: str, key: str, value: str) -> str | None:
     return str(versions[0].version) if versions else None
 
 
-def champion_accuracy(client: MlflowClient, model_name: str) -> tuple[str | None, float | None]:
-    """(version, test accuracy) of the current champion, or (None, None) if there is none."""
+# A version's record of its validation answers, and of the decision about the alias.
+SPLIT_TAG, CORRECT_TAG, VAL_ACC_TAG = "selection.split", "selection.correct", "selection.val_acc"
+DECISION_TAG, REASON_TAG, BEFORE_TAG, P_VALUE_TAG = (
+    "promotion.decision",
+    "promotion.reason",
+    "promotion.champion_before",
+    "promotion.p_value",
+)
+
+
+def champion_version(client: MlflowClient, model_name: str) -> str | None:
     try:
-        version = client.get_model_version_by_alias(model_name, CHAMPION)
+        return str(client.get_model_version_by_alias(model_name, CHAMPION).version)
     except MlflowException:
-        return None, None
-    accuracy = version.tags.get("test_acc")
-    if accuracy is None:
-        accuracy = client.get_run(version.run_id).data.metrics.get("test_acc")
-    return version.version, None if accuracy is None else float(accuracy)
+        return None
 
 
-def promote_if_better(model_name: str, version: str, test_acc: float) -> bool:
-    """Tag ``version`` with its test accuracy; move ``champion`` to it if it beats the current champion.
+def scored_version(client: MlflowClient, model_name: str, version: str) -> Scored | None:
+    """What ``version`` recorded of its validation answers; None for a version registered before that."""
+    tags = client.get_model_version(model_name, version).tags
+    if SPLIT_TAG not in tags or CORRECT_TAG not in tags:
+        return None
+    return Scored(version, tags[SPLIT_TAG], decode(tags[CORRECT_TAG]))
 
-    Read-compare-write under the store's lock, so parallel evaluations cannot both win.
-    """
+
+def promote_on_validation(model_name: str, challenger: Scored, test_acc: float, alpha: float) -> Decision:
+    """Record ``challenger``'s validation answers (and, for the reader, its test accuracy: never the rule);
+    move ``champion`` to it if it beats the champion on the same validation images (``selection.decide``).
+
+    Read-compare-write under the store's lock, so parallel evaluations cannot both win, and each decision
+    names the champion it was compared with (``promotion.champion_before``)."""
     client = MlflowClient()
-    client.set_model_version_tag(model_name, version, "test_acc", f"{test_acc:.4f}")
+    version = challenger.version
+    record = {
+        "test_acc": f"{test_acc:.4f}",
+        SPLIT_TAG: challenger.split,
+        CORRECT_TAG: encode(challenger.correct),
+        VAL_ACC_TAG: f"{challenger.accuracy:.4f}",
+    }
+    for key, value in record.items():
+        client.set_model_version_tag(model_name, version, key, value)
     with store_lock():
-        return _promote(client, model_name, version, test_acc)
+        current = champion_version(client, model_name)
+        champion = scored_version(client, model_name, current) if current is not None else None
+        decision = decide(challenger, champion, alpha, current)
+        if decision.promote:
+            client.set_registered_model_alias(model_name, CHAMPION, version)
+        _record_decision(client, model_name, version, decision)
+    outcome = f"now @{CHAMPION}" if decision.promote else "alias unchanged"
+    log.info("%s v%s: %s (%s)", model_name, version, outcome, decision.reason)
+    return decision
 
 
-def _promote(client: MlflowClient, model_name: str, version: str, test_acc: float) -> bool:
-    current, current_acc = champion_accuracy(client, model_name)
-    if current is not None and current_acc is not None and test_acc <= current_acc:
-        log.info(
-            "%s v%s: test acc %.2f%% does not beat champion v%s (%.2f%%); alias unchanged",
-            model_name,
-            version,
-            test_acc,
-            current,
-            current_acc,
-        )
-        return False
-    client.set_registered_model_alias(model_name, CHAMPION, version)
-    log.info("%s v%s is now @%s (test acc %.2f%%)", model_name, version, CHAMPION, test_acc)
-    return True
+def _record_decision(client: MlflowClient, model_name: str, version: str, decision: Decision) -> None:
+    tags = {
+        DECISION_TAG: "promoted" if decision.promote else "kept",
+        REASON_TAG: decision.reason,
+        BEFORE_TAG: decision.champion or "",
+        **({P_VALUE_TAG: f"{decision.p_value:.6g}"} if decision.p_value is not None else {}),
+    }
+    for key, value in tags.items():
+        client.set_model_version_tag(model_name, version, key, value)
+
+
+def force_champion(model_name: str, version: str, user: str, why: str) -> str | None:
+    """Move ``champion`` to ``version`` by hand, whatever the rule says; record who and why. Returns the
+    version that held it before."""
+    client = MlflowClient()
+    client.get_model_version(model_name, version)  # MlflowException if there is no such version
+    with store_lock():
+        before = champion_version(client, model_name)
+        client.set_registered_model_alias(model_name, CHAMPION, version)
+        reason = f"forced by {user}: {why}" if why else f"forced by {user}"
+        _record_decision(client, model_name, version, Decision(True, reason, before))
+    log.info("%s v%s: now @%s (%s)", model_name, version, CHAMPION, reason)
+    return before

@@ -267,7 +267,7 @@ def unreachable_reason(exc: BaseException | str, timeout: float) -> str:
 CREATED_BY_TAG = "mnist_cnn.created_by"  # on a team server the creator manages the experiment
 
 
-def _user() -> str:
+def current_user() -> str:
     """Who this client is: its tracking server login, else the local user."""
     import getpass
 
@@ -284,7 +284,7 @@ def experiment_id(name: str, root: Path | None = None) -> str:
     if mlflow.get_tracking_uri().startswith("sqlite:"):
         artifacts = ((root or project_root()) / ARTIFACTS_DIR).as_uri()
     try:
-        return mlflow.create_experiment(name, artifact_location=artifacts, tags={CREATED_BY_TAG: _user()})
+        return mlflow.create_experiment(name, artifact_location=artifacts, tags={CREATED_BY_TAG: current_user()})
     except MlflowException:  # created meanwhile by a parallel run
         return mlflow.get_experiment_by_name(name).experiment_id
 
@@ -298,7 +298,7 @@ def permission_refused(experiment: str) -> TrackingError:
     """A team server's 403 for a run in ``experiment``: who may not, who created it, who can grant it."""
     found = mlflow.get_experiment_by_name(experiment)
     creator = found.tags.get(CREATED_BY_TAG) if found is not None else None
-    user = _user()
+    user = current_user()
     return TrackingError(
         f"tracking server {masked(mlflow.get_tracking_uri())}: {user} may not log runs in experiment {experiment!r}"
         + (f" (created by {creator})" if creator else "")
