@@ -273,7 +273,7 @@ def server_main(argv: list[str]) -> int:
 
 def predict_main(argv: list[str]) -> int:
     """``mnist-cnn predict PATH... [--model-uri URI] [--json]``: the digit in each image file."""
-    from mnist_cnn.stages.predict import DEFAULT_MODEL_URI, predict_and_record
+    from mnist_cnn.stages.predict import DEFAULT_MODEL_URI, predict_and_record, print_predictions
 
     parser = argparse.ArgumentParser(prog="mnist-cnn predict", description=predict_main.__doc__.split(": ", 1)[1])
     parser.add_argument(
@@ -284,32 +284,6 @@ def predict_main(argv: list[str]) -> int:
     args = parser.parse_args(argv)
     model_uri = args.model_uri or DEFAULT_MODEL_URI
     return shown_errors(lambda: print_predictions(predict_and_record(args.paths, model_uri), args.json))
-
-
-def print_predictions(results: list, as_json: bool) -> int:
-    """A table (or one JSON list) of the digits; each file that failed as one ``error:`` line. Exit 1 if any failed."""
-    import json
-
-    good = [r for r in results if r.error is None]
-    for result in results:
-        if result.error is not None:
-            print(f"error: {_printable(result.error)}", file=sys.stderr)
-    if as_json:
-        # One entry per file, in order; a file that failed has its error and no digit.
-        print("[" + ",\n ".join(json.dumps(r.row()) for r in results) + "]")
-    elif good:
-        names = [_printable(str(r.path)) for r in good]
-        width = max(map(len, names))
-        print(f"{'file':<{width}}  digit  probability")
-        for name, r in zip(names, good, strict=True):
-            print(f"{name:<{width}}  {r.digit:>5}  {r.probability:>11.4f}")
-    return 1 if len(good) < len(results) else 0
-
-
-def _printable(text: str) -> str:
-    """``text`` with control characters (a newline or an escape sequence in a file name) and undecodable
-    bytes written as escapes, so that a name can neither break the table nor drive the terminal."""
-    return "".join(c if c.isprintable() else c.encode("unicode_escape", "backslashreplace").decode() for c in text)
 
 
 def promote_main(argv: list[str]) -> int:
@@ -329,18 +303,11 @@ def promote_main(argv: list[str]) -> int:
 
 
 def _force_champion(version: str, reason: str, params_file: Path) -> None:
-    from mlflow.exceptions import MlflowException
-
     from mnist_cnn.tracking import registry, store
 
     model = load_section(params_file, "mlflow").registered_model
-    if not version.isdigit():
-        raise ConfigError(f"version {version!r}: expected a version number of {model!r}, e.g. 3")
     store.configure(store.project_root())
-    try:
-        before = registry.force_champion(model, version, store.current_user(), reason)
-    except MlflowException:
-        raise store.TrackingError(f"{model!r} has no version {version} in {masked(store.tracking_uri())}") from None
+    before = registry.force_champion(model, version, store.current_user(), reason)
     print(f"{model} v{version} is now @champion" + (f" (was v{before})" if before else ""))
 
 

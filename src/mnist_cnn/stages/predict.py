@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -86,3 +87,29 @@ def predict(paths: list[Path], model_uri: str = DEFAULT_MODEL_URI) -> list[Predi
         probabilities = tuple(float(getattr(row, f"p{k}")) for k in range(10))
         results.append(Prediction(path, int(row.digit), float(row.probability), probabilities))
     return results
+
+
+def print_predictions(results: list, as_json: bool) -> int:
+    """A table (or one JSON list) of the digits; each file that failed as one ``error:`` line. Exit 1 if any failed."""
+    import json
+
+    good = [r for r in results if r.error is None]
+    for result in results:
+        if result.error is not None:
+            print(f"error: {_printable(result.error)}", file=sys.stderr)
+    if as_json:
+        # One entry per file, in order; a file that failed has its error and no digit.
+        print("[" + ",\n ".join(json.dumps(r.row()) for r in results) + "]")
+    elif good:
+        names = [_printable(str(r.path)) for r in good]
+        width = max(map(len, names))
+        print(f"{'file':<{width}}  digit  probability")
+        for name, r in zip(names, good, strict=True):
+            print(f"{name:<{width}}  {r.digit:>5}  {r.probability:>11.4f}")
+    return 1 if len(good) < len(results) else 0
+
+
+def _printable(text: str) -> str:
+    """``text`` with control characters (a newline or an escape sequence in a file name) and undecodable
+    bytes written as escapes, so that a name can neither break the table nor drive the terminal."""
+    return "".join(c if c.isprintable() else c.encode("unicode_escape", "backslashreplace").decode() for c in text)

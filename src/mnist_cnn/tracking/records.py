@@ -165,17 +165,22 @@ def register_weights(
     on the validation images (``val_correct``: which it got right), never on the test set."""
     weights = paths.models / files.WEIGHTS.name
     weights_md5 = md5sum(weights)
-    existing = registry.version_with_tag(params.mlflow.registered_model, WEIGHTS_TAG, weights_md5)
+    model = params.mlflow.registered_model
+    split = split_digests(md5s, params.train.val_split, params.data.split_seed)["validation"]
+    existing = registry.version_with_tag(model, WEIGHTS_TAG, weights_md5)
     if existing is not None:
-        log.info("%s v%s already holds these weights; not registered again", params.mlflow.registered_model, existing)
+        log.info("%s v%s already holds these weights; not registered again", model, existing)
+        client = MlflowClient()
+        if registry.scored_version(client, model, existing) is None:  # registered before versions kept them
+            registry.record_answers(client, model, Scored(existing, split, val_correct), test_acc)
+            log.info("%s v%s: its validation answers recorded, so versions can be compared with it", model, existing)
         return existing
     example = load_split(paths.data, train=False).images[:5].numpy().astype(np.float32)
     info = pyfunc.log_model(weights, params.model, params.data.dataset, example, params.mlflow.registered_model)
     version = str(info.registered_model_version)
     MlflowClient().set_model_version_tag(params.mlflow.registered_model, version, WEIGHTS_TAG, weights_md5)
-    split = split_digests(md5s, params.train.val_split, params.data.split_seed)["validation"]
     challenger = Scored(version, split, val_correct)
-    registry.promote_on_validation(params.mlflow.registered_model, challenger, test_acc, params.mlflow.promote_alpha)
+    registry.promote_on_validation(model, challenger, test_acc, params.mlflow.promote_alpha)
     return version
 
 

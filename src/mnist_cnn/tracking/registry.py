@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import logging
 
+import mlflow
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
+from mnist_cnn.core.errors import masked
 from mnist_cnn.core.selection import Decision, Scored, decide, decode, encode
-from mnist_cnn.tracking.store import store_lock
+from mnist_cnn.tracking.store import TrackingError, store_lock
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +52,18 @@ def scored_version(client: MlflowClient, model_name: str, version: str) -> Score
     return Scored(version, tags[SPLIT_TAG], decode(tags[CORRECT_TAG]))
 
 
+def record_answers(client: MlflowClient, model_name: str, scored: Scored, test_acc: float) -> None:
+    """The version's validation answers (and, for the reader, its test accuracy: never the rule)."""
+    record = {
+        "test_acc": f"{test_acc:.4f}",
+        SPLIT_TAG: scored.split,
+        CORRECT_TAG: encode(scored.correct),
+        VAL_ACC_TAG: f"{scored.accuracy:.4f}",
+    }
+    for key, value in record.items():
+        client.set_model_version_tag(model_name, scored.version, key, value)
+
+
 def promote_on_validation(model_name: str, challenger: Scored, test_acc: float, alpha: float) -> Decision:
     """Record ``challenger``'s validation answers (and, for the reader, its test accuracy: never the rule);
     move ``champion`` to it if it beats the champion on the same validation images (``selection.decide``).
@@ -58,14 +72,7 @@ def promote_on_validation(model_name: str, challenger: Scored, test_acc: float, 
     names the champion it was compared with (``promotion.champion_before``)."""
     client = MlflowClient()
     version = challenger.version
-    record = {
-        "test_acc": f"{test_acc:.4f}",
-        SPLIT_TAG: challenger.split,
-        CORRECT_TAG: encode(challenger.correct),
-        VAL_ACC_TAG: f"{challenger.accuracy:.4f}",
-    }
-    for key, value in record.items():
-        client.set_model_version_tag(model_name, version, key, value)
+    record_answers(client, model_name, challenger, test_acc)
     with store_lock():
         current = champion_version(client, model_name)
         champion = scored_version(client, model_name, current) if current is not None else None
@@ -93,7 +100,10 @@ def force_champion(model_name: str, version: str, user: str, why: str) -> str | 
     """Move ``champion`` to ``version`` by hand, whatever the rule says; record who and why. Returns the
     version that held it before."""
     client = MlflowClient()
-    client.get_model_version(model_name, version)  # MlflowException if there is no such version
+    try:
+        client.get_model_version(model_name, version)
+    except MlflowException:
+        raise TrackingError(f"{model_name!r} has no version {version} in {masked(mlflow.get_tracking_uri())}") from None
     with store_lock():
         before = champion_version(client, model_name)
         client.set_registered_model_alias(model_name, CHAMPION, version)
