@@ -102,6 +102,11 @@ def test_ui_shows_the_run_its_params_curve_artifact_and_champion(served_run, tmp
         page.get_by_text("Version 1").first.wait_for()
         assert page.get_by_text("champion").count() >= 1
         page.screenshot(path=shots / "model.png")
+        # Version 1's page shows its model card, the Markdown rendered (headings, not "## ...").
+        page.goto(f"{ui.model_url(url, 'mnist-cnn')}/versions/1")
+        page.get_by_role("heading", name="Intended use and limits").wait_for()
+        assert page.get_by_text("## Intended use").count() == 0
+        page.screenshot(path=shots / "model_card.png")
     assert all((shots / f"{n}.png").stat().st_size > 10_000 for n in ("runs", "run", "val_loss", "artifacts", "model"))
 
     # scripts/ui_screenshot.py on the same server: the latest run's page, 1280x800, palette PNG.

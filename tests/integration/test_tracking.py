@@ -46,6 +46,14 @@ def test_train_then_evaluate_is_one_finished_run_with_everything(trained_project
     assert metrics["final_train_loss"] == evaluation.metrics["train"]["loss"]
     assert metrics["best_epoch"] == result.best_epoch and metrics["stopped_epoch"] == 2
     assert metrics["best_val_acc"] == pytest.approx(result.best_val_acc)
+    assert (metrics["data.train_images"], metrics["data.test_images"], metrics["data.test_duplicates"]) == (
+        1500,
+        297,
+        0,
+    )
+    checked = [d for d in run.inputs.dataset_inputs if any(t.key == "checks" for t in d.tags)]
+    assert len(checked) == 2  # training and validation carry the checks' results
+    assert {t.key: t.value for t in checked[0].tags}["test_duplicates"] == "0"
     info = json.loads((project.models / "train.json").read_text())
     assert (info["monitor"], info["best_val_acc"]) == ("val_loss", pytest.approx(result.best_val_acc))
 
@@ -67,6 +75,10 @@ def test_train_then_evaluate_is_one_finished_run_with_everything(trained_project
 
     version = client.get_model_version_by_alias("mnist-cnn", "champion")
     assert str(version.version) == "1" and version.run_id == run_id
+    card = mlflow.artifacts.load_text(f"runs:/{run_id}/model_card.md")
+    assert version.description == card and card.startswith("# mnist-cnn v1\n")
+    assert "promoted: no champion yet" in card.splitlines() and "## Intended use and limits" in card
+    assert f"Test accuracy **{evaluation.metrics['test']['accuracy']:.2f}%**" in card
 
 
 def test_registered_champion_predicts_digits_from_raw_pixels(trained_project):

@@ -21,7 +21,7 @@ from mnist_cnn.core.data import FILES, DataError, load_split, md5sum, read_idx
 from mnist_cnn.core.params import DataConfig
 from mnist_cnn.stages import download
 
-MNIST = DataConfig("mnist", split_seed=1)
+MNIST = DataConfig("mnist", split_seed=1, drop_test_duplicates=False)
 
 
 def test_download_from_local_mirror_verifies_every_file(tiny_mirror, tmp_path):

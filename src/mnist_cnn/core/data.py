@@ -114,15 +114,6 @@ def md5sum(path: Path, chunk: int = 1 << 20) -> str:
     return digest.hexdigest()
 
 
-def data_md5s(data_dir: Path) -> dict[str, str]:
-    """MD5 of each data file, for lineage."""
-    return {name: md5sum(Path(data_dir) / name) for name in FILES.values()}
-
-
-# MLflow's dataset contexts for the three splits the stages read.
-CONTEXTS = ("training", "validation", "test")
-
-
 def split_digests(md5s: Mapping[str, str], val_split: float, seed: int) -> dict[str, str]:
     """``{context: digest}`` for MLflow's dataset tracking, from the files' MD5s (no data hashed again).
 
@@ -196,12 +187,15 @@ class Tensors:
 
 
 def load_train_val(
-    data_dir: Path, dataset: str, val_split: float, seed: int, device: torch.device
+    data_dir: Path, dataset: str, val_split: float, seed: int, device: torch.device, exclude: np.ndarray | None = None
 ) -> tuple[Tensors, Tensors]:
-    """The 60k training images once, normalised, on ``device``, cut by the seeded 80/20 split."""
+    """The 60k training images once, normalised, on ``device``, cut by the seeded 80/20 split; the
+    indices ``exclude`` are left out of training after the cut, so the validation images stay the same."""
     split = load_split(data_dir, train=True)
     x = normalise(split.images, dataset).to(device)
     y = split.labels.to(device)
     train_idx, val_idx = split_indices(len(y), val_split, seed)
+    if exclude is not None and len(exclude):
+        train_idx = train_idx[~torch.isin(train_idx, torch.from_numpy(exclude))]
     train_idx, val_idx = train_idx.to(device), val_idx.to(device)
     return Tensors(x[train_idx], y[train_idx]), Tensors(x[val_idx], y[val_idx])

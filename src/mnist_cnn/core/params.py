@@ -65,6 +65,7 @@ ALIASES = {
 class DataConfig:
     dataset: str
     split_seed: int
+    drop_test_duplicates: bool
 
     def __post_init__(self) -> None:
         _require(self.dataset in DATASETS, "data.dataset", self.dataset, " | ".join(DATASETS))
@@ -270,6 +271,8 @@ def _merge(raw: Any, overrides: Mapping[str, Any] | None, source: str = "params"
     if isinstance(data, dict) and "split_seed" not in data:
         # A file older than data.split_seed cut its split with the training's seed: it keeps its split.
         data["split_seed"] = train.get("seed", 1) if isinstance(train, dict) else 1
+    if isinstance(data, dict):  # older files trained on every image of the training file
+        data.setdefault("drop_test_duplicates", False)
     if isinstance(merged.get("mlflow"), dict):  # older files promoted on any lead: now a tested one
         merged["mlflow"].setdefault("promote_alpha", PROMOTE_ALPHA)
     changes: dict[str, dict[str, dict[str, Any]]] = {}

@@ -21,6 +21,7 @@ from mnist_cnn.core.data import (
     normalise,
     verified_md5s,
 )
+from mnist_cnn.core.data_checks import training_exclusions
 from mnist_cnn.core.files import Paths
 from mnist_cnn.core.inference import loss_and_accuracy, predict_log_probs, prepare_model
 from mnist_cnn.core.model import NUM_CLASSES, Net, load_weights
@@ -56,7 +57,12 @@ def evaluate(
     net = load_weights(params.model, Path(model_dir) / files.WEIGHTS.name, device)
     model = prepare_model(net, device)
     train_data, val_data = load_train_val(
-        data_dir, params.data.dataset, params.train.val_split, params.data.split_seed, device
+        data_dir,
+        params.data.dataset,
+        params.train.val_split,
+        params.data.split_seed,
+        device,
+        training_exclusions(data_dir, params.data.drop_test_duplicates),
     )
     test = load_split(data_dir, train=False)
     splits = {

@@ -18,6 +18,7 @@ from mnist_cnn.core.data import (
     load_train_val,
     verified_md5s,
 )
+from mnist_cnn.core.data_checks import check_data, training_exclusions
 from mnist_cnn.core.distributed import device_for, process_group
 from mnist_cnn.core.files import Paths
 from mnist_cnn.core.loop import EpochStats, Reporter, TrainResult, fit
@@ -52,6 +53,16 @@ def run_train(
     if not world.is_main:  # rank 0 alone holds the lock and reads the checkpoint; fit hands it on
         checkpointing = Checkpointing(checkpoint_path, fingerprint)
         return None, train(params, paths.data, paths.models, paths.reports, None, False, checkpointing, world)
+    checks = check_data(paths.data)  # before any run or training: a failed check is one line
+    log.info(
+        "data checked: %d train / %d test images, classes %.1f-%.1f%%, %d test images also in the training file%s",
+        checks.train_images,
+        checks.test_images,
+        checks.smallest_class_share,
+        checks.largest_class_share,
+        checks.test_duplicates,
+        " (left out of training)" if params.data.drop_test_duplicates and checks.test_duplicates else "",
+    )
     state = load_checkpoint(checkpoint_path, fingerprint) if params.train.resume == "auto" else None
     resumed_run = state["run_id"] if state is not None and runs.run_exists(state["run_id"], root) else None
     name = records.run_name(stage, params, paths)
@@ -60,7 +71,7 @@ def run_train(
             params.mlflow.experiment, run_id=resumed_run, root=root, name=name, system_metrics=True
         ) as active:
             run_id = active.info.run_id
-            records.training_started(params, paths, root, md5s, resumed=resumed_run is not None)
+            records.training_started(params, paths, root, md5s, resumed_run is not None, checks)
             if state is not None:
                 records.training_resumed(state["history"], state["epoch"])
             checkpointing = Checkpointing(checkpoint_path, fingerprint, run_id, state)
@@ -112,7 +123,12 @@ def train(
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
     train_data, val_data = load_train_val(
-        data_dir, params.data.dataset, params.train.val_split, params.data.split_seed, device
+        data_dir,
+        params.data.dataset,
+        params.train.val_split,
+        params.data.split_seed,
+        device,
+        training_exclusions(data_dir, params.data.drop_test_duplicates),
     )
     log.info(
         "training on %s (%s): %d train / %d validation samples%s",

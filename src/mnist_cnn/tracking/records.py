@@ -7,6 +7,7 @@ import contextlib
 import logging
 import os
 from collections.abc import Iterator, Mapping
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -16,8 +17,10 @@ from mlflow.tracking import MlflowClient
 
 from mnist_cnn.core import figures, files
 from mnist_cnn.core.data import load_split, md5sum, split_digests
+from mnist_cnn.core.data_checks import DataReport
 from mnist_cnn.core.files import Paths
 from mnist_cnn.core.loop import TrainResult
+from mnist_cnn.core.model_card import CardFacts, model_card
 from mnist_cnn.core.params import ConfigError, Params, flatten, load_params
 from mnist_cnn.core.selection import Scored
 from mnist_cnn.tracking import pyfunc, registry, runmeta, runs, store
@@ -43,16 +46,29 @@ def run_name(stage: str, params: Params, paths: Paths) -> str:
     return runmeta.run_name(stage, runmeta.changed_params(params, base))
 
 
-def log_datasets(params: Params, paths: Paths, md5s: Mapping[str, str], contexts: tuple[str, ...]) -> None:
+def log_datasets(
+    params: Params,
+    paths: Paths,
+    md5s: Mapping[str, str],
+    contexts: tuple[str, ...],
+    checks: DataReport | None = None,
+) -> None:
     # The source is where the files came from when a mirror is named, else the directory read.
     source = os.environ.get(DATASET_SOURCE_ENV) or str(paths.data.resolve())
     digests = split_digests(md5s, params.train.val_split, params.data.split_seed)
-    runs.log_datasets(params.data.dataset, source, {context: digests[context] for context in contexts})
+    tags = None
+    if checks is not None:  # the data checks' results, with the datasets they were made on
+        tags = {"checks": "passed", **{key: str(value) for key, value in asdict(checks).items()}}
+        tags["test_duplicates_dropped"] = str(params.data.drop_test_duplicates).lower()
+    runs.log_datasets(params.data.dataset, source, {context: digests[context] for context in contexts}, tags)
 
 
-def training_started(params: Params, paths: Paths, root: Path, md5s: Mapping[str, str], resumed: bool) -> None:
-    """Tags (dataset, preset, git lineage, data MD5s), the train stage's params and the params file;
-    the training and validation datasets unless the run is resumed (it logged them when it started)."""
+def training_started(
+    params: Params, paths: Paths, root: Path, md5s: Mapping[str, str], resumed: bool, checks: DataReport
+) -> None:
+    """Tags (dataset, preset, git lineage, data MD5s), the train stage's params and the params file, the
+    data checks' numbers; the training and validation datasets (with the checks' results) unless the run
+    is resumed (it logged them when it started)."""
     mlflow.set_tags(
         {
             "dataset": params.data.dataset,
@@ -70,8 +86,9 @@ def training_started(params: Params, paths: Paths, root: Path, md5s: Mapping[str
     )
     if paths.params_file.is_file():
         mlflow.log_artifact(str(paths.params_file))
+    mlflow.log_metrics(checks.metrics())
     if not resumed:
-        log_datasets(params, paths, md5s, ("training", "validation"))
+        log_datasets(params, paths, md5s, ("training", "validation"), checks)
 
 
 def training_resumed(history: list[Mapping[str, Any]], epoch: int) -> None:
@@ -154,7 +171,40 @@ def evaluation(
     dvc_lock = paths.root / "dvc.lock"
     if dvc_lock.is_file():
         mlflow.log_artifact(str(dvc_lock))
-    return register_weights(params, paths, final["test_acc"], val_correct, md5s)
+    version = register_weights(params, paths, final["test_acc"], val_correct, md5s)
+    write_model_card(params, version, metrics, confusion, md5s)
+    return version
+
+
+def write_model_card(
+    params: Params,
+    version: str,
+    metrics: Mapping[str, Mapping[str, float]],
+    confusion: np.ndarray,
+    md5s: Mapping[str, str],
+) -> None:
+    """The version's model card: its description in the registry, and ``model_card.md`` in the run."""
+    client = MlflowClient()
+    model = params.mlflow.registered_model
+    tags = client.get_model_version(model, version).tags
+    run = client.get_run(mlflow.active_run().info.run_id)
+    decision = tags.get(registry.DECISION_TAG)
+    facts = CardFacts(
+        model_name=model,
+        version=version,
+        run_id=run.info.run_id,
+        dataset=params.data.dataset,
+        data_md5s=md5s,
+        params=section_params(params, TRAIN_SECTIONS),
+        metrics=metrics,
+        confusion=confusion,
+        decision=f"{decision}: {tags[registry.REASON_TAG]}" if decision else "not decided by the rule",
+        commit=run.data.tags.get("git_commit", "unknown"),
+        dirty=run.data.tags.get("git_dirty", "unknown"),
+    )
+    card = model_card(facts)
+    mlflow.log_text(card, "model_card.md")
+    client.update_model_version(model, version, description=card)
 
 
 def register_weights(

@@ -277,7 +277,7 @@ def describe_active_run() -> None:
 DATASET_SCHEMA_SPECS = (("images", "uint8", (-1, 28, 28)), ("labels", "uint8", (-1,)))
 
 
-def log_datasets(name: str, source: str, digests: Mapping[str, str]) -> None:
+def log_datasets(name: str, source: str, digests: Mapping[str, str], tags: Mapping[str, str] | None = None) -> None:
     """Record the data in MLflow's dataset tracking (the runs table's Datasets column): one entry per
     ``{context: digest}``, e.g. ``training``. Metadata only: the digests come from the files' MD5s,
     which the stage computed anyway, so nothing is hashed or copied again."""
@@ -293,7 +293,7 @@ def log_datasets(name: str, source: str, digests: Mapping[str, str]) -> None:
         warnings.filterwarnings("ignore", "The specified dataset source can be interpreted", UserWarning)
         found = resolve_dataset_source(source)
     datasets = [MetaDataset(found, name=name, digest=digest, schema=schema) for digest in digests.values()]
-    mlflow.log_inputs(datasets, contexts=list(digests), tags_list=[None] * len(datasets))
+    mlflow.log_inputs(datasets, contexts=list(digests), tags_list=[dict(tags) if tags else None] * len(datasets))
 
 
 def log_missing_epochs(history: list[Mapping[str, Any]]) -> None:

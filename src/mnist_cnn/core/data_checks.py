@@ -1,0 +1,99 @@
+"""Checks of the data before any training: shapes, labels, pixel range and class balance of each split,
+and test images that also appear, byte for byte, in the training file (a model that trained on them
+would be tested on what it has seen). A failed check is one line naming the file, the check and the
+numbers; the results go into the training run with its datasets."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from mnist_cnn.core.data import FILES, DataError, read_idx
+
+IMAGE_SHAPE = (28, 28)
+NUM_CLASSES = 10
+# Each class's share of a split: MNIST's lie between 8.9% and 11.4%, Fashion-MNIST's are 10% each.
+CLASS_SHARE = (0.05, 0.20)
+# The brightest pixel of a split: 255 in MNIST; a split written from 0-1 floats would top out at 1.
+MIN_BRIGHTEST = 128
+
+
+@dataclass(frozen=True)
+class DataReport:
+    train_images: int
+    test_images: int
+    smallest_class_share: float  # over both splits, in percent
+    largest_class_share: float
+    test_duplicates: int  # test images with an exact copy in the training file
+
+    def metrics(self) -> dict[str, float]:
+        return {f"data.{key}": float(value) for key, value in asdict(self).items()}
+
+
+def check_data(data_dir: Path) -> DataReport:
+    """Read the four files and check them; raise ``DataError`` at the first check that fails."""
+    shares = []
+    counts = {}
+    for prefix in ("train", "test"):
+        images_file, labels_file = (Path(data_dir) / FILES[f"{prefix}_{kind}"] for kind in ("images", "labels"))
+        images, labels = read_idx(images_file), read_idx(labels_file)
+        check_images(images, images_file)
+        shares.append(check_labels(labels, len(images), labels_file))
+        counts[prefix] = len(images)
+    duplicates = len(copies_between_splits(data_dir)[1])
+    return DataReport(
+        train_images=counts["train"],
+        test_images=counts["test"],
+        smallest_class_share=round(100 * float(min(s.min() for s in shares)), 2),
+        largest_class_share=round(100 * float(max(s.max() for s in shares)), 2),
+        test_duplicates=duplicates,
+    )
+
+
+def check_images(images: np.ndarray, path: Path) -> None:
+    if images.ndim != 3 or images.shape[1:] != IMAGE_SHAPE or len(images) == 0:
+        raise DataError(f"{path}: images of shape {images.shape}, expected (N, 28, 28) with N > 0")
+    brightest = int(images.max())
+    if brightest < MIN_BRIGHTEST:
+        raise DataError(
+            f"{path}: pixel range: the brightest pixel is {brightest}, expected up to 255 (raw 0-255 pixels, "
+            "not scaled to 0-1)"
+        )
+
+
+def check_labels(labels: np.ndarray, n_images: int, path: Path) -> np.ndarray:
+    """The share of each class (checked against ``CLASS_SHARE``)."""
+    if labels.ndim != 1 or len(labels) != n_images:
+        raise DataError(f"{path}: {labels.shape} labels for {n_images} images, expected one label per image")
+    wrong = np.flatnonzero(labels >= NUM_CLASSES)
+    if len(wrong):
+        raise DataError(
+            f"{path}: labels: {len(wrong)} outside 0-9, the first {int(labels[wrong[0]])} at index {int(wrong[0])}"
+        )
+    shares = np.bincount(labels, minlength=NUM_CLASSES) / len(labels)
+    low, high = CLASS_SHARE
+    for digit in (int(shares.argmin()), int(shares.argmax())):
+        if not low <= shares[digit] <= high:
+            raise DataError(
+                f"{path}: class balance: digit {digit} is {100 * shares[digit]:.1f}% of the split, expected"
+                f" {100 * low:.0f}-{100 * high:.0f}% each"
+            )
+    return shares
+
+
+def training_exclusions(data_dir: Path, drop_test_duplicates: bool) -> np.ndarray | None:
+    """Indices of the training file to leave out of training (``data.drop_test_duplicates``), or None."""
+    return copies_between_splits(data_dir)[0] if drop_test_duplicates else None
+
+
+def copies_between_splits(data_dir: Path) -> tuple[np.ndarray, np.ndarray]:
+    """(indices in the training file, indices in the test file) of images that are in both, byte for byte."""
+    train = read_idx(Path(data_dir) / FILES["train_images"])
+    test = read_idx(Path(data_dir) / FILES["test_images"])
+    in_test = {image.tobytes() for image in test}
+    train_hits = np.array([i for i, image in enumerate(train) if image.tobytes() in in_test], dtype=np.int64)
+    in_train = {train[i].tobytes() for i in train_hits}
+    test_hits = np.array([j for j, image in enumerate(test) if image.tobytes() in in_train], dtype=np.int64)
+    return train_hits, test_hits
