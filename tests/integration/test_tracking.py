@@ -10,8 +10,9 @@ from mlflow.tracking import MlflowClient
 from conftest import only_run, write_tiny_params
 from mnist_cnn.cli import main
 from mnist_cnn.core.data import load_split
+from mnist_cnn.core.params import load_params
 from mnist_cnn.core.selection import Scored
-from mnist_cnn.stages import train
+from mnist_cnn.stages import evaluate, train
 from mnist_cnn.tracking import registry, store
 
 EPOCH_METRICS = ("train_loss", "train_acc", "val_loss", "val_acc", "lr", "epoch_seconds")
@@ -129,7 +130,7 @@ def test_the_champion_moves_only_on_a_significant_win_on_the_same_validation_ima
     assert not lead.promote and (lead.only_challenger, lead.only_champion, lead.p_value) == (1, 0, 0.5)
     assert lead.reason == (
         "validation 90.33% vs champion v1 90.00% on the same 300 images; right where v1 was wrong: 1, wrong where"
-        " it was right: 0; McNemar p = 0.5 >= 0.05: alias unchanged"
+        " it was right: 0; McNemar p = 0.5 >= 0.05"
     )
     other_split = challenge("3", answers(299), split="split-b")
     assert not other_split.promote and "scored on other validation images" in other_split.reason
@@ -160,6 +161,27 @@ def test_the_champion_moves_only_on_a_significant_win_on_the_same_validation_ima
     assert not legacy.promote and legacy.reason == (
         "champion v2 has no validation record (registered before selection on validation): not compared"
     )
+
+
+def test_another_seed_of_the_same_recipe_and_a_worse_model_do_not_take_the_alias(trained_project):
+    """Two real trainings in the champion's project: the same recipe with another seed (a different model,
+    as good within noise) and a clearly worse one (one epoch at a tenth of the learning rate)."""
+    paths = trained_project.paths
+    client = MlflowClient()
+    for overrides in ({"train.seed": "2"}, {"train.epochs": "1", "train.lr": "0.043"}):
+        params = load_params(paths.params_file, overrides)
+        train.run_train(params, paths, show_progress=False)
+        evaluate.run_evaluate(params, paths)
+    versions = {str(v.version): v.tags for v in client.search_model_versions("name = 'mnist-cnn'")}
+    assert sorted(versions) == ["1", "2", "3"]
+    assert str(client.get_model_version_by_alias("mnist-cnn", "champion").version) == "1"
+    for version in ("2", "3"):
+        tags = versions[version]
+        assert tags["promotion.decision"] == "kept" and tags["promotion.champion_before"] == "1", tags
+        assert float(tags["promotion.p_value"]) >= 0.05
+        assert tags["selection.split"] == versions["1"]["selection.split"]  # the same validation images
+    assert float(versions["3"]["selection.val_acc"]) < float(versions["1"]["selection.val_acc"])
+    assert float(versions["3"]["promotion.p_value"]) > 0.9  # far worse: no sign of being better
 
 
 def test_crash_ends_the_run_failed(project, tiny_params, monkeypatch):

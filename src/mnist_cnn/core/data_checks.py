@@ -14,7 +14,7 @@ from mnist_cnn.core.data import FILES, DataError, read_idx
 
 IMAGE_SHAPE = (28, 28)
 NUM_CLASSES = 10
-# Each class's share of a split: MNIST's lie between 8.9% and 11.4%, Fashion-MNIST's are 10% each.
+# Each class's share of a split: MNIST's lie between 8.92% and 11.35%, Fashion-MNIST's are 10% each.
 CLASS_SHARE = (0.05, 0.20)
 # The brightest pixel of a split: 255 in MNIST; a split written from 0-1 floats would top out at 1.
 MIN_BRIGHTEST = 128

@@ -82,10 +82,9 @@ def decide(challenger: Scored, champion: Scored | None, alpha: float, champion_v
             champion.version,
         )
     wins, losses, p_value = mcnemar(champion.correct, challenger.correct)
-    verdict = "promoted" if p_value < alpha else "alias unchanged"
     reason = (
         f"validation {challenger.accuracy:.2f}% vs champion v{champion.version} {champion.accuracy:.2f}% on the same"
         f" {len(challenger.correct)} images; right where v{champion.version} was wrong: {wins}, wrong where it was"
-        f" right: {losses}; McNemar p = {p_value:.3g} {'<' if p_value < alpha else '>='} {alpha:g}: {verdict}"
+        f" right: {losses}; McNemar p = {p_value:.3g} {'<' if p_value < alpha else '>='} {alpha:g}"
     )
     return Decision(p_value < alpha, reason, champion.version, wins, losses, p_value)

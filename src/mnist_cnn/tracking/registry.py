@@ -80,8 +80,10 @@ def promote_on_validation(model_name: str, challenger: Scored, test_acc: float, 
         if decision.promote:
             client.set_registered_model_alias(model_name, CHAMPION, version)
         _record_decision(client, model_name, version, decision)
-    outcome = f"now @{CHAMPION}" if decision.promote else "alias unchanged"
-    log.info("%s v%s: %s (%s)", model_name, version, outcome, decision.reason)
+    if decision.promote:
+        log.info("%s v%s is now @%s (%s)", model_name, version, CHAMPION, decision.reason)
+    else:
+        log.info("%s v%s: @%s stays on v%s (%s)", model_name, version, CHAMPION, decision.champion, decision.reason)
     return decision
 
 
@@ -109,5 +111,5 @@ def force_champion(model_name: str, version: str, user: str, why: str) -> str | 
         client.set_registered_model_alias(model_name, CHAMPION, version)
         reason = f"forced by {user}: {why}" if why else f"forced by {user}"
         _record_decision(client, model_name, version, Decision(True, reason, before))
-    log.info("%s v%s: now @%s (%s)", model_name, version, CHAMPION, reason)
+    log.info("%s v%s is now @%s (%s)", model_name, version, CHAMPION, reason)
     return before
