@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -75,3 +76,19 @@ def test_the_logged_model_loads_without_the_source_checkout(champion):
     where, digits = result.stdout.strip().splitlines()[-2:]
     assert where.startswith(os.path.join(local, "code", "mnist_cnn")), where
     assert json.loads(digits) == champion.expected["digit"].tolist()[:20]
+
+
+def test_the_registered_model_carries_its_onnx_export_and_answers_through_onnx_runtime_as_torch_does(
+    champion, monkeypatch
+):
+    import mlflow
+
+    assert champion.model.unwrap_python_model().engine == "onnxruntime"
+    assert (Path(champion.local) / "artifacts" / "model.onnx").is_file()
+    monkeypatch.setenv("MNIST_CNN_ENGINE", "torch")  # the fallback (a GPU, or a version without the export)
+    with_torch = mlflow.pyfunc.load_model(champion.local)
+    assert with_torch.unwrap_python_model().engine == "torch"
+    answer = with_torch.predict(champion.pixels.astype(np.float32))
+    assert answer["digit"].tolist() == champion.expected["digit"].tolist()
+    probabilities = [f"p{k}" for k in range(10)]
+    assert np.abs(answer[probabilities].to_numpy() - champion.expected[probabilities].to_numpy()).max() < 1e-5

@@ -9,6 +9,8 @@ logged with, wherever it is served from.
 from __future__ import annotations
 
 import dataclasses
+import os
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +26,7 @@ from mlflow.types import ColSpec, Schema, TensorSpec
 
 from mnist_cnn.core.errors import ProjectError, masked, one_line
 from mnist_cnn.core.model import IMAGE_SIZE, NUM_CLASSES, RawPixelClassifier, load_weights
+from mnist_cnn.core.onnx_engine import OnnxClassifier, export_onnx
 from mnist_cnn.core.params import ModelConfig
 from mnist_cnn.core.runtime import memory_format
 from mnist_cnn.tracking.store import configure, sqlite_path, tracking_uri
@@ -39,6 +42,7 @@ CHUNK = 500
 
 
 WEIGHTS_ARTIFACT = "weights"
+ONNX_ARTIFACT = "onnx"  # the same network for ONNX Runtime (versions registered before it have none)
 
 
 SIGNATURE = ModelSignature(
@@ -134,51 +138,70 @@ def answer(probabilities: np.ndarray) -> pd.DataFrame:
     return frame
 
 
+# Set to "torch" to serve a version with torch although it carries the ONNX export.
+ENGINE_ENV = "MNIST_CNN_ENGINE"
+
+
 class DigitClassifier(mlflow.pyfunc.PythonModel):
-    """The CNN behind a pyfunc: the weights are an artifact (the state_dict of ``models/model.pt``),
-    the architecture and the data set's normalisation are the constructor's arguments."""
+    """The CNN behind a pyfunc: the weights are an artifact (the state_dict of ``models/model.pt``), and
+    so is their ONNX export; the architecture and the data set's normalisation are the constructor's
+    arguments. On the CPU it answers through ONNX Runtime when the version carries the export."""
 
     def __init__(self, model: dict[str, Any], dataset: str) -> None:
         self.architecture = model
         self.dataset = dataset
         self.classifier: RawPixelClassifier | None = None
+        self.onnx: OnnxClassifier | None = None
 
     def load_context(self, context: mlflow.pyfunc.PythonModelContext) -> None:
         net = load_weights(ModelConfig(**self.architecture), Path(context.artifacts[WEIGHTS_ARTIFACT]))
         self.classifier = RawPixelClassifier(net.to(memory_format=memory_format(torch.device("cpu"))), self.dataset)
+        exported = context.artifacts.get(ONNX_ARTIFACT)
+        self.onnx = None
+        if exported and os.environ.get(ENGINE_ENV, "onnx") != "torch":
+            self.onnx = OnnxClassifier(Path(exported))
+
+    @property
+    def engine(self) -> str:
+        return "onnxruntime" if self.onnx is not None else "torch"
 
     def predict(
         self, context: mlflow.pyfunc.PythonModelContext, model_input: np.ndarray, params: dict | None = None
     ) -> pd.DataFrame:
-        pixels = torch.from_numpy(check_pixels(model_input))
+        pixels = check_pixels(model_input).reshape(-1, 1, IMAGE_SIZE, IMAGE_SIZE)
+        chunks = [pixels[start : start + CHUNK] for start in range(0, len(pixels), CHUNK)]
+        if self.onnx is not None:
+            return answer(np.concatenate([self.onnx(chunk) for chunk in chunks]))
         fmt = memory_format(torch.device("cpu"))
-        outputs = []
         with torch.inference_mode():
-            for start in range(0, len(pixels), CHUNK):
-                batch = pixels[start : start + CHUNK].reshape(-1, 1, IMAGE_SIZE, IMAGE_SIZE)
-                outputs.append(self.classifier(batch.contiguous(memory_format=fmt)))
+            outputs = [self.classifier(torch.from_numpy(chunk).contiguous(memory_format=fmt)) for chunk in chunks]
         return answer(torch.cat(outputs).numpy())
 
 
 def log_model(
     weights: Path, model_cfg: ModelConfig, dataset: str, example: np.ndarray, registered_model_name: str
 ) -> ModelInfo:
-    """Log the pyfunc into the active run and register it as a new version of ``registered_model_name``."""
-    return mlflow.pyfunc.log_model(
-        name="model",
-        python_model=DigitClassifier(dataclasses.asdict(model_cfg), dataset),
-        artifacts={WEIGHTS_ARTIFACT: str(weights)},
-        code_paths=[str(Path(__file__).resolve().parents[1])],  # the whole mnist_cnn package
-        signature=SIGNATURE,
-        input_example=example,
-        registered_model_name=registered_model_name,
-        pip_requirements=[
-            f"torch=={torch.__version__.split('+')[0]}",
-            f"numpy=={np.__version__}",
-            f"pandas=={pd.__version__}",
-            f"pyyaml=={_version('pyyaml')}",
-        ],
-    )
+    """Log the pyfunc (the weights and their ONNX export) into the active run and register it as a new
+    version of ``registered_model_name``."""
+    with tempfile.TemporaryDirectory() as scratch:
+        net = load_weights(model_cfg, weights)
+        exported = export_onnx(RawPixelClassifier(net, dataset), Path(scratch) / "model.onnx")
+        return mlflow.pyfunc.log_model(
+            name="model",
+            python_model=DigitClassifier(dataclasses.asdict(model_cfg), dataset),
+            artifacts={WEIGHTS_ARTIFACT: str(weights), ONNX_ARTIFACT: str(exported)},
+            code_paths=[str(Path(__file__).resolve().parents[1])],  # the whole mnist_cnn package
+            signature=SIGNATURE,
+            input_example=example,
+            registered_model_name=registered_model_name,
+            pip_requirements=[
+                f"torch=={torch.__version__.split('+')[0]}",
+                f"numpy=={np.__version__}",
+                f"pandas=={pd.__version__}",
+                f"pyyaml=={_version('pyyaml')}",
+                f"onnxruntime=={_version('onnxruntime')}",
+            ],
+        )
 
 
 def _version(distribution: str) -> str:
