@@ -1,4 +1,5 @@
-"""Serving speed: the registered pyfunc through MLflow's REST scoring server on loopback vs called in-process.
+"""Serving speed: the registered pyfunc through MLflow's REST scoring server on loopback vs called in-process,
+each with its torch path and its ONNX Runtime path (two servers, ``MNIST_CNN_ENGINE``).
 
 Trains a 1-epoch model of the default architecture (params.yaml's model section) on the test suite's
 tiny data (scikit-learn's digits as MNIST files: no real data needed), registers it as the pipeline
@@ -17,6 +18,7 @@ server parses them as it would any request. Client and server share the machine'
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import platform
@@ -97,6 +99,20 @@ def ms(seconds: float) -> str:
     return f"{1000 * seconds:.1f}"
 
 
+ENGINES = ("torch", "onnxruntime")  # the pyfunc's two paths; MNIST_CNN_ENGINE=torch picks the first
+
+
+def engine_env(engine: str) -> dict[str, str]:
+    return {**os.environ, "MNIST_CNN_ENGINE": "torch" if engine == "torch" else "onnx"}
+
+
+def load_with(engine: str):
+    os.environ["MNIST_CNN_ENGINE"] = engine_env(engine)["MNIST_CNN_ENGINE"]
+    model = mlflow.pyfunc.load_model(CHAMPION)
+    assert model.unwrap_python_model().engine == engine, engine
+    return model
+
+
 def main() -> None:
     parser = benchmark_parser(__doc__)
     parser.add_argument("--requests", type=int, default=300, help="batch-1 requests per round")
@@ -112,55 +128,75 @@ def main() -> None:
     cpu = platform.processor() or platform.machine()
     print(
         f"torch {torch.__version__} | mlflow {mlflow.__version__} | {os.cpu_count()} CPUs | {cpu} | "
-        f"{torch.get_num_threads()} torch threads"
+        f"{torch.get_num_threads()} torch threads | "
+        f"ONNX Runtime threads: {os.environ.get('MNIST_CNN_ONNX_THREADS', '1')}"
     )
 
-    with tempfile.TemporaryDirectory() as tmp:
+    columns = [f"{where} {engine}" for engine in ENGINES for where in ("REST", "in-process")]
+    lat = {c: [] for c in columns}
+    rps = {c: [] for c in columns}
+    ips = {c: [] for c in columns}
+    with tempfile.TemporaryDirectory() as tmp, contextlib.ExitStack() as stack:
         root = Path(tmp)
         train_tiny_champion(args.params.resolve(), root)
-        model = mlflow.pyfunc.load_model(CHAMPION)
+        models = {engine: load_with(engine) for engine in ENGINES}
         pixels = load_split(root / "data" / "raw", train=False).images.numpy().astype(np.float32)
         singles = [pixels[i % len(pixels)][None] for i in range(args.requests)]
         single_bodies = [json.dumps({"inputs": image.astype(np.uint8).tolist()}).encode() for image in singles]
         batch = np.resize(pixels, (args.big_batch, 28, 28))
         big_body = json.dumps({"inputs": batch.astype(np.uint8).tolist()}).encode()
         print(f"bodies: {len(single_bodies[0]):,} bytes per image, {len(big_body):,} bytes per {args.big_batch}")
-
-        with scoring_server(CHAMPION, log=root / "scoring-server.log") as base, requests.Session() as session:
-            url = f"{base}/invocations"
-            rest_batch1(session, url, single_bodies[:20])  # warm-up: connection, first-call allocations
-            local_batch1(model, singles[:20])
-            rest_big(session, url, big_body, args.big_batch, 1)
-            local_big(model, batch, 1)
-            rest_lat, local_lat, rest_rps, local_rps, rest_ips, local_ips = [], [], [], [], [], []
-            for i in range(args.rounds):
-                rest = rest_batch1(session, url, single_bodies)
-                local = local_batch1(model, singles)
-                rest_lat += rest
-                local_lat += local
-                rest_rps.append(len(rest) / sum(rest))
-                local_rps.append(len(local) / sum(local))
-                rest_ips.append(rest_big(session, url, big_body, args.big_batch, args.big_requests))
-                local_ips.append(local_big(model, batch, args.big_requests))
-                print(
-                    f"round {i + 1}: batch 1 REST {rest_rps[-1]:7.1f} req/s, in-process {local_rps[-1]:7.1f} req/s | "
-                    f"batch {args.big_batch} REST {rest_ips[-1]:7.0f} img/s, in-process {local_ips[-1]:7.0f} img/s",
-                    flush=True,
-                )
+        urls = {}
+        for engine in ENGINES:  # one server per engine, both up for the whole run
+            log = root / f"scoring-server-{engine}.log"
+            base = stack.enter_context(scoring_server(CHAMPION, env=engine_env(engine), log=log))
+            urls[engine] = f"{base}/invocations"
+        session = stack.enter_context(requests.Session())
+        for engine in ENGINES:  # warm-up: connections, first-call allocations
+            rest_batch1(session, urls[engine], single_bodies[:20])
+            local_batch1(models[engine], singles[:20])
+            rest_big(session, urls[engine], big_body, args.big_batch, 1)
+            local_big(models[engine], batch, 1)
+        for i in range(args.rounds):  # the columns alternate within each round, so drift hits all alike
+            for engine in ENGINES:
+                for where, column in (("REST", f"REST {engine}"), ("in-process", f"in-process {engine}")):
+                    if where == "REST":
+                        times = rest_batch1(session, urls[engine], single_bodies)
+                        ips[column].append(rest_big(session, urls[engine], big_body, args.big_batch, args.big_requests))
+                    else:
+                        times = local_batch1(models[engine], singles)
+                        ips[column].append(local_big(models[engine], batch, args.big_requests))
+                    lat[column] += times
+                    rps[column].append(len(times) / sum(times))
+            print(
+                f"round {i + 1}: "
+                + " | ".join(f"{c} {rps[c][-1]:6.0f} req/s {ips[c][-1]:6.0f} img/s" for c in columns),
+                flush=True,
+            )
 
     def p(values: list[float], q: float) -> float:
         return float(np.percentile(values, q))
 
-    rr, lr = statistics.median(rest_rps), statistics.median(local_rps)
-    ri, li = statistics.median(rest_ips), statistics.median(local_ips)
     n = args.rounds * args.requests
-    print(f"\n{args.rounds} rounds; batch 1: {n} requests each way; latency percentiles over all of them")
-    print("\n| | REST (`mlflow models serve`, loopback) | in-process (`pyfunc.predict`) | in-process / REST |")
-    print("|---|---:|---:|---:|")
-    print(f"| batch 1: requests/s (median of rounds) | {rr:,.1f} | {lr:,.1f} | {lr / rr:.1f}x |")
-    print(f"| batch 1: p50 latency, ms | {ms(p(rest_lat, 50))} | {ms(p(local_lat, 50))} | |")
-    print(f"| batch 1: p99 latency, ms | {ms(p(rest_lat, 99))} | {ms(p(local_lat, 99))} | |")
-    print(f"| batch {args.big_batch:,}: images/s (median of rounds) | {ri:,.0f} | {li:,.0f} | {li / ri:.1f}x |")
+    print(f"\n{args.rounds} rounds; batch 1: {n} requests per column; latency percentiles over all of them")
+    print("\n| | " + " | ".join(columns) + " | REST: ONNX / torch |")
+    print("|---|" + "---:|" * (len(columns) + 1))
+    rr = {c: statistics.median(rps[c]) for c in columns}
+    ii = {c: statistics.median(ips[c]) for c in columns}
+    ratio_r = rr["REST onnxruntime"] / rr["REST torch"]
+    ratio_i = ii["REST onnxruntime"] / ii["REST torch"]
+    print(
+        "| batch 1: requests/s (median of rounds) | "
+        + " | ".join(f"{rr[c]:,.0f}" for c in columns)
+        + f" | {ratio_r:.2f}x |"
+    )
+    print("| batch 1: p50 latency, ms | " + " | ".join(ms(p(lat[c], 50)) for c in columns) + " | |")
+    print("| batch 1: p99 latency, ms | " + " | ".join(ms(p(lat[c], 99)) for c in columns) + " | |")
+    print(
+        f"| batch {args.big_batch:,}: images/s (median of rounds) | "
+        + " | ".join(f"{ii[c]:,.0f}" for c in columns)
+        + f" | {ratio_i:.2f}x |"
+    )
 
 
 if __name__ == "__main__":
