@@ -9,8 +9,10 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
+import torch
 
-from mnist_cnn.core.data import FILES, DataError, read_idx
+from mnist_cnn.core.data import FILES, DataError, Tensors, load_train_val, read_idx
+from mnist_cnn.core.params import Params
 
 IMAGE_SHAPE = (28, 28)
 NUM_CLASSES = 10
@@ -81,6 +83,14 @@ def check_labels(labels: np.ndarray, n_images: int, path: Path) -> np.ndarray:
                 f" {100 * low:.0f}-{100 * high:.0f}% each"
             )
     return shares
+
+
+def training_and_validation(params: Params, data_dir: Path, device: torch.device) -> tuple[Tensors, Tensors]:
+    """The cut ``params`` ask for (``train.val_split``, ``data.split_seed``), on ``device``, the training part
+    without the test images' copies under ``data.drop_test_duplicates``."""
+    exclude = training_exclusions(data_dir, params.data.drop_test_duplicates)
+    split = (params.train.val_split, params.data.split_seed)
+    return load_train_val(data_dir, params.data.dataset, *split, device, exclude)
 
 
 def training_exclusions(data_dir: Path, drop_test_duplicates: bool) -> np.ndarray | None:

@@ -17,11 +17,10 @@ from mnist_cnn.core.augment import TTA_SHIFTS, shift
 from mnist_cnn.core.data import (
     DataError,
     load_split,
-    load_train_val,
     normalise,
     verified_md5s,
 )
-from mnist_cnn.core.data_checks import training_exclusions
+from mnist_cnn.core.data_checks import training_and_validation
 from mnist_cnn.core.files import Paths
 from mnist_cnn.core.inference import loss_and_accuracy, predict_log_probs, prepare_model
 from mnist_cnn.core.model import NUM_CLASSES, Net, load_weights
@@ -56,14 +55,7 @@ def evaluate(
     precision = select_precision(params.train.precision, device)
     net = load_weights(params.model, Path(model_dir) / files.WEIGHTS.name, device)
     model = prepare_model(net, device)
-    train_data, val_data = load_train_val(
-        data_dir,
-        params.data.dataset,
-        params.train.val_split,
-        params.data.split_seed,
-        device,
-        training_exclusions(data_dir, params.data.drop_test_duplicates),
-    )
+    train_data, val_data = training_and_validation(params, data_dir, device)
     test = load_split(data_dir, train=False)
     splits = {
         "train": (train_data.x, train_data.y),

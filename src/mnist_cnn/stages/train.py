@@ -15,10 +15,9 @@ import torch
 from mnist_cnn.core import files
 from mnist_cnn.core.checkpoint import Checkpointing, load_checkpoint, save_torch, training_fingerprint
 from mnist_cnn.core.data import (
-    load_train_val,
     verified_md5s,
 )
-from mnist_cnn.core.data_checks import check_data, training_exclusions
+from mnist_cnn.core.data_checks import check_data, training_and_validation
 from mnist_cnn.core.distributed import device_for, process_group
 from mnist_cnn.core.files import Paths
 from mnist_cnn.core.loop import EpochStats, Reporter, TrainResult, fit
@@ -122,14 +121,7 @@ def train(
     precision = select_precision(params.train.precision, device)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
-    train_data, val_data = load_train_val(
-        data_dir,
-        params.data.dataset,
-        params.train.val_split,
-        params.data.split_seed,
-        device,
-        training_exclusions(data_dir, params.data.drop_test_duplicates),
-    )
+    train_data, val_data = training_and_validation(params, data_dir, device)
     log.info(
         "training on %s (%s): %d train / %d validation samples%s",
         device,

@@ -26,8 +26,8 @@ import yaml
 from optuna.trial import TrialState
 
 from mnist_cnn.core import files
-from mnist_cnn.core.data import Tensors, load_train_val, verified_md5s
-from mnist_cnn.core.data_checks import training_exclusions
+from mnist_cnn.core.data import Tensors, verified_md5s
+from mnist_cnn.core.data_checks import training_and_validation
 from mnist_cnn.core.errors import one_line
 from mnist_cnn.core.loop import EpochStats, fit
 from mnist_cnn.core.params import Params, flatten, with_values
@@ -322,14 +322,7 @@ def _load_data(params: Params, data_dir: Path) -> tuple[Tensors, Tensors, torch.
     precision = select_precision(params.train.precision, device)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
-    train_data, val_data = load_train_val(
-        data_dir,
-        params.data.dataset,
-        params.train.val_split,
-        params.data.split_seed,
-        device,
-        training_exclusions(data_dir, params.data.drop_test_duplicates),
-    )
+    train_data, val_data = training_and_validation(params, data_dir, device)
     return train_data, val_data, device, precision
 
 
