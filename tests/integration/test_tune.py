@@ -17,7 +17,7 @@ from tune_helpers import TINY_SPACE, check_study_and_runs, journal, tune_runs, w
 def test_tune_runs_a_study_with_pruning_and_nested_runs(project, monkeypatch):
     import mnist_cnn.stages.tune as tune_module
 
-    calls = {"load_train_val": 0, "fit": 0}
+    calls = {"training_and_validation": 0, "fit": 0}
 
     def counted(name):
         real = getattr(tune_module, name)
@@ -36,7 +36,7 @@ def test_tune_runs_a_study_with_pruning_and_nested_runs(project, monkeypatch):
     result = tune(params, cfg, project.root, show_progress=False)
 
     assert result.trials_run == [0, 1, 2, 3] and result.best_params_written
-    assert calls == {"load_train_val": 1, "fit": 4}  # the data once per worker; the train stage's own fit
+    assert calls == {"training_and_validation": 1, "fit": 4}  # the data once per worker; the train stage's own fit
     study, parent = check_study_and_runs(project.root, n_trials=4, epochs=2)
     states = [t.state for t in study.get_trials()]
     assert TrialState.PRUNED in states and TrialState.COMPLETE in states, states
