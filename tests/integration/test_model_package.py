@@ -85,7 +85,7 @@ def test_the_registered_model_carries_its_onnx_export_and_answers_through_onnx_r
 
     assert champion.model.unwrap_python_model().engine == "onnxruntime"
     assert (Path(champion.local) / "artifacts" / "model.onnx").is_file()
-    monkeypatch.setenv("MNIST_CNN_ENGINE", "torch")  # the fallback (a GPU, or a version without the export)
+    monkeypatch.setenv("MNIST_CNN_ENGINE", "torch")  # the fallback (as for a version without the export)
     with_torch = mlflow.pyfunc.load_model(champion.local)
     assert with_torch.unwrap_python_model().engine == "torch"
     answer = with_torch.predict(champion.pixels.astype(np.float32))

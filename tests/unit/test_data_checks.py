@@ -71,7 +71,7 @@ def test_a_failed_check_is_one_line_naming_the_file_the_check_and_the_numbers(da
 def test_test_images_copied_into_the_training_file_are_found_and_left_out_on_request(data):
     test = read_idx(data / TEST_IMAGES)
     rewrite(data / TRAIN_IMAGES, lambda a: np.concatenate([a[:-3], test[[5, 50, 100]]]))
-    train_hits, test_hits = copies_between_splits(data)
+    train_hits, test_hits = copies_between_splits(read_idx(data / TRAIN_IMAGES), read_idx(data / TEST_IMAGES))
     assert train_hits.tolist() == [1497, 1498, 1499] and test_hits.tolist() == [5, 50, 100]
     assert check_data(data).test_duplicates == 3
     assert training_exclusions(data, False) is None

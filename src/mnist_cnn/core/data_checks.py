@@ -12,10 +12,10 @@ import numpy as np
 import torch
 
 from mnist_cnn.core.data import FILES, DataError, Tensors, load_train_val, read_idx
+from mnist_cnn.core.model import IMAGE_SIZE, NUM_CLASSES
 from mnist_cnn.core.params import Params
 
-IMAGE_SHAPE = (28, 28)
-NUM_CLASSES = 10
+IMAGE_SHAPE = (IMAGE_SIZE, IMAGE_SIZE)
 # Each class's share of a split: MNIST's lie between 8.92% and 11.35%, Fashion-MNIST's are 10% each.
 CLASS_SHARE = (0.05, 0.20)
 # The brightest pixel of a split: 255 in MNIST; a split written from 0-1 floats would top out at 1.
@@ -37,17 +37,16 @@ class DataReport:
 def check_data(data_dir: Path) -> DataReport:
     """Read the four files and check them; raise ``DataError`` at the first check that fails."""
     shares = []
-    counts = {}
+    images = {}  # read once: the duplicates check below compares the two splits' images
     for prefix in ("train", "test"):
         images_file, labels_file = (Path(data_dir) / FILES[f"{prefix}_{kind}"] for kind in ("images", "labels"))
-        images, labels = read_idx(images_file), read_idx(labels_file)
-        check_images(images, images_file)
-        shares.append(check_labels(labels, len(images), labels_file))
-        counts[prefix] = len(images)
-    duplicates = len(copies_between_splits(data_dir)[1])
+        images[prefix], labels = read_idx(images_file), read_idx(labels_file)
+        check_images(images[prefix], images_file)
+        shares.append(check_labels(labels, len(images[prefix]), labels_file))
+    duplicates = len(copies_between_splits(images["train"], images["test"])[1])
     return DataReport(
-        train_images=counts["train"],
-        test_images=counts["test"],
+        train_images=len(images["train"]),
+        test_images=len(images["test"]),
         smallest_class_share=round(100 * float(min(s.min() for s in shares)), 2),
         largest_class_share=round(100 * float(max(s.max() for s in shares)), 2),
         test_duplicates=duplicates,
@@ -95,13 +94,14 @@ def training_and_validation(params: Params, data_dir: Path, device: torch.device
 
 def training_exclusions(data_dir: Path, drop_test_duplicates: bool) -> np.ndarray | None:
     """Indices of the training file to leave out of training (``data.drop_test_duplicates``), or None."""
-    return copies_between_splits(data_dir)[0] if drop_test_duplicates else None
+    if not drop_test_duplicates:
+        return None
+    train, test = (read_idx(Path(data_dir) / FILES[f"{prefix}_images"]) for prefix in ("train", "test"))
+    return copies_between_splits(train, test)[0]
 
 
-def copies_between_splits(data_dir: Path) -> tuple[np.ndarray, np.ndarray]:
-    """(indices in the training file, indices in the test file) of images that are in both, byte for byte."""
-    train = read_idx(Path(data_dir) / FILES["train_images"])
-    test = read_idx(Path(data_dir) / FILES["test_images"])
+def copies_between_splits(train: np.ndarray, test: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(indices in ``train``, indices in ``test``) of the images that are in both, byte for byte."""
     in_test = {image.tobytes() for image in test}
     train_hits = np.array([i for i, image in enumerate(train) if image.tobytes() in in_test], dtype=np.int64)
     in_train = {train[i].tobytes() for i in train_hits}

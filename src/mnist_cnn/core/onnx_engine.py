@@ -1,8 +1,9 @@
 """The served network as ONNX, run by ONNX Runtime on the CPU: the same probabilities as torch (to
 about 1e-7), faster per image at one thread, and without torch's per-call overhead.
 
-The registered model carries both the weights and this export; the pyfunc runs ONNX Runtime on a
-CPU and torch on a GPU or where the export is missing (versions registered before it existed).
+The registered model carries both the weights and this export; the pyfunc (which serves on the CPU)
+runs ONNX Runtime, and torch where the export is missing (versions registered before it existed) or
+``MNIST_CNN_ENGINE=torch`` asks for it.
 """
 
 from __future__ import annotations

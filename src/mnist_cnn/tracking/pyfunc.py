@@ -157,9 +157,8 @@ class DigitClassifier(mlflow.pyfunc.PythonModel):
         net = load_weights(ModelConfig(**self.architecture), Path(context.artifacts[WEIGHTS_ARTIFACT]))
         self.classifier = RawPixelClassifier(net.to(memory_format=memory_format(torch.device("cpu"))), self.dataset)
         exported = context.artifacts.get(ONNX_ARTIFACT)
-        self.onnx = None
-        if exported and os.environ.get(ENGINE_ENV, "onnx") != "torch":
-            self.onnx = OnnxClassifier(Path(exported))
+        use_onnx = exported and os.environ.get(ENGINE_ENV, "onnx") != "torch"
+        self.onnx = OnnxClassifier(Path(exported)) if use_onnx else None
 
     @property
     def engine(self) -> str:

@@ -319,7 +319,7 @@ class ShortRequestErrors(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         text = record.getMessage()
         if record.levelno >= logging.WARNING and "API request to" in text:
-            reason = store.unreachable_reason(text, float(os.environ.get("MLFLOW_HTTP_REQUEST_TIMEOUT") or 0))
+            reason = store.unreachable_reason(text, store.request_timeout())
             record.msg, record.args = (
                 "system metrics: sampling stopped, the tracking server did not answer (%s)",
                 (reason,),

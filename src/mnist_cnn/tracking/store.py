@@ -197,7 +197,7 @@ def check_server(uri: str, timeout: float | None = None) -> None:
     from mlflow.utils.rest_utils import http_request
 
     server = f"tracking server {masked(uri)}"  # never print a password from the URI
-    timeout = timeout or float(os.environ.get("MLFLOW_HTTP_REQUEST_TIMEOUT") or PREFLIGHT_TIMEOUT_S)
+    timeout = timeout or request_timeout()
     try:
         response = http_request(
             get_default_host_creds(uri),
@@ -242,6 +242,11 @@ def check_server(uri: str, timeout: float | None = None) -> None:
             f"{server}: not an MLflow tracking server (HTTP {response.status_code},"
             f" {kind or 'no content type'}); check MLFLOW_TRACKING_URI"
         )
+
+
+def request_timeout() -> float:
+    """Seconds MLflow waits for an answer: ``MLFLOW_HTTP_REQUEST_TIMEOUT``, else the project's default."""
+    return float(os.environ.get("MLFLOW_HTTP_REQUEST_TIMEOUT") or PREFLIGHT_TIMEOUT_S)
 
 
 def server_error(server: str, status: int) -> TrackingError:
