@@ -2,60 +2,64 @@
 
 from __future__ import annotations
 
+import base64
+import io
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 from mlflow.exceptions import MlflowException
+from PIL import Image
 
-from mnist_cnn.tracking.pyfunc import MAX_IMAGES, check_pixels
+from mnist_cnn.core.payload import MAX_IMAGES, uint8_base64
 
 
 def test_the_model_checks_its_input_itself(champion):
-    """What the signature cannot say (range, NaN, 0-1 pixels, an empty or over-size batch), and the shape and
-    dtype for callers that bypass it: one line each."""
-    pixels, model = champion.pixels, champion.model
+    """Bad input in any form is an MlflowException with INVALID_PARAMETER_VALUE (the scoring server's 400)
+    and one line (the forms' own checks: tests/unit/test_payload.py); each compact form answers as the
+    pixels do, through pyfunc with its params."""
+    pixels, model, expected = champion.pixels, champion.model, champion.expected
     python_model = model.unwrap_python_model()
     bad = {
         "shape (1, 27, 27)": np.zeros((1, 27, 27), np.float32),
         "empty input: no images": np.zeros((0, 28, 28), np.float32),
-        "image 0 has values from 0 to 256": np.full((1, 28, 28), 256, np.float32) * (np.arange(28) > 0)[:, None],
         "image 1 holds NaN": np.stack([pixels[0], np.full((28, 28), np.nan)]).astype(np.float32),
-        "expected numbers": np.array([["a"] * 28] * 28, dtype=object)[None],
         "dtype bool (booleans), expected numbers": pixels[:2] > 127,
-        "dtype <U3 (strings), expected numbers": pixels[:1].astype(str),
-        "dtype object (Python objects)": pixels[:1].astype(object),
-        "image 1 has values from 0 to 1, pixels scaled to 0-1 or booleans; the model takes raw pixels in 0-255": (
-            np.stack([pixels[0], pixels[1] / float(pixels[1].max())]).astype(np.float32)
-        ),
-        "image 0 has values from 0 to 1, pixels scaled to 0-1": (pixels[:1] > 127).astype(np.float32),  # 0/1 masks
-        f"pixels: {MAX_IMAGES + 1:,} images in one call, more than the {MAX_IMAGES:,} the model takes": np.zeros(
-            (MAX_IMAGES + 1, 28, 28), np.float32
-        ),
+        "image 0 has values from 0 to 1, pixels scaled to 0-1": (pixels[:1] > 127).astype(np.float32),
+        "uint8_base64[0]: not valid base64": {"uint8_base64": "%%%"},
+        f"pixels: {MAX_IMAGES + 1:,} images in one call": np.zeros((MAX_IMAGES + 1, 28, 28), np.float32),
     }
     for fragment, pixels_in in bad.items():
-        with pytest.raises(MlflowException, match=fragment.replace("(", r"\(").replace(")", r"\)")) as caught:
+        with pytest.raises(MlflowException, match=re.escape(fragment)) as caught:
             python_model.predict(None, pixels_in)
         assert caught.value.error_code == "INVALID_PARAMETER_VALUE"
         assert "\n" not in caught.value.message
-    # Through pyfunc too (after the signature's own checks pass).
     with pytest.raises(MlflowException, match="expected raw pixels in 0-255"):
         model.predict(np.full((2, 28, 28), 1000, np.float32))
-    with pytest.raises(MlflowException, match="pixels scaled to 0-1 or booleans"):
-        model.predict(pixels[:3].astype(np.float32) / 255.0)
-    with pytest.raises(MlflowException, match="empty input: no images"):
-        model.predict(np.zeros((0, 28, 28), np.float32))
-    # What stays accepted: an all-black image (as raw pixels, not 0-1 ones), whole numbers of any
-    # integer dtype to the model itself, and MAX_IMAGES at once.
+    with pytest.raises(MlflowException, match=re.escape("png_base64[0]: blank image")):
+        model.predict(pd.DataFrame({"png_base64": [png_base64(np.zeros((28, 28)))]}), params={"preprocess": True})
+    # What stays accepted: an all-black image (raw pixels, not 0-1 ones), uint8 as MNIST stores them, and
+    # the compact forms, which answer as the pixels do.
     black = model.predict(np.zeros((1, 28, 28), np.float32))
     assert len(black) == 1 and 0 <= black["digit"][0] <= 9
-    as_bytes = python_model.predict(None, pixels[:20])  # uint8, as MNIST stores them
-    assert as_bytes["digit"].tolist() == champion.expected["digit"].tolist()[:20]
-    assert check_pixels(np.zeros((MAX_IMAGES, 28, 28), np.float32)).shape == (MAX_IMAGES, 28, 28)
+    digits = expected["digit"].tolist()[:20]
+    assert python_model.predict(None, pixels[:20])["digit"].tolist() == digits
+    assert model.predict({"uint8_base64": uint8_base64(pixels[:20])})["digit"].tolist() == digits
+    pngs = pd.DataFrame({"png_base64": [png_base64(image) for image in pixels[:20]]})
+    assert model.predict(pngs)["digit"].tolist() == digits
+    assert model.predict(pngs, params={"preprocess": False})["digit"].tolist() == digits
+
+
+def png_base64(image: np.ndarray) -> str:
+    buffer = io.BytesIO()
+    Image.fromarray(np.asarray(image, np.uint8)).save(buffer, format="PNG")
+    return base64.b64encode(buffer.getvalue()).decode("ascii")
 
 
 def test_the_logged_model_loads_without_the_source_checkout(champion):

@@ -61,7 +61,7 @@ def read_grayscale(path: Path) -> np.ndarray:
     with handle:
         if os.fstat(handle.fileno()).st_size == 0:
             raise ImageError(f"{path}: empty file, expected a PNG or JPEG image")
-        return _decode(handle, path)
+        return decode_image(handle, str(path))
 
 
 def _unopenable(exc: OSError) -> str:
@@ -71,7 +71,9 @@ def _unopenable(exc: OSError) -> str:
     return f"cannot be read ({reason})"
 
 
-def _decode(handle: BinaryIO, path: Path) -> np.ndarray:
+def decode_image(handle: BinaryIO, name: str) -> np.ndarray:
+    """The image in ``handle`` (a file, or bytes a request sent) as float32 grey levels 0-255; errors
+    name it ``name``."""
     try:
         Image.MAX_IMAGE_PIXELS = MAX_PIXELS
         with warnings.catch_warnings():
@@ -80,21 +82,21 @@ def _decode(handle: BinaryIO, path: Path) -> np.ndarray:
             # to a picture read without it: either way the warning says nothing the user can act on.
             warnings.filterwarnings("ignore", category=UserWarning, module=r"PIL\.")
             with Image.open(handle) as image:
-                if _is_animation(image, path):  # which frame holds the digit is anyone's guess
-                    raise ImageError(f"{path}: {image.n_frames} frames (an animation), expected one image")
+                if _is_animation(image, name):  # which frame holds the digit is anyone's guess
+                    raise ImageError(f"{name}: {image.n_frames} frames (an animation), expected one image")
                 image.load()
                 return grey_levels(ImageOps.exif_transpose(image))
     except ImageError:
         raise
     except UnidentifiedImageError:
-        raise ImageError(f"{path}: not an image Pillow can read (expected PNG or JPEG)") from None
+        raise ImageError(f"{name}: not an image Pillow can read (expected PNG or JPEG)") from None
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
         raise ImageError(
-            f"{path}: {_size(path)} pixels, more than the {MAX_PIXELS:,} allowed (decompression-bomb guard)"
+            f"{name}: {_size(handle)} pixels, more than the {MAX_PIXELS:,} allowed (decompression-bomb guard)"
         ) from None
     except (OSError, SyntaxError, EOFError, ValueError) as exc:
         # Pillow reports a cut-off or damaged file from its decoders as any of these.
-        raise ImageError(f"{path}: truncated or corrupt image ({exc})") from None
+        raise ImageError(f"{name}: truncated or corrupt image ({exc})") from None
 
 
 # Pillow's modes of more than 8 bits per grey level: 16-bit PNG and TIFF greys (I;16*), 32-bit integer
@@ -147,7 +149,7 @@ def composite(grey: np.ndarray, alpha: np.ndarray) -> np.ndarray:
     return on_black if _ink(on_black).max() > _ink(on_white).max() else on_white
 
 
-def _is_animation(image: Image.Image, path: Path) -> bool:
+def _is_animation(image: Image.Image, name: str) -> bool:
     """An animated GIF, PNG or WebP. A phone's JPEG with a gain map or preview (MPO) and a TIFF with a
     thumbnail page have more frames too, but their first one is the picture."""
     if image.format not in ("GIF", "PNG", "WEBP"):
@@ -155,14 +157,15 @@ def _is_animation(image: Image.Image, path: Path) -> bool:
     try:
         return bool(getattr(image, "is_animated", False))  # counting frames walks the whole file
     except Exception as exc:  # noqa: BLE001 - Pillow's frame walkers raise many kinds on a damaged file
-        raise ImageError(f"{path}: truncated or corrupt image ({type(exc).__name__})") from None
+        raise ImageError(f"{name}: truncated or corrupt image ({type(exc).__name__})") from None
 
 
-def _size(path: Path) -> str:
+def _size(handle: BinaryIO) -> str:
     # Reading the header alone is safe: Pillow decodes nothing before load().
     saved, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None
     try:
-        with Image.open(path) as image:
+        handle.seek(0)
+        with Image.open(handle) as image:
             return f"{image.width}x{image.height}"
     finally:
         Image.MAX_IMAGE_PIXELS = saved

@@ -22,12 +22,13 @@ from mlflow.exceptions import MlflowException
 from mlflow.models import ModelSignature
 from mlflow.models.model import ModelInfo
 from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
-from mlflow.types import ColSpec, Schema, TensorSpec
+from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
 
 from mnist_cnn.core.errors import ProjectError, masked, one_line
 from mnist_cnn.core.model import IMAGE_SIZE, NUM_CLASSES, RawPixelClassifier, load_weights
 from mnist_cnn.core.onnx_engine import OnnxClassifier, export_onnx
 from mnist_cnn.core.params import ModelConfig
+from mnist_cnn.core.payload import PIXELS, PNG_BASE64, UINT8_BASE64, BadInput, pixels_of
 from mnist_cnn.core.runtime import memory_format
 from mnist_cnn.tracking.store import configure, sqlite_path, tracking_uri
 
@@ -35,6 +36,10 @@ PROBABILITY_COLUMNS = [f"p{k}" for k in range(NUM_CLASSES)]
 
 
 OUTPUT_COLUMNS = ["digit", "probability", *PROBABILITY_COLUMNS]
+
+
+# The request's parameter ("params": {"preprocess": true}) that has photos of digits made MNIST-style.
+PREPROCESS = "preprocess"
 
 
 # Images per forward pass: 10,000 images at once would need about 1.3 GB for the first conv's output.
@@ -45,88 +50,29 @@ WEIGHTS_ARTIFACT = "weights"
 ONNX_ARTIFACT = "onnx"  # the same network for ONNX Runtime (versions registered before it have none)
 
 
+# No input schema: MLflow's is either one tensor or named columns, never "an (N, 28, 28) array or a column of
+# base64 strings", and an input schema would refuse one of the forms the model takes (core/payload.py). The
+# model checks its input itself; the forms are listed in the version's metadata (INPUT_FORMS).
 SIGNATURE = ModelSignature(
-    inputs=Schema([TensorSpec(np.dtype(np.float32), (-1, IMAGE_SIZE, IMAGE_SIZE))]),
+    inputs=None,
     outputs=Schema(
         [ColSpec("long", "digit"), ColSpec("float", "probability")]
         + [ColSpec("float", name) for name in PROBABILITY_COLUMNS]
     ),
+    params=ParamSchema([ParamSpec(PREPROCESS, "boolean", False)]),
 )
+
+
+INPUT_FORMS = {
+    PIXELS: "raw pixels 0-255: an (N, 28, 28) array, or a column of each image's 784 numbers",
+    UINT8_BASE64: "one base64 string of N*784 bytes, each image's pixels row by row",
+    PNG_BASE64: "a column of base64 PNG or JPEG images: 28x28 MNIST-style, or any photo with params.preprocess",
+}
 
 
 def _invalid(message: str) -> MlflowException:
     # INVALID_PARAMETER_VALUE: the scoring server answers 400 with this message, not a 500.
     return MlflowException(message, error_code=INVALID_PARAMETER_VALUE)
-
-
-# Images one call takes: 20,000 run in seconds on two cores and hold 63 MB of pixels. Bigger batches are
-# refused at once rather than run for minutes after the scoring server has given up on them (504 at
-# MLFLOW_SCORING_SERVER_REQUEST_TIMEOUT, 60 s, while its worker thread goes on).
-MAX_IMAGES = 20_000
-
-
-# numpy's kinds of numbers a pixel may be: signed and unsigned integers, floats (not bool, complex,
-# strings or Python objects).
-NUMERIC_KINDS = "iuf"
-
-
-NON_NUMBERS = {"b": "booleans", "U": "strings", "S": "bytes", "O": "Python objects", "c": "complex numbers"}
-
-
-def check_pixels(model_input: Any) -> np.ndarray:
-    """``model_input`` as float32 (N, 28, 28), or an ``MlflowException`` naming what is wrong with it."""
-    try:
-        given = np.asarray(model_input)
-    except (TypeError, ValueError):
-        given = None
-    if given is None:  # ragged nested lists
-        raise _invalid(
-            f"pixels: expected numbers in an array of shape (N, {IMAGE_SIZE}, {IMAGE_SIZE}), "
-            f"got {type(model_input).__name__}"
-        )
-    if given.ndim >= 1 and len(given) == 0:
-        raise _invalid(f"pixels: empty input: no images (expected an array of shape (N, {IMAGE_SIZE}, {IMAGE_SIZE}))")
-    if given.dtype.kind not in NUMERIC_KINDS:
-        what = NON_NUMBERS.get(given.dtype.kind, "not numbers")
-        raise _invalid(f"pixels: dtype {given.dtype} ({what}), expected numbers: raw pixels in 0-255")
-    pixels = given.astype(np.float32, copy=False)
-    if pixels.ndim == 4 and pixels.shape[1] == 1:
-        pixels = pixels[:, 0]
-    if pixels.ndim != 3 or pixels.shape[1:] != (IMAGE_SIZE, IMAGE_SIZE):
-        raise _invalid(
-            f"pixels: shape {tuple(pixels.shape)}, expected (N, {IMAGE_SIZE}, {IMAGE_SIZE}) (raw grayscale images)"
-        )
-    if len(pixels) > MAX_IMAGES:
-        raise _invalid(
-            f"pixels: {len(pixels):,} images in one call, more than the {MAX_IMAGES:,} the model takes; "
-            f"send them in batches of at most {MAX_IMAGES:,}"
-        )
-    _check_range(pixels)
-    return pixels
-
-
-def _check_range(pixels: np.ndarray) -> None:
-    finite = np.isfinite(pixels)
-    if not finite.all():
-        image = int(np.argwhere(~finite)[0][0])
-        raise _invalid(f"pixels: image {image} holds NaN or infinity, expected numbers in 0-255")
-    low, high = pixels.min(axis=(1, 2)), pixels.max(axis=(1, 2))
-    bad = np.flatnonzero((low < 0) | (high > 255))
-    if len(bad):
-        image = int(bad[0])
-        raise _invalid(
-            f"pixels: image {image} has values from {low[image]:g} to {high[image]:g}, expected raw pixels in 0-255"
-        )
-    # An image whose brightest pixel is at most 1 (an all-black one aside) is 0-1 scaled pixels, the
-    # torchvision habit, or booleans (JSON's true arrives as 1.0): as raw pixels it is black, and the
-    # model would answer it with confident garbage.
-    scaled = np.flatnonzero((high > 0) & (high <= 1))
-    if len(scaled):
-        image = int(scaled[0])
-        raise _invalid(
-            f"pixels: image {image} has values from {low[image]:g} to {high[image]:g}, pixels scaled to 0-1 or "
-            "booleans; the model takes raw pixels in 0-255 (multiply by 255)"
-        )
 
 
 def answer(probabilities: np.ndarray) -> pd.DataFrame:
@@ -167,7 +113,11 @@ class DigitClassifier(mlflow.pyfunc.PythonModel):
     def predict(
         self, context: mlflow.pyfunc.PythonModelContext, model_input: np.ndarray, params: dict | None = None
     ) -> pd.DataFrame:
-        pixels = check_pixels(model_input).reshape(-1, 1, IMAGE_SIZE, IMAGE_SIZE)
+        try:
+            pixels = pixels_of(model_input, preprocess=bool((params or {}).get(PREPROCESS, False)))
+        except BadInput as exc:
+            raise _invalid(str(exc)) from None
+        pixels = pixels.reshape(-1, 1, IMAGE_SIZE, IMAGE_SIZE)
         chunks = [pixels[start : start + CHUNK] for start in range(0, len(pixels), CHUNK)]
         if self.onnx is not None:
             return answer(np.concatenate([self.onnx(chunk) for chunk in chunks]))
@@ -192,6 +142,7 @@ def log_model(
             code_paths=[str(Path(__file__).resolve().parents[1])],  # the whole mnist_cnn package
             signature=SIGNATURE,
             input_example=example,
+            metadata={"input_forms": INPUT_FORMS},
             registered_model_name=registered_model_name,
             pip_requirements=[
                 f"torch=={torch.__version__.split('+')[0]}",
