@@ -8,6 +8,8 @@ import base64
 import io
 import json
 import os
+import threading
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pandas as pd
@@ -30,9 +32,9 @@ pytestmark = pytest.mark.xdist_group("scoring-server")
 @pytest.fixture(scope="module")
 def server(champion, tmp_path_factory):
     log = tmp_path_factory.mktemp("serve-log") / "scoring-server.log"
-    with scoring_server(
-        CHAMPION, env={**os.environ, "MLFLOW_TRACKING_URI": champion.uri, "MLFLOW_REGISTRY_URI": champion.uri}, log=log
-    ) as url:
+    env = {**os.environ, "MLFLOW_TRACKING_URI": champion.uri, "MLFLOW_REGISTRY_URI": champion.uri}
+    # Two uvicorn workers, as docs/serving.md advises for two cores.
+    with scoring_server(CHAMPION, env=env, log=log, workers=2) as url:
         yield url
     port = url.rsplit(":", 1)[1]
     left = [p.info for p in psutil.process_iter(["pid", "cmdline"]) if port in " ".join(p.info["cmdline"] or [])]
@@ -91,6 +93,28 @@ def test_ten_thousand_images_in_one_request(champion, server):
     assert response.status_code == 200, response.text[:300]
     digits = np.array([row["digit"] for row in response.json()["predictions"]])
     assert np.array_equal(digits, np.tile(expected["digit"].to_numpy(), reps)[:10_000])
+
+
+def test_64_concurrent_single_image_requests_each_get_their_own_answer(champion, server):
+    """64 clients at once, one image each, across the two workers: every answer is its own image's digit
+    and probabilities (no answer mixed up with another request's, none empty)."""
+    pixels, expected = champion.pixels[:64], champion.expected.iloc[:64]
+    assert len(pixels) == 64
+    bodies = [{"inputs": {"uint8_base64": uint8_base64(image[None])}} for image in pixels]
+    barrier = threading.Barrier(len(bodies))
+
+    def ask(body: dict) -> requests.Response:
+        barrier.wait(timeout=60)  # all 64 sent together
+        return post(server, body)
+
+    with ThreadPoolExecutor(max_workers=len(bodies)) as pool:
+        responses = list(pool.map(ask, bodies))
+    assert [r.status_code for r in responses] == [200] * len(bodies)
+    rows = [r.json()["predictions"] for r in responses]
+    assert [len(answer) for answer in rows] == [1] * len(bodies)
+    assert [answer[0]["digit"] for answer in rows] == expected["digit"].tolist()
+    probabilities = np.array([[answer[0][c] for c in PROBABILITY_COLUMNS] for answer in rows])
+    assert np.allclose(probabilities, expected[PROBABILITY_COLUMNS].to_numpy(), atol=1e-6)
 
 
 def last_line(response: requests.Response) -> str:

@@ -46,12 +46,20 @@ def stop(proc: subprocess.Popen, wait_s: float = 30.0) -> None:
 
 @contextlib.contextmanager
 def scoring_server(
-    model_uri: str, env: Mapping[str, str] | None = None, wait_s: float = 180.0, log: Path | None = None
+    model_uri: str,
+    env: Mapping[str, str] | None = None,
+    wait_s: float = 180.0,
+    log: Path | None = None,
+    workers: int = 1,
+    mlserver: bool = False,
 ) -> Iterator[str]:
-    """Serve ``model_uri`` with this interpreter's environment; yield its base URL (``http://127.0.0.1:PORT``)."""
+    """Serve ``model_uri`` with this interpreter's environment; yield its base URL (``http://127.0.0.1:PORT``).
+    ``workers``: uvicorn's worker processes; ``mlserver``: MLServer instead of MLflow's own server."""
     port = free_port(HOST)
     command = [sys.executable, "-m", "mlflow", "models", "serve", "-m", model_uri, "--env-manager", "local"]
-    command += ["--host", HOST, "--port", str(port)]
+    command += ["--host", HOST, "--port", str(port), "--workers", str(workers)]
+    if mlserver:
+        command.append("--enable-mlserver")
     env = dict(os.environ if env is None else env)
     # MLflow starts `uvicorn` by name: this interpreter's scripts must come first on PATH.
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
