@@ -200,6 +200,8 @@ def main() -> None:
             )
             urls[config.name] = f"{url}/invocations"
         trees = {config.name: server_tree(urls[config.name].rsplit("/", 1)[0]) for config in CONFIGS}
+        for name, tree in trees.items():
+            print(f"{name}: {len(tree)} server processes, {rss(tree) / 2**20:,.0f} MB resident before warm-up")
         for config in CONFIGS:  # warm-up: every worker's first calls
             for batch, (bodies, expected) in work.items():
                 asyncio.run(load(urls[config.name], bodies[config.form], expected, 4, 8 if batch == 1 else 4, 30))
