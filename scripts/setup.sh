@@ -9,7 +9,7 @@ stamp=.venv/.mnist-cnn-installed
 want=$(sha256sum pyproject.toml | cut -d' ' -f1)
 if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
     .venv/bin/python -m pip install -q --upgrade pip
-    .venv/bin/python -m pip install -q -e ".[dev,server]"
+    .venv/bin/python -m pip install -q -e ".[dev,server,s3]"
     echo "$want" > "$stamp"
 fi
 # Create the default MLflow store (mlflow.db) under the project's lock: `mlflow run` started several

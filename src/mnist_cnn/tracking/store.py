@@ -28,10 +28,15 @@ ARTIFACTS_DIR = "mlartifacts"
 
 # MLflow retries an unreachable server for minutes by default (7 retries, backoff factor 2, 120 s
 # timeout); bounded here unless the user set them. The pre-flight check below fails in seconds.
+# Artifacts go through the team server: MLflow 3's client otherwise downloads every artifact (and
+# uploads those over 500 MB) straight from the server's bucket, with URLs the server presigns for its own
+# S3 endpoint, which a client on another machine may not reach, and a client holds no key for.
 HTTP_DEFAULTS = {
     "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "3",
     "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
     "MLFLOW_HTTP_REQUEST_TIMEOUT": "30",
+    "MLFLOW_ENABLE_PROXY_MULTIPART_DOWNLOAD": "false",
+    "MLFLOW_ENABLE_PROXY_MULTIPART_UPLOAD": "false",
 }
 
 

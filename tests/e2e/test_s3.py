@@ -1,0 +1,194 @@
+"""S3 for real: DVC's remote and the team server's artifacts on an S3 API (moto's server on loopback,
+IAM authentication on; tests/s3server.py), through dvc-s3 and boto3 as users run them."""
+
+from __future__ import annotations
+
+import glob
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pandas as pd
+import pytest
+import yaml
+
+from conftest import TINY_WIDTHS, dvc, free_port, git, make_project
+from mnist_cnn.core.data import load_split
+from mnist_cnn.core.params import load_params
+from mnist_cnn.ops import server, server_users
+from mnist_cnn.stages import evaluate, train
+from mnist_cnn.tracking.pyfunc import load_model
+from s3server import moto_server
+
+BUCKET = "team"
+REMOTE = f"s3://{BUCKET}/mnist-cnn"
+
+
+@pytest.fixture(scope="module")
+def s3(tmp_path_factory):
+    with moto_server(free_port(), tmp_path_factory.mktemp("moto") / "moto.log", BUCKET) as server:
+        yield server
+
+
+def add_s3_remote(repo, s3, name: str = "shared", url: str = REMOTE, secret: str | None = None) -> None:
+    """As docs/team.md has it: the endpoint in .dvc/config (committed), the key in .dvc/config.local (not)."""
+    dvc("remote", "add", "-d", name, url, cwd=repo)
+    dvc("remote", "modify", name, "endpointurl", s3.endpoint, cwd=repo)
+    dvc("remote", "modify", "--local", name, "access_key_id", s3.key_id, cwd=repo)
+    dvc("remote", "modify", "--local", name, "secret_access_key", secret or s3.secret, cwd=repo)
+
+
+def lock_md5(repo, path: str) -> str:
+    lock = yaml.safe_load((repo / "dvc.lock").read_text())
+    outs = [out for stage in lock["stages"].values() for out in stage.get("outs", [])]
+    return next(out["md5"] for out in outs if out["path"] == path)
+
+
+def test_dvc_remote_on_s3_a_fresh_clone_pulls_and_trains_nothing_and_an_experiment_travels(
+    reproduced_repo, s3, tmp_path
+):
+    repo = reproduced_repo
+    add_s3_remote(repo, s3)
+    dvc("push", cwd=repo)
+    git("add", "-A", cwd=repo)
+    git("commit", "-qm", "the team's S3 remote", cwd=repo)
+    committed = (repo / ".dvc" / "config").read_text()
+    assert s3.endpoint in committed and s3.key_id not in committed and s3.secret not in committed
+    assert git("ls-files", ".dvc", cwd=repo).split() == [".dvc/.gitignore", ".dvc/config"]
+    # In the bucket itself: the weights under their content hash, as DVC 3 lays a remote out.
+    md5 = lock_md5(repo, "models/model.pt")
+    assert f"mnist-cnn/files/md5/{md5[:2]}/{md5[2:]}" in s3.objects(BUCKET, "mnist-cnn/")
+
+    # A teammate's clone: the key from the environment (never from git), the endpoint from .dvc/config.
+    keyed = {**os.environ, "AWS_ACCESS_KEY_ID": s3.key_id, "AWS_SECRET_ACCESS_KEY": s3.secret}
+    clone = tmp_path / "clone"
+    git("clone", "-q", str(repo), str(clone), cwd=tmp_path)
+    dvc("pull", cwd=clone, env=keyed)
+    assert (clone / "models" / "model.pt").read_bytes() == (repo / "models" / "model.pt").read_bytes()
+    assert "Data and pipelines are up to date" in dvc("status", cwd=clone, env=keyed)
+    assert "Running stage" not in dvc("repro", cwd=clone, env=keyed)
+
+    # One experiment, run in the clone, pushed (its commit to the clone's origin, its outputs to S3) and
+    # pulled into a third clone, whose weights are then the experiment's.
+    tiny = [arg for key, value in TINY_WIDTHS.items() for arg in ("-S", f"{key}={value}")]
+    dvc("exp", "run", "-n", "lr-02", "-S", "train.lr=0.2", *tiny, cwd=clone, env=keyed)
+    weights = (clone / "models" / "model.pt").read_bytes()
+    dvc("exp", "push", "origin", "lr-02", cwd=clone, env=keyed)
+    third = tmp_path / "third"
+    git("clone", "-q", str(repo), str(third), cwd=tmp_path)
+    dvc("exp", "pull", "origin", "lr-02", cwd=third, env=keyed)
+    dvc("exp", "apply", "lr-02", cwd=third, env=keyed)
+    dvc("checkout", cwd=third, env=keyed)
+    assert (third / "models" / "model.pt").read_bytes() == weights
+
+
+def failed_push(repo, env=None) -> str:
+    result = subprocess.run(
+        [sys.executable, "-m", "dvc", "push", "-r", "bad"], cwd=repo, env=env, capture_output=True, text=True,
+        timeout=300,
+    )  # fmt: skip
+    assert result.returncode != 0, result.stdout + result.stderr
+    return result.stderr
+
+
+@pytest.mark.parametrize(
+    ("fault", "named"),
+    [
+        ("wrong endpoint", "Could not connect to the endpoint URL"),
+        ("wrong key", "An error occurred (403) when calling the HeadObject operation: Forbidden"),
+        ("missing bucket", "NoSuchBucket"),
+    ],
+)
+def test_dvc_push_to_a_wrong_endpoint_key_or_bucket_fails_naming_it_and_loses_nothing(
+    reproduced_repo, s3, fault, named
+):
+    repo = reproduced_repo
+    url = "s3://no-such-bucket/mnist-cnn" if fault == "missing bucket" else REMOTE
+    add_s3_remote(repo, s3, name="bad", url=url, secret="wrong-secret" if fault == "wrong key" else None)
+    if fault == "wrong endpoint":
+        dvc("remote", "modify", "bad", "endpointurl", f"http://127.0.0.1:{free_port()}", cwd=repo)
+    stderr = failed_push(repo)
+    errors = [line for line in stderr.splitlines() if line.startswith("ERROR")]
+    assert len(errors) == 1 and named in stderr, stderr
+    assert "Traceback" not in stderr
+    # Nothing lost: the workspace and its cache are as they were.
+    assert "Data and pipelines are up to date" in dvc("status", cwd=repo)
+
+
+def have_postgres() -> bool:
+    return bool(shutil.which("initdb") or glob.glob("/usr/lib/postgresql/*/bin/initdb"))
+
+
+@pytest.fixture
+def s3_team_server(s3, monkeypatch):
+    """The team's server (PostgreSQL, `mlflow server` with basic auth) whose artifacts go to S3: the server
+    alone holds the key and the endpoint; this test, its client, holds neither."""
+    if not have_postgres():
+        pytest.skip("PostgreSQL is not installed (.ci/run installs it with apt-get where it can)")
+    home = Path(tempfile.mkdtemp(prefix="mnist-cnn-server-"))
+    home.chmod(0o755)
+    monkeypatch.setenv("MLFLOW_AUTH_ADMIN_PASSWORD", "admin-password-for-tests")
+    cfg = server.ServerConfig(
+        home=home, port=free_port(), db_port=free_port(), artifacts_destination=f"s3://{BUCKET}/mlartifacts"
+    )
+    try:
+        with monkeypatch.context() as patch:
+            for name, value in s3.env().items():
+                patch.setenv(name, value)
+            server.start(cfg)
+        for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "MLFLOW_S3_ENDPOINT_URL"):
+            monkeypatch.delenv(name, raising=False)
+        monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(home / "no-credentials"))
+        monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")  # no key from anywhere else either
+        for name, password in USERS.items():
+            server_users.add_user(cfg.url, name, password)
+        yield cfg
+    finally:
+        server.stop(cfg)
+        shutil.rmtree(home, ignore_errors=True)
+
+
+USERS = {"alice": "alice-password-1", "bob": "bob-password-22"}
+
+
+def as_user(monkeypatch, cfg, user: str) -> None:
+    for name in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI"):
+        monkeypatch.setenv(name, cfg.url)
+    monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", user)
+    monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", USERS[user])
+    mlflow.set_tracking_uri(cfg.url)
+    mlflow.set_registry_uri(cfg.url)
+
+
+def test_the_team_server_keeps_artifacts_in_s3_and_its_clients_need_no_key(
+    s3, s3_team_server, tmp_path, tiny_mirror, monkeypatch
+):
+    cfg = s3_team_server
+    as_user(monkeypatch, cfg, "alice")
+    # hidden_3 = 2048: weights of 9.4 MB, above boto3's 8 MB multipart threshold (and so is their ONNX export).
+    project = make_project(tmp_path / "project", tiny_mirror, **{"model.hidden_3": 2048})
+    params = load_params(project.params_file)
+    run_id, _ = train.run_train(params, project, show_progress=False)
+    evaluate.run_evaluate(params, project)
+
+    run = mlflow.get_run(run_id)
+    assert run.info.status == "FINISHED" and run.info.artifact_uri.startswith("mlflow-artifacts:")
+    stored = s3.objects(BUCKET, "mlartifacts/")
+    assert any(key.endswith("/confusion_matrix.png") and run_id in key for key in stored), sorted(stored)
+    big = {key: item for key, item in stored.items() if item["Size"] > 8 * 2**20}
+    assert {key.rsplit("/", 1)[1] for key in big} >= {"model.pt", "model.onnx"}, sorted(big)
+    assert all(item["ETag"].rstrip('"').rsplit("-", 1)[1].isdigit() for item in big.values())  # multipart uploads
+
+    # Bob, another client without a key, loads the champion through the server (as `predict` and the
+    # scoring server do); it answers as evaluate did. Plain MLflow 3 would fetch it from the bucket with
+    # URLs the server presigns (docs/team.md): store.HTTP_DEFAULTS keeps it on the server.
+    as_user(monkeypatch, cfg, "bob")
+    model = load_model("models:/mnist-cnn@champion")
+    images = load_split(project.data, train=False).images.numpy()
+    predicted = pd.read_csv(project.reports / "predictions.csv")["predicted"].to_numpy()
+    assert np.array_equal(model.predict(images.astype(np.float32))["digit"].to_numpy(), predicted)
