@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import optuna
+import sqlalchemy.exc
 from filelock import FileLock
 from optuna.trial import TrialState
 
@@ -63,11 +64,27 @@ def open_storage(
         return _open_journal(storage, path), FileLock(str(path) + ".workers.lock", timeout=LOCK_WAIT_S)
     engine_kwargs = {"connect_args": {"connect_timeout": 5}} if storage.startswith("postgresql") else {}
     try:
-        opened = optuna.storages.RDBStorage(storage, engine_kwargs=engine_kwargs)
+        opened = _rdb_storage(storage, engine_kwargs)
     except Exception as exc:  # driver missing, host down, login refused: one line, before any trial
         reason = without_driver_prefix(one_line(exc))
         raise TuneError(f"tune.storage = {masked(storage)!r}: cannot be reached ({reason})") from None
     return opened, database_lock(opened, f"{study_name}.workers-lock")
+
+
+# Workers started together on a new database race in Optuna's CREATE TABLE statements: PostgreSQL answers
+# the loser "duplicate key value violates unique constraint pg_type_typname_nsp_index" (or "relation ...
+# already exists"). By then the winner has made the tables, and opening the storage again finds them.
+SCHEMA_RACE, SCHEMA_ATTEMPTS = ("duplicate key value", "already exists"), 3
+
+
+def _rdb_storage(storage: str, engine_kwargs: dict) -> optuna.storages.RDBStorage:
+    for attempt in range(1, SCHEMA_ATTEMPTS + 1):
+        try:
+            return optuna.storages.RDBStorage(storage, engine_kwargs=engine_kwargs)
+        except (sqlalchemy.exc.IntegrityError, sqlalchemy.exc.ProgrammingError) as exc:
+            if attempt == SCHEMA_ATTEMPTS or not any(sign in str(exc) for sign in SCHEMA_RACE):
+                raise
+        time.sleep(1.0)
 
 
 def _journal_path(storage: str, root: Path) -> Path:
