@@ -3,13 +3,9 @@ IAM authentication on; tests/s3server.py), through dvc-s3 and boto3 as users run
 
 from __future__ import annotations
 
-import glob
 import os
-import shutil
 import subprocess
 import sys
-import tempfile
-from pathlib import Path
 
 import mlflow
 import numpy as np
@@ -20,10 +16,10 @@ import yaml
 from conftest import TINY_WIDTHS, dvc, free_port, git, make_project
 from mnist_cnn.core.data import load_split
 from mnist_cnn.core.params import load_params
-from mnist_cnn.ops import server, server_users
 from mnist_cnn.stages import evaluate, train
 from mnist_cnn.tracking.pyfunc import load_model
 from s3server import moto_server
+from team_helpers import USERS, new_server_config, running_team_server, skip_without_postgres
 
 BUCKET = "team"
 REMOTE = f"s3://{BUCKET}/mnist-cnn"
@@ -120,40 +116,18 @@ def test_dvc_push_to_a_wrong_endpoint_key_or_bucket_fails_naming_it_and_loses_no
     assert "Data and pipelines are up to date" in dvc("status", cwd=repo)
 
 
-def have_postgres() -> bool:
-    return bool(shutil.which("initdb") or glob.glob("/usr/lib/postgresql/*/bin/initdb"))
-
-
 @pytest.fixture
 def s3_team_server(s3, monkeypatch):
     """The team's server (PostgreSQL, `mlflow server` with basic auth) whose artifacts go to S3: the server
     alone holds the key and the endpoint; this test, its client, holds neither."""
-    if not have_postgres():
-        pytest.skip("PostgreSQL is not installed (.ci/run installs it with apt-get where it can)")
-    home = Path(tempfile.mkdtemp(prefix="mnist-cnn-server-"))
-    home.chmod(0o755)
-    monkeypatch.setenv("MLFLOW_AUTH_ADMIN_PASSWORD", "admin-password-for-tests")
-    cfg = server.ServerConfig(
-        home=home, port=free_port(), db_port=free_port(), artifacts_destination=f"s3://{BUCKET}/mlartifacts"
-    )
-    try:
-        with monkeypatch.context() as patch:
-            for name, value in s3.env().items():
-                patch.setenv(name, value)
-            server.start(cfg)
+    skip_without_postgres()
+    cfg = new_server_config(monkeypatch, artifacts_destination=f"s3://{BUCKET}/mlartifacts")
+    with running_team_server(cfg, s3.env()):
         for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "MLFLOW_S3_ENDPOINT_URL"):
             monkeypatch.delenv(name, raising=False)
-        monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(home / "no-credentials"))
+        monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(cfg.home / "no-credentials"))
         monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")  # no key from anywhere else either
-        for name, password in USERS.items():
-            server_users.add_user(cfg.url, name, password)
         yield cfg
-    finally:
-        server.stop(cfg)
-        shutil.rmtree(home, ignore_errors=True)
-
-
-USERS = {"alice": "alice-password-1", "bob": "bob-password-22"}
 
 
 def as_user(monkeypatch, cfg, user: str) -> None:

@@ -3,54 +3,22 @@ loopback ports in a tmp dir; the tiny pipeline run as a user; checked through ML
 
 from __future__ import annotations
 
-import glob
-import os
-import shutil
-import tempfile
-from pathlib import Path
-
 import psutil
 import pytest
 import requests
 
-from conftest import assert_one_chain_of_champions, free_port, make_project, stage
+from conftest import assert_one_chain_of_champions, make_project, stage
 from mnist_cnn.cli import main, server_main
-from mnist_cnn.ops import server, server_users
+from mnist_cnn.ops import server
 from mnist_cnn.stages import evaluate, train
-
-ADMIN_PASSWORD = "admin-password-for-tests"
-USERS = {"alice": "alice-password-1", "bob": "bob-password-22"}
-
-
-def have_postgres() -> bool:
-    return bool(shutil.which("initdb") or glob.glob("/usr/lib/postgresql/*/bin/initdb"))
-
-
-def new_server_config(monkeypatch) -> server.ServerConfig:
-    """Free loopback ports, and a home outside pytest's tmp dir, whose parents are private (0700) to
-    the postgres user."""
-    home = Path(tempfile.mkdtemp(prefix="mnist-cnn-server-"))
-    home.chmod(0o755)
-    monkeypatch.setenv("MLFLOW_AUTH_ADMIN_PASSWORD", ADMIN_PASSWORD)
-    return server.ServerConfig(home=home, port=free_port(), db_port=free_port())
+from team_helpers import USERS, new_server_config, running_team_server, skip_without_postgres
 
 
 @pytest.fixture
 def team_server(monkeypatch):
-    if not have_postgres():
-        pytest.skip("PostgreSQL is not installed (.ci/run installs it with apt-get where it can)")
-    if os.geteuid() == 0 and shutil.which("runuser") is None:
-        pytest.skip("running as root needs runuser to start PostgreSQL as the postgres user")
-    cfg = new_server_config(monkeypatch)
-    home = cfg.home
-    try:
-        server.start(cfg)
-        for name, password in USERS.items():
-            server_users.add_user(cfg.url, name, password)
+    skip_without_postgres()
+    with running_team_server(new_server_config(monkeypatch)) as cfg:
         yield cfg
-    finally:
-        server.stop(cfg)
-        shutil.rmtree(home, ignore_errors=True)
 
 
 def api(cfg, method: str, endpoint: str, user: str | None, **kwargs) -> requests.Response:

@@ -20,7 +20,6 @@ from types import SimpleNamespace
 import psutil
 import pytest
 import requests
-from test_server import ADMIN_PASSWORD, have_postgres
 
 from conftest import free_port
 from mnist_cnn.cli import main
@@ -28,6 +27,7 @@ from mnist_cnn.ops import server
 from mnist_cnn.ops.net import answers_ok, port_taken
 from mnist_cnn.ops.server_state import STATE
 from mnist_cnn.tracking.store import TrackingError, check_server
+from team_helpers import ADMIN_PASSWORD, have_postgres
 
 pytestmark = [
     pytest.mark.xdist_group("team-server-faults"),  # one worker: its tests share a module-scoped fixture
