@@ -148,6 +148,16 @@ def tier(request) -> str:
 TIERS = ("unit", "integration", "e2e")
 
 
+def pytest_configure(config):
+    """Ctrl-C back where a shell took it away: a command started with ``&`` by a shell without job control
+    (``nohup pytest &`` in a script, CI runners) ignores SIGINT, and so would every process it starts: the
+    tests that send SIGINT would wait for an interrupt that never comes. Ignored signals are inherited,
+    a handler is not, so the stages these tests start get SIGINT back too. (pytest-xdist's workers run
+    this hook as well.)"""
+    if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
 def pytest_collection_modifyitems(items):
     """The costliest tier first, so that two workers (pytest-xdist) finish together: the long end-to-end
     tests start at once and the many short unit tests fill the gaps at the end. A file outside the
