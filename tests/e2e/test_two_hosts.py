@@ -185,8 +185,10 @@ def postgres_on_host_a(hosts):
         yield f"postgresql+psycopg://optuna:{PG_PASSWORD}@{a.address}:5432/optuna"
     finally:
         server.send_signal(signal.SIGTERM)  # ours, started above (runuser passes SIGTERM on to postgres)
-        server.wait(timeout=60)
-        shutil.rmtree(home, ignore_errors=True)
+        try:
+            server.wait(timeout=60)
+        finally:  # the hosts fixture kills whatever is left in host A's namespace
+            shutil.rmtree(home, ignore_errors=True)
 
 
 def test_two_tune_workers_on_two_hosts_share_one_study_in_postgresql(hosts, postgres_on_host_a, tmp_path, tiny_mirror):
