@@ -5,7 +5,6 @@ for bad input (0-1 pixels, booleans, broken base64 and PNGs among them), and not
 from __future__ import annotations
 
 import base64
-import io
 import json
 import os
 import threading
@@ -16,10 +15,9 @@ import pandas as pd
 import psutil
 import pytest
 import requests
-from PIL import Image
 
 from mnist_cnn.core.images import load_digit
-from mnist_cnn.core.payload import uint8_base64
+from mnist_cnn.core.payload import png_base64, uint8_base64
 from mnist_cnn.ops.scoring import scoring_server
 from mnist_cnn.tracking.pyfunc import OUTPUT_COLUMNS, PROBABILITY_COLUMNS
 
@@ -44,12 +42,6 @@ def server(champion, tmp_path_factory):
 def post(url: str, body) -> requests.Response:
     data = body if isinstance(body, str) else json.dumps(body)
     return requests.post(f"{url}/invocations", data=data, headers={"Content-Type": "application/json"}, timeout=120)
-
-
-def png_base64(image: np.ndarray) -> str:
-    buffer = io.BytesIO()
-    Image.fromarray(np.asarray(image, np.uint8)).save(buffer, format="PNG")
-    return base64.b64encode(buffer.getvalue()).decode("ascii")
 
 
 def bodies(pixels: np.ndarray) -> dict[str, dict]:

@@ -148,10 +148,11 @@ PG_PASSWORD = "optuna-password-for-tests"
 
 
 def pg_bin(name: str) -> str:
-    found = shutil.which(name) or sorted(glob.glob(f"/usr/lib/postgresql/*/bin/{name}"))[-1:]
-    if not found:
+    """PostgreSQL's program ``name``: on PATH, or the newest of Debian's versioned installs."""
+    found = shutil.which(name) or max(glob.glob(f"/usr/lib/postgresql/*/bin/{name}"), default=None)
+    if found is None:
         pytest.skip("PostgreSQL is not installed (.ci/run installs it with apt-get where it can)")
-    return found if isinstance(found, str) else found[0]
+    return found
 
 
 @pytest.fixture

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import base64
-import io
 import json
 import os
 import re
@@ -15,9 +13,8 @@ import numpy as np
 import pandas as pd
 import pytest
 from mlflow.exceptions import MlflowException
-from PIL import Image
 
-from mnist_cnn.core.payload import MAX_IMAGES, uint8_base64
+from mnist_cnn.core.payload import MAX_IMAGES, png_base64, uint8_base64
 
 
 def test_the_model_checks_its_input_itself(champion):
@@ -54,12 +51,6 @@ def test_the_model_checks_its_input_itself(champion):
     pngs = pd.DataFrame({"png_base64": [png_base64(image) for image in pixels[:20]]})
     assert model.predict(pngs)["digit"].tolist() == digits
     assert model.predict(pngs, params={"preprocess": False})["digit"].tolist() == digits
-
-
-def png_base64(image: np.ndarray) -> str:
-    buffer = io.BytesIO()
-    Image.fromarray(np.asarray(image, np.uint8)).save(buffer, format="PNG")
-    return base64.b64encode(buffer.getvalue()).decode("ascii")
 
 
 def test_the_logged_model_loads_without_the_source_checkout(champion):

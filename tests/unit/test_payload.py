@@ -5,22 +5,13 @@ fields and bad pixel values each get one line naming the field, the image and wh
 from __future__ import annotations
 
 import base64
-import io
 
 import numpy as np
 import pandas as pd
 import pytest
-from PIL import Image
 
 from mnist_cnn.core.images import load_digit
-from mnist_cnn.core.payload import MAX_IMAGES, BadInput, check_pixels, pixels_of, uint8_base64
-
-
-def png_base64(image: np.ndarray | Image.Image) -> str:
-    picture = image if isinstance(image, Image.Image) else Image.fromarray(np.asarray(image, np.uint8))
-    buffer = io.BytesIO()
-    picture.save(buffer, format="PNG")
-    return base64.b64encode(buffer.getvalue()).decode("ascii")
+from mnist_cnn.core.payload import MAX_IMAGES, BadInput, check_pixels, pixels_of, png_base64, uint8_base64
 
 
 @pytest.fixture(scope="module")

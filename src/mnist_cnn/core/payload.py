@@ -19,6 +19,7 @@ import io
 from typing import Any
 
 import numpy as np
+from PIL import Image
 
 from mnist_cnn.core.errors import ProjectError
 from mnist_cnn.core.images import ImageError, decode_image, mnist_like
@@ -225,3 +226,10 @@ def _check_range(pixels: np.ndarray) -> None:
 def uint8_base64(images: np.ndarray) -> str:
     """The client's side of ``uint8_base64``: (N, 28, 28) pixels in 0-255 -> one base64 string."""
     return base64.b64encode(np.ascontiguousarray(images, dtype=np.uint8).tobytes()).decode("ascii")
+
+
+def png_base64(image: np.ndarray) -> str:
+    """The client's side of ``png_base64``: one image's grey levels in 0-255 -> a base64 PNG."""
+    buffer = io.BytesIO()
+    Image.fromarray(np.asarray(image, dtype=np.uint8)).save(buffer, format="PNG")
+    return base64.b64encode(buffer.getvalue()).decode("ascii")
