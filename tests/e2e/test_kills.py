@@ -33,6 +33,16 @@ from mnist_cnn.tracking import owners, store
 from tune_helpers import journal, tune_runs, write_tune_params
 
 
+def output_within(proc: subprocess.Popen, seconds: float) -> str:
+    """What ``proc`` printed, once it has ended; if it has not ended within ``seconds``, it is killed and the
+    test fails showing all of it (where it was when the signal did not stop it)."""
+    try:
+        return proc.communicate(timeout=seconds)[0]
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        raise AssertionError(f"still running after {seconds} s:\n{proc.communicate()[0]}") from None
+
+
 def start_long_training(project, sighup) -> subprocess.Popen:
     """``train`` in a child, once its MLflow run exists; ``sighup``: the disposition it starts with (a
     terminal's default, or nohup's ignore; the test runner's own may be either)."""
@@ -59,7 +69,7 @@ def start_long_training(project, sighup) -> subprocess.Popen:
 def test_sighup_during_training_ends_the_run_killed(project):
     proc = start_long_training(project, signal.SIG_DFL)
     proc.send_signal(signal.SIGHUP)  # the terminal closed; its default action would leave the run RUNNING
-    output, _ = proc.communicate(timeout=60)
+    output = output_within(proc, 60)
     assert proc.returncode == 130, output
     assert only_run().info.status == "KILLED"
     assert not (project.models / "model.pt").exists()
@@ -71,7 +81,7 @@ def test_under_nohup_sighup_stays_ignored_and_sigterm_ends_the_run_killed(projec
     time.sleep(2)
     assert proc.poll() is None and only_run().info.status == "RUNNING"  # still training
     proc.send_signal(signal.SIGTERM)  # as kill or a scheduler sends it
-    output, _ = proc.communicate(timeout=60)
+    output = output_within(proc, 60)
     assert proc.returncode == 130, output
     assert only_run().info.status == "KILLED"
     assert not (project.models / "model.pt").exists()
@@ -122,7 +132,7 @@ def test_repeated_interrupts_while_ending_still_end_the_run_killed(project):
         if proc.poll() is not None:
             break
         proc.send_signal(signal.SIGINT if _ % 2 else signal.SIGTERM)
-    output, _ = proc.communicate(timeout=60)
+    output = output_within(proc, 60)
     assert proc.returncode != 0
     assert [run.info.status for run in the_runs()] == ["KILLED"], output
 

