@@ -3,6 +3,7 @@ IAM authentication on; tests/s3server.py), through dvc-s3 and boto3 as users run
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
@@ -13,8 +14,9 @@ import numpy as np
 import pandas as pd
 import pytest
 import yaml
+from mlflow.tracking import MlflowClient
 
-from conftest import TINY_WIDTHS, dvc, free_port, git, make_project
+from conftest import EPOCH_LINE, TINY_WIDTHS, dvc, free_port, git, make_project, stage, wait_for_line
 from mnist_cnn.core.data import load_split
 from mnist_cnn.core.params import load_params
 from mnist_cnn.stages import evaluate, train
@@ -117,8 +119,8 @@ def test_dvc_push_to_a_wrong_endpoint_key_or_bucket_fails_naming_it_and_loses_no
     assert "Data and pipelines are up to date" in dvc("status", cwd=repo)
 
 
-@pytest.fixture
-def s3_team_server(s3, monkeypatch):
+@contextlib.contextmanager
+def keyless_team_server(s3, monkeypatch):
     """The team's server (PostgreSQL, `mlflow server` with basic auth) whose artifacts go to S3: the server
     alone holds the key and the endpoint; this test, its client, holds neither."""
     skip_without_postgres()
@@ -128,6 +130,12 @@ def s3_team_server(s3, monkeypatch):
             monkeypatch.delenv(name, raising=False)
         monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(cfg.home / "no-credentials"))
         monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")  # no key from anywhere else either
+        yield cfg
+
+
+@pytest.fixture
+def s3_team_server(s3, monkeypatch):
+    with keyless_team_server(s3, monkeypatch) as cfg:
         yield cfg
 
 
@@ -221,3 +229,51 @@ def test_s3_killed_while_dvc_push_runs_fails_it_and_a_retry_makes_the_remote_who
     dvc("pull", cwd=clone, env={**os.environ, "AWS_ACCESS_KEY_ID": s3.key_id, "AWS_SECRET_ACCESS_KEY": s3.secret})
     for path in [*sorted(extra.iterdir()), repo / "models" / "model.pt"]:
         assert (clone / path.relative_to(repo)).read_bytes() == path.read_bytes(), path
+
+
+def test_s3_killed_while_a_training_logs_through_the_team_server_fails_the_run_and_the_rerun_resumes_it(
+    seaweed, tmp_path, tiny_mirror, monkeypatch
+):
+    with keyless_team_server(seaweed.s3, monkeypatch) as cfg:
+        as_user(monkeypatch, cfg, "alice")
+        project = make_project(tmp_path / "project", tiny_mirror, **{"train.epochs": 4, "train.patience": 4})
+        training = stage(project, "train")
+        before = wait_for_line(training, EPOCH_LINE.format(epoch=1))
+        seaweed.kill()  # the metrics still go to the server's database; the artifacts at the end cannot
+        killed_at = time.monotonic()
+        after, _ = training.communicate(timeout=600)
+        stopped_s = time.monotonic() - killed_at
+        output = "".join(before) + after
+
+        assert training.returncode == 1, output
+        errors = [line for line in output.splitlines() if line.startswith("error:")]
+        assert len(errors) == 1, output
+        run_id = errors[0].split(" of run ")[1].split(":")[0]
+        assert errors[0] == (
+            f"error: tracking server {cfg.url} failed to store learning_curves.png (HTTP 500 on every retry) of"
+            f" run {run_id}: its artifact storage is down or refuses it (the server's log says which); the run"
+            " ends FAILED; rerun then: the training resumes from models/checkpoint.pt"
+        ), errors[0]
+        for noise in ("Traceback", "Max retries exceeded", "too many 500"):
+            assert noise not in output, output
+        assert stopped_s < 120, f"{stopped_s:.0f} s after the kill"
+        client = MlflowClient()  # through the server, as alice
+        assert client.get_run(run_id).info.status == "FAILED"
+        # Local outputs intact: the checkpoint kept for the rerun, the weights whole, no train.json that
+        # would let evaluate file them under this run.
+        assert (project.models / "checkpoint.pt").is_file() and not (project.models / "train.json").exists()
+        weights = (project.models / "model.pt").read_bytes()
+
+        seaweed.start()  # the same disk: the storage is back with what it held
+        rerun = stage(project, "train")
+        output, _ = rerun.communicate(timeout=300)
+        assert rerun.returncode == 0, output
+        assert "resuming after epoch 4" in output
+        run = client.get_run(run_id)
+        assert run.info.status == "FINISHED"
+        assert [m.step for m in client.get_metric_history(run_id, "val_loss")] == [1, 2, 3, 4]
+        assert len(client.search_runs([run.info.experiment_id])) == 1
+        assert (project.models / "model.pt").read_bytes() == weights
+        assert not (project.models / "checkpoint.pt").exists()
+        stored = seaweed.s3.objects(BUCKET, "mlartifacts/")
+        assert any(key.endswith(f"{run_id}/artifacts/learning_curves.png") for key in stored), sorted(stored)

@@ -84,10 +84,10 @@ def run_train(
             write_train_info(result, paths.models, run_id, params)
             # Last: a kill before this line leaves the checkpoint, and the rerun records what is missing.
             checkpoint_path.unlink(missing_ok=True)
-    except runs.ServerLost as lost:
+    except (runs.ServerLost, runs.ArtifactsNotStored) as lost:
         if params.train.resume != "auto" or not checkpoint_path.is_file():
             raise
-        raise runs.ServerLost(f"{lost}; rerun then: the training resumes from {checkpoint_path}") from None
+        raise type(lost)(f"{lost}; rerun then: the training resumes from {checkpoint_path}") from None
     return run_id, result
 
 

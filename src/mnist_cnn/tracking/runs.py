@@ -24,8 +24,10 @@ from mnist_cnn.ops.signals import signals_deferred
 from mnist_cnn.tracking import runmeta, store
 from mnist_cnn.tracking.owners import close_stale_runs, owner_tags
 from mnist_cnn.tracking.store import (
+    ArtifactsNotStored,
     ServerUnreachable,
     TrackingError,
+    artifact_not_stored,
     check_server,
     configure,
     experiment_id,
@@ -111,6 +113,14 @@ def server_lost(reason: str, active: mlflow.ActiveRun | None) -> ServerLost:
     return ServerLost(
         f"{server} stopped answering during run {active.info.run_id} ({reason}); the run stays RUNNING"
         " until the next training or `python -m mnist_cnn runs --clean` closes it"
+    )
+
+
+def artifacts_not_stored(artifact: str, active: mlflow.ActiveRun) -> ArtifactsNotStored:
+    server = f"tracking server {masked(mlflow.get_tracking_uri())}"
+    return ArtifactsNotStored(
+        f"{server} failed to store {artifact} of run {active.info.run_id}: its artifact storage is down or"
+        " refuses it (the server's log says which); the run ends FAILED"
     )
 
 
@@ -201,7 +211,10 @@ def run(
             status = next((s for kind, s in (ended_as or {}).items() if isinstance(exc, kind)), "FAILED")
             reason = lost_server(exc)
             if reason is None:
-                raise
+                artifact = artifact_not_stored(exc)
+                if artifact is None or active is None:
+                    raise
+                raise artifacts_not_stored(artifact, active) from None
             _end_without_server(status)
             ended = True
             raise server_lost(reason, active) from None

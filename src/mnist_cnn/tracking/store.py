@@ -261,6 +261,28 @@ def server_error(server: str, status: int) -> TrackingError:
     )
 
 
+class ArtifactsNotStored(TrackingError):
+    """The tracking server answers, but failed every try to store an artifact: its artifact storage (the
+    bucket or disk behind ``--artifacts-destination``) is down or refuses it."""
+
+
+# How MLflow's client reports an artifact upload the server failed with 5xx on every retry.
+_ARTIFACT_5XX = re.compile(
+    r"API request to \S+/api/2\.0/mlflow-artifacts/artifacts/(?P<path>\S+) failed with exception .*"
+    r"too many (?P<status>5\d\d) error responses"
+)
+
+
+def artifact_not_stored(exc: BaseException) -> str | None:
+    """The artifact ``exc`` says the server failed to store, and how: ``learning_curves.png (HTTP 500 on
+    every retry)``; None for any other failure."""
+    match = _ARTIFACT_5XX.search(str(exc)) if isinstance(exc, MlflowException) else None
+    if match is None:
+        return None
+    name = match["path"].rsplit("/artifacts/", 1)[-1]
+    return f"{name} (HTTP {match['status']} on every retry)"
+
+
 def unreachable_reason(exc: BaseException | str, timeout: float) -> str:
     """How a request failed, short: MLflow's and urllib3's text runs to 300 characters and repeats
     the URL (a password included)."""
