@@ -27,6 +27,22 @@ def test_a_hangup_while_a_run_ends_is_held_to_the_end():
         signal.signal(signal.SIGHUP, previous)
 
 
+class RaisesInItsFinalizer:
+    """A finalizer that a stop signal interrupts: Python drops the exception raised inside it."""
+
+    def __del__(self):
+        signal.raise_signal(signal.SIGTERM)
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")  # the dropped exception
+def test_a_stop_signal_lost_in_a_finalizer_is_raised_at_the_next_epoch_and_forgotten_after_the_block():
+    with signals.stop_signals_interrupt():
+        RaisesInItsFinalizer()  # refcount 0: its __del__ runs here, SIGTERM's KeyboardInterrupt is dropped
+        with pytest.raises(KeyboardInterrupt, match=f"signal {signal.SIGTERM}"):
+            signals.raise_if_stopped()
+    signals.raise_if_stopped()  # the block is over: nothing left to raise
+
+
 def test_store_defaults_to_project_root_and_survives_dvc_temp_dirs(tmp_path, monkeypatch):
     monkeypatch.delenv("MLFLOW_TRACKING_URI")
     assert store.tracking_uri(tmp_path) == f"sqlite:///{tmp_path}/mlflow.db"

@@ -30,7 +30,13 @@ def stop_signals() -> list[int]:
     return [sig for sig in wanted if signal.getsignal(sig) is not signal.SIG_IGN]
 
 
+# The stop signals received inside the outermost stop_signals_interrupt block, until it ends.
+_received: list[int] = []
+_blocks = 0
+
+
 def _raise_stop(signum, frame):  # noqa: ARG001
+    _received.append(signum)
     raise stop_signal_error(signum)
 
 
@@ -38,12 +44,26 @@ def _raise_stop(signum, frame):  # noqa: ARG001
 def stop_signals_interrupt() -> Iterator[None]:
     """Inside the block the ``stop_signals`` raise ``stop_signal_error`` (KeyboardInterrupt, or WorkerStopped
     under torchrun), so temporary files are removed and an MLflow run ends KILLED (FAILED)."""
+    global _blocks
     previous = {sig: signal.signal(sig, _raise_stop) for sig in stop_signals()}
+    _blocks += 1
     try:
         yield
     finally:
+        _blocks -= 1
+        if not _blocks:
+            _received.clear()
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+
+
+def raise_if_stopped() -> None:
+    """Raise again a stop signal received in the block whose exception was lost. Python runs a handler
+    wherever the main thread is, a finalizer (``__del__``, a weakref callback) included, and drops what
+    a finalizer raises ("Exception ignored in ..."): a training then went on after its SIGHUP. Called
+    at each epoch's end."""
+    if _received:
+        raise stop_signal_error(_received[0])
 
 
 @contextlib.contextmanager

@@ -360,6 +360,7 @@ class EpochLogger:
             pending.wait()
 
     def log_epoch(self, stats) -> None:
+        signals.raise_if_stopped()
         self.wait()
         self._pending = mlflow.log_metrics(
             {
