@@ -139,13 +139,18 @@ class SeaweedFS:
         return [
             weed_binary(), "server", f"-ip={HOST}", f"-ip.bind={HOST}", f"-dir={self.home / 'data'}",
             "-master.telemetry=false", "-master.volumeSizeLimitMB=64", "-volume.max=200",
+            "-master.electionTimeout=1s",  # a restarted master is leader in ~1 s (default 10 s)
             "-s3", f"-s3.config={self.home / 's3.json'}", "-s3.port.iceberg=0", "-s3.port.lance=0", *ports,
+            f"-filer.localSocket={self.home / 'filer.sock'}", f"-s3.localSocket={self.home / 's3.sock'}",
         ]  # fmt: skip
 
     def start(self, bucket: str | None = None) -> S3:
         """Start (again) and wait until the gateway answers signed requests; create ``bucket`` if given."""
         with open(self.home / "weed.log", "ab") as out:
-            self.proc = subprocess.Popen(self.command(), stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+            env = {**os.environ, "TMPDIR": str(self.home)}  # its logs (glog writes them to the temp dir)
+            self.proc = subprocess.Popen(
+                self.command(), stdout=out, stderr=subprocess.STDOUT, start_new_session=True, env=env
+            )
         deadline = time.monotonic() + 90
         while True:
             try:
@@ -166,10 +171,13 @@ class SeaweedFS:
             self.proc.wait(timeout=30)
 
     def stop(self) -> None:
-        if self.proc is None or self.proc.poll() is not None:
-            return
-        os.killpg(self.proc.pid, signal.SIGTERM)
-        try:
-            self.proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            self.kill()
+        if self.proc is not None and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                self.kill()
+        # Each server's gRPC Unix socket, which weed puts in /tmp whatever TMPDIR says and leaves there.
+        for name, port in self.ports.items():
+            if name.endswith(".grpc"):
+                Path(f"/tmp/seaweedfs-{name.split('.')[0]}-grpc-{port}.sock").unlink(missing_ok=True)
