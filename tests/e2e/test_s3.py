@@ -201,7 +201,7 @@ def test_s3_killed_while_dvc_push_runs_fails_it_and_a_retry_makes_the_remote_who
     git("add", "-A", cwd=repo)
     git("commit", "-qm", "a dataset, the team's S3 remote", cwd=repo)
     # botocore's default, 5 attempts with backoff under each of s3fs's 5, gives up on a dead endpoint after
-    # minutes per file; 2 attempts, as docs/team.md suggests for a push by hand, after seconds.
+    # minutes per file; 2 attempts, as docs/team.md advises for a push by hand, after seconds.
     quick = {**os.environ, "AWS_MAX_ATTEMPTS": "2"}
     push = subprocess.Popen([sys.executable, "-m", "dvc", "push"], cwd=repo, env=quick, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)  # fmt: skip
