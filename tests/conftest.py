@@ -563,6 +563,23 @@ def wait_for_line(proc: subprocess.Popen, needle: str, timeout: float = 120) -> 
     raise AssertionError(f"{needle!r} never printed:\n{''.join(lines)}")
 
 
+def ended_after_fault(proc: subprocess.Popen, before: list[str], fault, timeout: float) -> tuple[str, float]:
+    """Make ``fault()`` happen, then wait for ``proc`` to end: all it printed (``before`` included) and the
+    seconds from the fault to its end."""
+    fault()
+    at = time.monotonic()
+    after, _ = proc.communicate(timeout=timeout)
+    return "".join(before) + after, time.monotonic() - at
+
+
+def the_error_line(proc: subprocess.Popen, output: str) -> str:
+    """The one ``error:`` line of a stage that failed (exit 1), as its output has it."""
+    assert proc.returncode == 1, output
+    errors = [line for line in output.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1, output
+    return errors[0]
+
+
 def the_runs(experiment="mnist-cnn"):
     import mlflow
     from mlflow.tracking import MlflowClient

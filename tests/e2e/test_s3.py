@@ -16,7 +16,18 @@ import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 
-from conftest import EPOCH_LINE, TINY_WIDTHS, dvc, free_port, git, make_project, stage, wait_for_line
+from conftest import (
+    EPOCH_LINE,
+    TINY_WIDTHS,
+    dvc,
+    ended_after_fault,
+    free_port,
+    git,
+    make_project,
+    stage,
+    the_error_line,
+    wait_for_line,
+)
 from mnist_cnn.core.data import load_split
 from mnist_cnn.core.params import load_params
 from mnist_cnn.stages import evaluate, train
@@ -239,21 +250,16 @@ def test_s3_killed_while_a_training_logs_through_the_team_server_fails_the_run_a
         project = make_project(tmp_path / "project", tiny_mirror, **{"train.epochs": 4, "train.patience": 4})
         training = stage(project, "train")
         before = wait_for_line(training, EPOCH_LINE.format(epoch=1))
-        seaweed.kill()  # the metrics still go to the server's database; the artifacts at the end cannot
-        killed_at = time.monotonic()
-        after, _ = training.communicate(timeout=600)
-        stopped_s = time.monotonic() - killed_at
-        output = "".join(before) + after
+        # The metrics still go to the server's database; the artifacts at the end cannot.
+        output, stopped_s = ended_after_fault(training, before, seaweed.kill, timeout=600)
 
-        assert training.returncode == 1, output
-        errors = [line for line in output.splitlines() if line.startswith("error:")]
-        assert len(errors) == 1, output
-        run_id = errors[0].split(" of run ")[1].split(":")[0]
-        assert errors[0] == (
+        error = the_error_line(training, output)
+        run_id = error.split(" of run ")[1].split(":")[0]
+        assert error == (
             f"error: tracking server {cfg.url} failed to store learning_curves.png (HTTP 500 on every retry) of"
             f" run {run_id}: its artifact storage is down or refuses it (the server's log says which); the run"
             " ends FAILED; rerun then: the training resumes from models/checkpoint.pt"
-        ), errors[0]
+        ), error
         for noise in ("Traceback", "Max retries exceeded", "too many 500"):
             assert noise not in output, output
         assert stopped_s < 120, f"{stopped_s:.0f} s after the kill"
