@@ -283,3 +283,23 @@ def test_s3_killed_while_a_training_logs_through_the_team_server_fails_the_run_a
         assert not (project.models / "checkpoint.pt").exists()
         stored = seaweed.s3.objects(BUCKET, "mlartifacts/")
         assert any(key.endswith(f"{run_id}/artifacts/learning_curves.png") for key in stored), sorted(stored)
+
+        # The storage dies again, before evaluate logs its figures and registers the model: one line, the
+        # run stays FINISHED with evaluate.status FAILED, no version; evaluate again once it is back.
+        evaluating = stage(project, "evaluate")
+        output, _ = ended_after_fault(evaluating, [], seaweed.kill, timeout=600)
+        error = the_error_line(evaluating, output)
+        assert error.startswith(f"error: tracking server {cfg.url} failed to store "), error
+        assert error.endswith(
+            f" of run {run_id}: its artifact storage is down or refuses it (the server's log says which); the run"
+            " stays FINISHED, evaluate.status FAILED; rerun evaluate once it is back"
+        ), error
+        run = client.get_run(run_id)
+        assert run.info.status == "FINISHED" and run.data.tags["evaluate.status"] == "FAILED"
+        assert not client.search_model_versions("name='mnist-cnn'")
+        seaweed.start()
+        evaluating = stage(project, "evaluate")
+        output, _ = evaluating.communicate(timeout=300)
+        assert evaluating.returncode == 0, output
+        assert client.get_run(run_id).data.tags["evaluate.status"] == "FINISHED"
+        assert [v.run_id for v in client.search_model_versions("name='mnist-cnn'")] == [run_id]

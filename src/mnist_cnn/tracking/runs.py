@@ -116,11 +116,11 @@ def server_lost(reason: str, active: mlflow.ActiveRun | None) -> ServerLost:
     )
 
 
-def artifacts_not_stored(artifact: str, active: mlflow.ActiveRun) -> ArtifactsNotStored:
+def artifacts_not_stored(artifact: str, run_id: str, outcome: str) -> ArtifactsNotStored:
     server = f"tracking server {masked(mlflow.get_tracking_uri())}"
     return ArtifactsNotStored(
-        f"{server} failed to store {artifact} of run {active.info.run_id}: its artifact storage is down or"
-        " refuses it (the server's log says which); the run ends FAILED"
+        f"{server} failed to store {artifact} of run {run_id}: its artifact storage is down or refuses it"
+        f" (the server's log says which); {outcome}"
     )
 
 
@@ -214,7 +214,7 @@ def run(
                 artifact = artifact_not_stored(exc)
                 if artifact is None or active is None:
                     raise
-                raise artifacts_not_stored(artifact, active) from None
+                raise artifacts_not_stored(artifact, active.info.run_id, "the run ends FAILED") from None
             _end_without_server(status)
             ended = True
             raise server_lost(reason, active) from None
@@ -262,8 +262,14 @@ def reopen(run_id: str, stage: str, root: Path | None = None, name: str | None =
             outcome = "KILLED"
             raise
         except Exception as exc:
-            error = one_line(exc)
-            raise
+            artifact = artifact_not_stored(exc)
+            if artifact is None:
+                error = one_line(exc)
+                raise
+            then = f"the run stays {final or 'RUNNING'}, {stage}.status FAILED; rerun {stage} once it is back"
+            not_stored = artifacts_not_stored(artifact, run_id, then)
+            error = str(not_stored)
+            raise not_stored from None
         finally:
             with signals_deferred():
                 mlflow.set_tags({f"{stage}.status": outcome, **({f"{stage}.error": error[:5000]} if error else {})})
