@@ -563,12 +563,22 @@ def wait_for_line(proc: subprocess.Popen, needle: str, timeout: float = 120) -> 
     raise AssertionError(f"{needle!r} never printed:\n{''.join(lines)}")
 
 
+def output_within(proc: subprocess.Popen, seconds: float) -> str:
+    """What ``proc`` printed, once it has ended; if it has not ended within ``seconds``, it is killed and the
+    test fails showing all of it (where it was when it should have stopped)."""
+    try:
+        return proc.communicate(timeout=seconds)[0]
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        raise AssertionError(f"still running after {seconds} s:\n{proc.communicate()[0]}") from None
+
+
 def ended_after_fault(proc: subprocess.Popen, before: list[str], fault, timeout: float) -> tuple[str, float]:
     """Make ``fault()`` happen, then wait for ``proc`` to end: all it printed (``before`` included) and the
     seconds from the fault to its end."""
     fault()
     at = time.monotonic()
-    after, _ = proc.communicate(timeout=timeout)
+    after = output_within(proc, timeout)
     return "".join(before) + after, time.monotonic() - at
 
 

