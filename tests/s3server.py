@@ -147,9 +147,11 @@ class SeaweedFS:
     def start(self, bucket: str | None = None) -> S3:
         """Start (again) and wait until the gateway answers signed requests; create ``bucket`` if given."""
         with open(self.home / "weed.log", "ab") as out:
-            env = {**os.environ, "TMPDIR": str(self.home)}  # its logs (glog writes them to the temp dir)
+            # TMPDIR: its logs (glog writes them to the temp dir). cwd and HOME: it reads security.toml,
+            # filer.toml and master.toml from ., ~/.seaweedfs and /etc/seaweedfs; none of a developer's.
+            env = {**os.environ, "TMPDIR": str(self.home), "HOME": str(self.home)}
             self.proc = subprocess.Popen(
-                self.command(), stdout=out, stderr=subprocess.STDOUT, start_new_session=True, env=env
+                self.command(), cwd=self.home, stdout=out, stderr=subprocess.STDOUT, start_new_session=True, env=env
             )
         deadline = time.monotonic() + 90
         while True:

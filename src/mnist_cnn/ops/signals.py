@@ -30,7 +30,8 @@ def stop_signals() -> list[int]:
     return [sig for sig in wanted if signal.getsignal(sig) is not signal.SIG_IGN]
 
 
-# The stop signals received inside the outermost stop_signals_interrupt block, until it ends.
+# The stop signals received inside the outermost stop_signals_interrupt block (cleared as it starts and
+# once it has ended).
 _received: list[int] = []
 _blocks = 0
 
@@ -45,16 +46,18 @@ def stop_signals_interrupt() -> Iterator[None]:
     """Inside the block the ``stop_signals`` raise ``stop_signal_error`` (KeyboardInterrupt, or WorkerStopped
     under torchrun), so temporary files are removed and an MLflow run ends KILLED (FAILED)."""
     global _blocks
+    if not _blocks:
+        _received.clear()
     previous = {sig: signal.signal(sig, _raise_stop) for sig in stop_signals()}
     _blocks += 1
     try:
         yield
     finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
         _blocks -= 1
         if not _blocks:
             _received.clear()
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
 
 
 def raise_if_stopped() -> None:

@@ -84,7 +84,7 @@ def run_train(
             write_train_info(result, paths.models, run_id, params)
             # Last: a kill before this line leaves the checkpoint, and the rerun records what is missing.
             checkpoint_path.unlink(missing_ok=True)
-    except (runs.ServerLost, runs.ArtifactsNotStored) as lost:
+    except (runs.ServerLost, store.ArtifactsNotStored) as lost:
         if params.train.resume != "auto" or not checkpoint_path.is_file():
             raise
         raise type(lost)(f"{lost}; rerun then: the training resumes from {checkpoint_path}") from None

@@ -103,6 +103,7 @@ class TrialReporter:
         self.trial = trial
 
     def log_epoch(self, stats: EpochStats) -> None:
+        signals.raise_if_stopped()
         tuning.log_trial_epoch(stats)
         self.trial.report(stats.val_loss, stats.epoch)
         if self.trial.should_prune():

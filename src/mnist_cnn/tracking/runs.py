@@ -24,10 +24,9 @@ from mnist_cnn.ops.signals import signals_deferred
 from mnist_cnn.tracking import runmeta, store
 from mnist_cnn.tracking.owners import close_stale_runs, owner_tags
 from mnist_cnn.tracking.store import (
-    ArtifactsNotStored,
     ServerUnreachable,
     TrackingError,
-    artifact_not_stored,
+    artifacts_not_stored,
     check_server,
     configure,
     experiment_id,
@@ -113,14 +112,6 @@ def server_lost(reason: str, active: mlflow.ActiveRun | None) -> ServerLost:
     return ServerLost(
         f"{server} stopped answering during run {active.info.run_id} ({reason}); the run stays RUNNING"
         " until the next training or `python -m mnist_cnn runs --clean` closes it"
-    )
-
-
-def artifacts_not_stored(artifact: str, run_id: str, outcome: str) -> ArtifactsNotStored:
-    server = f"tracking server {masked(mlflow.get_tracking_uri())}"
-    return ArtifactsNotStored(
-        f"{server} failed to store {artifact} of run {run_id}: its artifact storage is down or refuses it"
-        f" (the server's log says which); {outcome}"
     )
 
 
@@ -211,10 +202,11 @@ def run(
             status = next((s for kind, s in (ended_as or {}).items() if isinstance(exc, kind)), "FAILED")
             reason = lost_server(exc)
             if reason is None:
-                artifact = artifact_not_stored(exc)
-                if artifact is None or active is None:
+                ran = active is not None  # a run that never started stored nothing
+                not_stored = artifacts_not_stored(exc, active.info.run_id, "the run ends FAILED") if ran else None
+                if not_stored is None:
                     raise
-                raise artifacts_not_stored(artifact, active.info.run_id, "the run ends FAILED") from None
+                raise not_stored from None
             _end_without_server(status)
             ended = True
             raise server_lost(reason, active) from None
@@ -262,12 +254,12 @@ def reopen(run_id: str, stage: str, root: Path | None = None, name: str | None =
             outcome = "KILLED"
             raise
         except Exception as exc:
-            artifact = artifact_not_stored(exc)
-            if artifact is None:
+            run_is = f"the run stays {final}" if final else "the run ends FAILED"  # as `_end` below leaves it
+            then = f"{run_is}, {stage}.status FAILED; rerun {stage} once it is back"
+            not_stored = artifacts_not_stored(exc, run_id, then)
+            if not_stored is None:
                 error = one_line(exc)
                 raise
-            then = f"the run stays {final or 'RUNNING'}, {stage}.status FAILED; rerun {stage} once it is back"
-            not_stored = artifacts_not_stored(artifact, run_id, then)
             error = str(not_stored)
             raise not_stored from None
         finally:

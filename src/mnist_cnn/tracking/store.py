@@ -273,14 +273,18 @@ _ARTIFACT_5XX = re.compile(
 )
 
 
-def artifact_not_stored(exc: BaseException) -> str | None:
-    """The artifact ``exc`` says the server failed to store, and how: ``learning_curves.png (HTTP 500 on
-    every retry)``; None for any other failure."""
+def artifacts_not_stored(exc: BaseException, run_id: str, outcome: str) -> ArtifactsNotStored | None:
+    """``exc`` as one line, if it is the server failing every try to store an artifact of ``run_id``
+    (``outcome``: what that left of the run); None for any other failure."""
     match = _ARTIFACT_5XX.search(str(exc)) if isinstance(exc, MlflowException) else None
     if match is None:
         return None
     name = match["path"].rsplit("/artifacts/", 1)[-1]
-    return f"{name} (HTTP {match['status']} on every retry)"
+    return ArtifactsNotStored(
+        f"tracking server {masked(mlflow.get_tracking_uri())} failed to store {name} (HTTP {match['status']} on"
+        f" every retry) of run {run_id}: its artifact storage is down or refuses it (the server's log says"
+        f" which); {outcome}"
+    )
 
 
 def unreachable_reason(exc: BaseException | str, timeout: float) -> str:
