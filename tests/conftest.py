@@ -15,6 +15,7 @@ import os
 # networks here are tiny, and on 2 shared cores OpenMP's threads spin against each other and against
 # whatever else runs (2-epoch trainings measured 8x slower with 2 threads on a busy 2-core machine).
 os.environ.setdefault("OMP_NUM_THREADS", "1")
+import gc
 import pickle
 import shutil
 import signal
@@ -32,7 +33,6 @@ from filelock import FileLock
 
 from mnist_cnn.core.files import Paths
 from mnist_cnn.core.params import Params, parse_params
-from tinydata import write_checksums, write_tiny_mnist
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -54,6 +54,8 @@ TINY_OVERRIDES = {
 @pytest.fixture(scope="session")
 def tiny_mirror(tmp_path_factory) -> Path:
     """A directory holding the four tiny IDX .gz files, and beside it their checksums (``md5s.json``)."""
+    from tinydata import write_checksums, write_tiny_mnist  # here: it loads torch and scikit-learn
+
     root = tmp_path_factory.mktemp("tiny")
     mirror = root / "mirror"
     write_checksums(write_tiny_mnist(mirror), root / "md5s.json")
@@ -156,6 +158,15 @@ def pytest_configure(config):
     this hook as well.)"""
     if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
         signal.signal(signal.SIGINT, signal.default_int_handler)
+    # Collection loads torch, MLflow and every test module: long-lived objects, no garbage. The cyclic
+    # collector stays off until it ends and then leaves them frozen, as a stage's start-up does
+    # (core/startup.py); half of collection's CPU.
+    gc.disable()
+
+
+def pytest_collection_finish(session):
+    gc.freeze()
+    gc.enable()
 
 
 def pytest_collection_modifyitems(items):

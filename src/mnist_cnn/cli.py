@@ -18,7 +18,7 @@ from pathlib import Path
 
 # Light imports only: --help, argument errors and the download stage answer without torch or MLflow;
 # every stage imports what it needs when it runs.
-from mnist_cnn.core import errors, files
+from mnist_cnn.core import errors, files, startup
 from mnist_cnn.core.errors import masked, one_line
 from mnist_cnn.core.params import ConfigError, Params, load_params, load_section
 from mnist_cnn.ops import lock, signals
@@ -73,9 +73,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def run_stages(stage: str, args: argparse.Namespace, overrides: dict[str, str]) -> None:
-    from mnist_cnn.core import world as distributed
-    from mnist_cnn.stages.download import download
-
+    with startup.collector_paused():
+        from mnist_cnn.core import world as distributed
+        from mnist_cnn.stages.download import download
     if stage == "download":
         # Only the section it reads: `dvc exp run -S train.lr=-1` must fail in train, not here.
         download(load_section(args.params, "data", overrides), args.root / files.DATA_DIR, args.mirror or None)
@@ -149,8 +149,12 @@ def _check_processes(processes: int, device_name: str) -> None:
 
 
 def _train_and_evaluate(stage: str, params: Params, args: argparse.Namespace) -> None:
-    from mnist_cnn.stages import evaluate, train
-    from mnist_cnn.stages.download import download
+    with startup.collector_paused():
+        from mnist_cnn.stages import evaluate, train
+        from mnist_cnn.stages.download import download
+
+        if stage != "evaluate":
+            import torch._dynamo  # noqa: F401  (torch.optim loads it at the first step)
 
     if stage == "all":
         download(params.data, args.root / files.DATA_DIR, args.mirror or None)
@@ -188,13 +192,17 @@ def run_tune(args: argparse.Namespace, overrides: dict[str, str]) -> None:
     from mnist_cnn.core.search import load_tune
 
     cfg = load_tune(args.params, params, tune_overrides)
-    from mnist_cnn.stages.tune import describe, tune
+    with startup.collector_paused():
+        import torch._dynamo  # noqa: F401  (torch.optim loads it at the first step)
+
+        from mnist_cnn.stages.tune import describe, tune
 
     print(describe(tune(params, cfg, args.root, False if args.no_progress else None)))
 
 
 def show_runs(experiment: str, args: argparse.Namespace) -> None:
-    from mnist_cnn.tracking import owners, store
+    with startup.collector_paused():
+        from mnist_cnn.tracking import owners, store
 
     root = store.project_root(args.root.resolve())
     print(f"MLflow store: {masked(store.configure(root))}")  # which one: a UI started elsewhere shows another
@@ -273,7 +281,8 @@ def server_main(argv: list[str]) -> int:
 
 def predict_main(argv: list[str]) -> int:
     """``mnist-cnn predict PATH... [--model-uri URI] [--json]``: the digit in each image file."""
-    from mnist_cnn.stages.predict import DEFAULT_MODEL_URI, predict_and_record, print_predictions
+    with startup.collector_paused():
+        from mnist_cnn.stages.predict import DEFAULT_MODEL_URI, predict_and_record, print_predictions
 
     parser = argparse.ArgumentParser(prog="mnist-cnn predict", description=predict_main.__doc__.split(": ", 1)[1])
     parser.add_argument(
@@ -303,7 +312,8 @@ def promote_main(argv: list[str]) -> int:
 
 
 def _force_champion(version: str, reason: str, params_file: Path) -> None:
-    from mnist_cnn.tracking import registry, store
+    with startup.collector_paused():
+        from mnist_cnn.tracking import registry, store
 
     model = load_section(params_file, "mlflow").registered_model
     store.configure(store.project_root())
