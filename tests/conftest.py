@@ -77,6 +77,7 @@ def isolated_env(tmp_path, monkeypatch, tiny_mirror):
 
         mlflow.set_tracking_uri(uri)
         mlflow.set_registry_uri(uri)
+        forget_artifact_locations()
     monkeypatch.setenv("MNIST_MD5S", str(tiny_mirror.parent / "md5s.json"))
     monkeypatch.delenv("MNIST_MIRROR", raising=False)
     monkeypatch.delenv("MLFLOW_RUN_ID", raising=False)
@@ -95,6 +96,17 @@ def isolated_env(tmp_path, monkeypatch, tiny_mirror):
 
         while mlflow.active_run() is not None:
             mlflow.end_run()
+
+
+def forget_artifact_locations() -> None:
+    """MLflow caches each run's artifact location by run id alone, for the whole process. A copy of a
+    template's store holds the template's run ids: without this, its artifacts would land in the
+    template's tree (seen: a copy's evaluate writing into the shared champion's while another test
+    copied it)."""
+    if "mlflow" in sys.modules:
+        from mlflow.tracking._tracking_service import utils as tracking_utils
+
+        tracking_utils._artifact_repos_cache.clear()
 
 
 def repo_params_raw() -> dict:
@@ -270,6 +282,7 @@ def copy_tree_with_store(template: Path, dest: Path) -> Path:
     shutil.copytree(template, dest, symlinks=True, dirs_exist_ok=True)
     for db in dest.rglob("mlflow.db"):
         repoint_store(db, template, dest)
+    forget_artifact_locations()
     return dest
 
 
@@ -331,9 +344,14 @@ def champion_store(tmp_path_factory, tiny_mirror, store_template):
             built.local = Path(
                 mlflow.artifacts.download_artifacts("models:/mnist-cnn@champion", dst_path=str(root / "champion"))
             )
+        built.built_at = time.time()
         return built
 
     return built_once(tmp_path_factory, "champion", build)
+
+
+def changed_since(root: Path, moment: float) -> list[Path]:
+    return [path for path in root.rglob("*") if path.is_file() and path.stat().st_mtime > moment]
 
 
 @pytest.fixture
@@ -341,7 +359,7 @@ def trained_project(champion_store, tmp_path):
     """A copy of the champion's project and store, the test's own: the store at the test's
     ``$MLFLOW_TRACKING_URI`` (tmp_path/mlflow.db), the project at tmp_path/project."""
     copy_tree_with_store(champion_store.root, tmp_path)
-    return SimpleNamespace(
+    yield SimpleNamespace(
         paths=Paths(root=tmp_path / "project", params_file=tmp_path / "project" / "params.yaml"),
         params=champion_store.params,
         run_id=champion_store.run_id,
@@ -350,6 +368,8 @@ def trained_project(champion_store, tmp_path):
         eval_run_id=champion_store.eval_run_id,
         trained_run=champion_store.trained_run,
     )
+    # The template's project (its artifacts are there) is as built: the copy wrote only into itself.
+    assert not changed_since(champion_store.project, champion_store.built_at)
 
 
 @pytest.fixture(scope="session")
