@@ -17,8 +17,11 @@ from tune_helpers import check_study_and_runs, journal, write_tune_params
 
 
 def test_two_workers_share_one_study_and_one_parent_run(project):
-    n_trials = 4
-    write_tune_params(project.params_file, n_trials=n_trials, epochs=1, pruner="none")
+    # Enough work that neither worker can finish the study while the other still starts (seen with 4
+    # one-epoch trials under a busy suite: one worker ran all four): 6 trials of 3 epochs, about 3x the
+    # CPU of a worker's start-up.
+    n_trials, epochs = 6, 3
+    write_tune_params(project.params_file, n_trials=n_trials, epochs=epochs, pruner="none")
     command = [sys.executable, "-m", "mnist_cnn", "tune", "--no-progress", "--params", str(project.params_file)]
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}  # two workers on two shared cores
     workers = [
@@ -35,7 +38,7 @@ def test_two_workers_share_one_study_and_one_parent_run(project):
     parent_ids = {re.search(r"parent run (\w+)", out).group(1) for out, _ in outputs}
     assert len(parent_ids) == 1
 
-    study, parent = check_study_and_runs(project.root, n_trials=n_trials, epochs=1)
+    study, parent = check_study_and_runs(project.root, n_trials=n_trials, epochs=epochs)
     assert parent_ids == {parent.info.run_id}
     assert study.user_attrs["mnist_cnn.workers"] == 2 and study.user_attrs["mnist_cnn.active_workers"] == []
     assert all(OWNER_ATTR in t.user_attrs for t in study.get_trials())
