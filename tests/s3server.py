@@ -173,7 +173,8 @@ class SeaweedFS:
             self.proc.wait(timeout=30)
 
     def stop(self) -> None:
-        """The test is over and its data goes with its directory: killed: weed outlived a SIGTERM by 15 s and more."""
+        """Killed, not asked: weed outlived a SIGTERM by the whole 15 s the tests waited, and its data goes
+        with the test's directory anyway."""
         self.kill()
         # Each server's gRPC Unix socket, which weed puts in /tmp whatever TMPDIR says and leaves there.
         for name, port in self.ports.items():
